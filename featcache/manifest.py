@@ -1,0 +1,384 @@
+"""The only walk of a data folder: files, labels, splits, patient ids, junk.
+
+Two layouts are understood::
+
+    DATA/{train,val,test}/CLASS/*    any subset of the three split folders
+    DATA/CLASS/*                     one split, called ``all``
+
+Everything downstream (extraction, fine-tuning, reports) reads the
+:class:`Manifest` that :func:`scan` returns and never lists a folder again, so
+the class list, the row order and the validation split are decided once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import UserError
+
+SPLITS = ("train", "val", "test")
+ALL = "all"
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2, ALL: 3}
+IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png"})
+SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
+JUNK_FOLDERS = frozenset({"__MACOSX"})
+
+DEFAULT_VAL_FRACTION = 0.15
+DEFAULT_MIN_VAL = 100
+
+# Kermany et al. file names: person123_bacteria_456.jpeg / person123_virus_78.jpeg
+# (PNEUMONIA) and IM-0115-0001.jpeg / NORMAL2-IM-1427-0001.jpeg (NORMAL).
+KERMANY_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_"),
+    re.compile(r"^((?:NORMAL\d*-)?IM-\d+)-\d+"),
+)
+
+# Skip reasons, as shown in the scan table.
+HIDDEN = "hidden file"
+SYSTEM = "system file"
+NOT_IMAGE = "not an image extension"
+OUTSIDE_CLASS = "not inside a class folder"
+JUNK_DIR = "junk folder"
+UNREADABLE = "broken link or unreadable"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Every image of a data folder, one row each, in a fixed order.
+
+    Rows are ordered by split (train, val, test, all), then class, then path,
+    and are addressed by their index everywhere else in featcache.
+    ``patients`` are scoped by the split folder they came from
+    (``train/person12``), because Kermany's person numbers restart in test.
+    """
+
+    root: str
+    layout: str
+    classes: tuple[str, ...]
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    splits: tuple[str, ...]
+    patients: tuple[str, ...]
+    sizes: tuple[int, ...]
+    mtimes_ns: tuple[int, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+    validation: dict = field(default_factory=dict)
+    patient_sources: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def split_names(self) -> list[str]:
+        present = set(self.splits)
+        return [s for s in (*SPLITS, ALL) if s in present]
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.splits) == split)
+
+    def counts(self) -> dict[str, list[int]]:
+        """Images per split and class, classes in ``self.classes`` order."""
+        table = {s: [0] * len(self.classes) for s in self.split_names}
+        for split, label in zip(self.splits, self.labels):
+            table[split][label] += 1
+        return table
+
+    def patient_counts(self) -> dict[str, int]:
+        seen: dict[str, set[str]] = defaultdict(set)
+        for split, patient in zip(self.splits, self.patients):
+            seen[split].add(patient)
+        return {s: len(seen[s]) for s in self.split_names}
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(Counter(reason for _, reason in self.skipped))
+
+    def digest(self) -> str:
+        """Hash of everything about the rows that can change a feature or a label."""
+        h = hashlib.sha256()
+        h.update(json.dumps(list(self.classes)).encode())
+        for row in zip(self.paths, self.sizes, self.mtimes_ns, self.labels, self.splits, self.patients):
+            h.update(json.dumps(row).encode())
+            h.update(b"\n")
+        return h.hexdigest()
+
+    def to_json(self) -> dict:
+        return {
+            "root": self.root,
+            "layout": self.layout,
+            "classes": list(self.classes),
+            "validation": self.validation,
+            "patient_sources": self.patient_sources,
+            "digest": self.digest(),
+            "rows": [
+                {"path": p, "label": lab, "split": s, "patient": pt, "size": sz, "mtime_ns": mt}
+                for p, lab, s, pt, sz, mt in zip(
+                    self.paths, self.labels, self.splits, self.patients, self.sizes, self.mtimes_ns
+                )
+            ],
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+
+def scan(
+    root: str | os.PathLike,
+    *,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    min_val: int = DEFAULT_MIN_VAL,
+    seed: int = 0,
+    patient_regex: str | None = None,
+) -> Manifest:
+    """Walk ``root`` once and return its :class:`Manifest`.
+
+    When there is a train split and no ``val`` folder (or one with fewer than
+    ``min_val`` images, like Kaggle's 16), a stratified, patient-grouped
+    validation split of ``val_fraction`` is carved out of train, seeded, so no
+    patient has images on both sides.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    if min_val < 0:
+        raise UserError(f"--min-val must be 0 or more, got {min_val}")
+    patient_pattern = _compile_patient_regex(patient_regex)
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise UserError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise UserError(f"data path is not a folder: {root}")
+    root = root.resolve()
+
+    skipped: list[tuple[str, str]] = []
+    layout, split_dirs = _find_splits(root, skipped)
+    classes = _check_classes(root, split_dirs)
+
+    rows = []  # (path, label, folder_split, patient_stem_id, source, size, mtime)
+    sources: Counter[str] = Counter()
+    empty = []
+    for split, split_dir in split_dirs.items():
+        for label, cls in enumerate(classes):
+            found = list(_walk_class(root, split_dir / cls, skipped))
+            if not found:
+                empty.append(f"{split_dir.relative_to(root).as_posix() + '/' if split != ALL else ''}{cls}")
+            for rel, size, mtime in found:
+                pid, source = _patient_id(Path(rel).stem, patient_pattern)
+                sources[source] += 1
+                rows.append([rel, label, split, pid, size, mtime])
+    if empty:
+        raise UserError(
+            f"empty class folder: {', '.join(empty)} has no {'/'.join(sorted(IMAGE_EXTENSIONS))} images"
+        )
+
+    validation = _assign_validation(rows, min_val=min_val, fraction=val_fraction, seed=seed)
+    rows.sort(key=lambda r: (SPLIT_ORDER[r[2]], r[1], r[0]))
+    paths, labels, splits, patients, sizes, mtimes = (tuple(col) for col in zip(*rows))
+    return Manifest(
+        root=str(root),
+        layout=layout,
+        classes=tuple(classes),
+        paths=paths,
+        labels=labels,
+        splits=splits,
+        patients=patients,
+        sizes=sizes,
+        mtimes_ns=mtimes,
+        skipped=tuple(sorted(skipped)),
+        validation=validation,
+        patient_sources=dict(sources),
+    )
+
+
+def _compile_patient_regex(pattern: str | None) -> re.Pattern | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise UserError(f"--patient-regex is not a valid regular expression: {exc}") from None
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _find_splits(root: Path, skipped: list) -> tuple[str, dict[str, Path]]:
+    dirs = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir():
+            if _is_hidden(entry.name) or entry.name in JUNK_FOLDERS:
+                skipped.append((entry.name + "/", JUNK_DIR))
+            else:
+                dirs.append(entry)
+        else:
+            skipped.append((entry.name, _file_skip_reason(entry.name) or OUTSIDE_CLASS))
+    split_dirs = {d.name: d for d in dirs if d.name in SPLITS}
+    if not split_dirs:
+        if not dirs:
+            raise UserError(f"no class folders in {root}: expected DATA/{{train,val,test}}/CLASS/ or DATA/CLASS/")
+        # Flat layout: the files at the top level were judged above already.
+        return "flat", {ALL: root}
+    others = [d.name for d in dirs if d.name not in SPLITS]
+    if others:
+        raise UserError(
+            f"{root} mixes split folders ({', '.join(split_dirs)}) with other folders "
+            f"({', '.join(others)}); expected only train/, val/ and test/"
+        )
+    ordered = {s: split_dirs[s] for s in SPLITS if s in split_dirs}
+    for split_dir in ordered.values():
+        for entry in sorted(split_dir.iterdir()):
+            rel = entry.relative_to(root).as_posix()
+            if entry.is_dir() and (_is_hidden(entry.name) or entry.name in JUNK_FOLDERS):
+                skipped.append((rel + "/", JUNK_DIR))
+            elif not entry.is_dir():
+                skipped.append((rel, _file_skip_reason(entry.name) or OUTSIDE_CLASS))
+    return "splits", ordered
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(
+        e.name for e in split_dir.iterdir() if e.is_dir() and not _is_hidden(e.name) and e.name not in JUNK_FOLDERS
+    )
+
+
+def _check_classes(root: Path, split_dirs: dict[str, Path]) -> list[str]:
+    per_split = {split: _class_folders(d) for split, d in split_dirs.items()}
+    for split, names in per_split.items():
+        if not names:
+            where = split_dirs[split].relative_to(root).as_posix() if split != ALL else str(root)
+            raise UserError(f"no class folders in {where}/: expected one folder per class, e.g. NORMAL/ and PNEUMONIA/")
+    union = sorted(set().union(*per_split.values()))
+    problems = []
+    for split, names in per_split.items():
+        missing = [c for c in union if c not in names]
+        if missing:
+            problems.append(f"{split}/ lacks {', '.join(missing)}")
+    if problems:
+        listing = "; ".join(f"{s}: {', '.join(n)}" for s, n in per_split.items())
+        raise UserError(f"classes differ across splits ({'; '.join(problems)}) - found {listing}")
+    if len(union) < 2:
+        raise UserError(f"found one class folder ({union[0]}); classification needs at least two")
+    return union
+
+
+def _file_skip_reason(name: str) -> str | None:
+    if _is_hidden(name):
+        return HIDDEN
+    if name.lower() in SYSTEM_FILES:
+        return SYSTEM
+    if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+        return NOT_IMAGE
+    return None
+
+
+def _walk_class(root: Path, class_dir: Path, skipped: list):
+    """Yield (relative path, size, mtime_ns) of every image below ``class_dir``."""
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        here = Path(dirpath)
+        for d in list(dirnames):
+            if _is_hidden(d) or d in JUNK_FOLDERS:
+                skipped.append(((here / d).relative_to(root).as_posix() + "/", JUNK_DIR))
+                dirnames.remove(d)
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = here / name
+            rel = path.relative_to(root).as_posix()
+            reason = _file_skip_reason(name)
+            if reason:
+                skipped.append((rel, reason))
+                continue
+            try:
+                st = path.stat()
+            except OSError:  # a dangling symlink, a file removed mid-walk
+                skipped.append((rel, UNREADABLE))
+                continue
+            yield rel, st.st_size, st.st_mtime_ns
+
+
+def _patient_id(stem: str, pattern: re.Pattern | None) -> tuple[str, str]:
+    """Patient id of one file and where it came from (regex, kermany or stem)."""
+    if pattern is not None:
+        m = pattern.search(stem)
+        if m:
+            if "patient" in pattern.groupindex:
+                return m.group("patient"), "regex"
+            return (m.group(1) if pattern.groups else m.group(0)), "regex"
+        return stem, "file stem"
+    for kermany in KERMANY_PATIENT_PATTERNS:
+        m = kermany.match(stem)
+        if m:
+            return m.group(1), "kermany name"
+    return stem, "file stem"
+
+
+def _assign_validation(rows: list, *, min_val: int, fraction: float, seed: int) -> dict:
+    """Turn the raw folder splits into final ones and scope patient ids.
+
+    Mutates each row's split (index 2) and patient (index 3) in place.
+    """
+    n_val = sum(1 for r in rows if r[2] == "val")
+    has_train = any(r[2] == "train" for r in rows)
+    if not has_train or (n_val and n_val >= min_val):
+        for r in rows:
+            r[3] = f"{r[2]}/{r[3]}"
+        return {"source": "folder" if n_val else "none", "images": n_val}
+
+    # A too-small val folder is folded into train before carving. Its ids are
+    # read in train's namespace: if a patient is in both, it stays on one side.
+    for r in rows:
+        r[3] = f"{'train' if r[2] in ('train', 'val') else r[2]}/{r[3]}"
+        if r[2] == "val":
+            r[2] = "train"
+    pool = [r for r in rows if r[2] == "train"]
+    val_patients = carve_patients(
+        [r[3] for r in pool], [r[1] for r in pool], fraction=fraction, seed=seed
+    )
+    for r in pool:
+        if r[3] in val_patients:
+            r[2] = "val"
+    return {
+        "source": "carved from train",
+        "fraction": fraction,
+        "seed": seed,
+        "folded_val_images": n_val,
+        "images": sum(1 for r in pool if r[2] == "val"),
+    }
+
+
+def carve_patients(patients: list[str], labels: list[int], *, fraction: float, seed: int) -> set[str]:
+    """Choose whole patients for validation, about ``fraction`` of each class's images.
+
+    A patient counts towards its most frequent label. Each class keeps at
+    least one patient on each side when it has two or more.
+    """
+    per_patient: dict[str, Counter] = defaultdict(Counter)
+    for patient, label in zip(patients, labels):
+        per_patient[patient][label] += 1
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for patient in sorted(per_patient):
+        label = min(per_patient[patient].items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        by_class[label].append(patient)
+
+    rng = np.random.default_rng(seed)
+    chosen: set[str] = set()
+    for label in sorted(by_class):
+        members = by_class[label]
+        if len(members) < 2:
+            continue
+        order = [members[i] for i in rng.permutation(len(members))]
+        target = max(1, round(fraction * sum(sum(per_patient[p].values()) for p in members)))
+        taken = 0
+        for patient in order[:-1]:  # the last one always stays in train
+            if taken >= target:
+                break
+            chosen.add(patient)
+            taken += sum(per_patient[patient].values())
+    return chosen

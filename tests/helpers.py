@@ -1,0 +1,67 @@
+"""Helpers shared by the tests: small generated datasets and real-image subsets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FEATCACHE_SHARED_DATA", REPO.parent / "shared" / "data" / "chest_xray_224"))
+
+
+def write_image(path: Path, *, size=(40, 48), value: int = 128, mode: str = "L", fmt: str | None = None,
+                seed: int = 0) -> Path:
+    """A small real image file with some texture, so decoders and backbones see pixels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    base = np.clip(value + rng.normal(0, 30, size=(h, w)), 0, 255).astype(np.uint8)
+    if mode == "RGB":
+        array = np.stack([base, np.roll(base, 3, axis=0), np.roll(base, 5, axis=1)], axis=-1)
+    else:
+        array = base
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path, format=fmt)
+    return path
+
+
+def make_dataset(root: Path, layout: dict[str, dict[str, list[str]]], **kwargs) -> Path:
+    """``layout``: split -> class -> file names (split "" for the flat layout)."""
+    seed = 0
+    for split, classes in layout.items():
+        for cls, names in classes.items():
+            for name in names:
+                seed += 1
+                value = 90 if cls == sorted(classes)[0] else 170
+                write_image(root / split / cls / name, value=value, seed=seed, **kwargs)
+    return root
+
+
+def kermany_names(prefix_normal: str, n_normal_patients: int, n_pneu_patients: int, per_patient: int = 2):
+    normal = [f"{prefix_normal}IM-{p:04d}-{k:04d}.jpeg" for p in range(n_normal_patients) for k in range(1, per_patient + 1)]
+    pneu = [f"person{p}_{'bacteria' if k % 2 else 'virus'}_{p * 10 + k}.jpeg"
+            for p in range(1, n_pneu_patients + 1) for k in range(per_patient)]
+    return {"NORMAL": normal, "PNEUMONIA": pneu}
+
+
+def link_subset(src: Path, dst: Path, per_class: dict[str, dict[str, int]]) -> Path:
+    """Symlink every k-th file of ``src/split/class`` into ``dst`` (a real-image subset)."""
+    src = src.resolve()
+    for split, classes in per_class.items():
+        for cls, wanted in classes.items():
+            files = sorted(p for p in (src / split / cls).iterdir() if not p.name.startswith("."))
+            step = len(files) / wanted
+            (dst / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(wanted):
+                f = files[int(i * step)]
+                (dst / split / cls / f.name).symlink_to(f)
+    return dst
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
