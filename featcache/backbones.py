@@ -1,0 +1,237 @@
+"""Backbone registry: torchvision classifiers turned into frozen feature extractors.
+
+Each entry knows its feature dimension, its torchvision ImageNet weights and
+the preprocessing those weights were trained with (:class:`PreprocessSpec`),
+so a cache can record exactly what produced its features. Nothing here
+imports torchvision until a backbone is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+from featcache.errors import UserError
+
+WEIGHT_CHOICES = ("imagenet", "none")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image becomes the backbone's input: the torchvision weights' transforms.
+
+    Shorter side resized to ``resize`` with ``interpolation`` (antialiased),
+    centre crop of ``crop``, then ``(x / 255 - mean) / std``.
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    name: str
+    feature_dim: int
+    # Returns (torchvision builder, its ImageNet weights enum member).
+    load: Callable[[], tuple[Callable, object]]
+    # Replaces the ImageNet classifier so forward() returns features.
+    strip_head: Callable[[object], None]
+    # state_dict key prefixes of that classifier; ignored in a --weights file.
+    head_prefixes: tuple[str, ...]
+
+    def weights_enum(self):
+        return self.load()[1]
+
+    def spec(self) -> PreprocessSpec:
+        return spec_from_weights(self.weights_enum())
+
+
+REGISTRY: dict[str, BackboneEntry] = {}
+
+
+def register(name: str, *, feature_dim: int, strip_head: Callable, head_prefixes: tuple[str, ...]):
+    """Decorator adding a backbone; a duplicate name is a programming error."""
+
+    def decorator(load):
+        if name in REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
+        REGISTRY[name] = BackboneEntry(name, feature_dim, load, strip_head, head_prefixes)
+        return load
+
+    return decorator
+
+
+def _strip_resnet(model) -> None:
+    import torch.nn as nn
+
+    model.fc = nn.Identity()
+
+
+def _strip_vgg(model) -> None:
+    # Keep fc6 -> ReLU -> fc7 -> ReLU (-> Dropout, a no-op in eval): the
+    # 4096-d penultimate layer, the usual VGG "fixed feature".
+    model.classifier = model.classifier[:-1]
+
+
+def _strip_mobilenet(model) -> None:
+    import torch.nn as nn
+
+    model.classifier = nn.Identity()
+
+
+@register("resnet18", feature_dim=512, strip_head=_strip_resnet, head_prefixes=("fc.",))
+def _resnet18():
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    return resnet18, ResNet18_Weights.IMAGENET1K_V1
+
+
+@register("vgg16", feature_dim=4096, strip_head=_strip_vgg, head_prefixes=("classifier.6.",))
+def _vgg16():
+    from torchvision.models import VGG16_Weights, vgg16
+
+    return vgg16, VGG16_Weights.IMAGENET1K_V1
+
+
+@register("resnet50", feature_dim=2048, strip_head=_strip_resnet, head_prefixes=("fc.",))
+def _resnet50():
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    return resnet50, ResNet50_Weights.IMAGENET1K_V2
+
+
+@register("mobilenet_v2", feature_dim=1280, strip_head=_strip_mobilenet, head_prefixes=("classifier.1.",))
+def _mobilenet_v2():
+    from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+    return mobilenet_v2, MobileNet_V2_Weights.IMAGENET1K_V2
+
+
+def spec_from_weights(weights) -> PreprocessSpec:
+    t = weights.transforms()
+    return PreprocessSpec(
+        resize=int(t.resize_size[0]),
+        crop=int(t.crop_size[0]),
+        mean=tuple(float(v) for v in t.mean),
+        std=tuple(float(v) for v in t.std),
+        interpolation=t.interpolation.value,
+    )
+
+
+def get_entry(name: str) -> BackboneEntry:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(REGISTRY)}") from None
+
+
+@dataclass
+class Backbone:
+    """A ready feature extractor and the facts a cache records about it."""
+
+    name: str
+    model: object  # FeatureExtractor
+    spec: PreprocessSpec
+    feature_dim: int
+    weights: str  # identity of the weights, e.g. "none:seed=0", "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    weights_note: str  # for people
+
+
+def create_backbone(name: str, weights: str = "none", *, seed: int = 0) -> Backbone:
+    """Build ``name`` with ``weights`` ("imagenet", "none" or a state_dict path), frozen and in eval mode."""
+    import torch
+
+    entry = get_entry(name)
+    builder, imagenet = entry.load()
+    with torch.random.fork_rng(devices=[]):
+        # A seeded random init that leaves the caller's RNG untouched.
+        torch.manual_seed(seed)
+        model = builder(weights=None)
+    if weights == "imagenet":
+        model.load_state_dict(_imagenet_state_dict(entry, imagenet))
+        weights_id = f"torchvision:{type(imagenet).__name__}.{imagenet.name}"
+        note = f"ImageNet ({type(imagenet).__name__}.{imagenet.name})"
+    elif weights == "none":
+        weights_id = f"none:seed={seed}"
+        note = f"none - random init, seed {seed} (no pretrained weights)"
+    else:
+        digest = _load_weights_file(model, entry, Path(weights))
+        weights_id = f"file:sha256={digest}"
+        note = f"file {weights} (sha256 {digest[:12]})"
+    entry.strip_head(model)
+    spec = entry.spec()
+    from featcache.modules import FeatureExtractor
+
+    extractor = FeatureExtractor(model, spec).eval().requires_grad_(False)
+    return Backbone(name, extractor, spec, entry.feature_dim, weights_id, note)
+
+
+def _imagenet_state_dict(entry: BackboneEntry, weights) -> dict:
+    import torch
+
+    filename = os.path.basename(urlparse(weights.url).path)
+    expected = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as exc:  # URLError, timeouts, a partial download, a bad hash
+        raise UserError(
+            f"cannot get ImageNet weights for {entry.name}: {exc.__class__.__name__}: {exc}. "
+            f"Put {filename} (from {weights.url}) at {expected}, "
+            f"or pass --weights PATH to a state_dict file, or --weights none"
+        ) from None
+
+
+def _load_weights_file(model, entry: BackboneEntry, path: Path) -> str:
+    import torch
+
+    if not path.is_file():
+        raise UserError(
+            f"weights file not found: {path} (--weights takes imagenet, none, or a path to a state_dict)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot read {path} as a PyTorch state_dict: {exc.__class__.__name__}: {exc}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{path} holds no state_dict (a dict of tensors)")
+    state = {_strip_wrapper_prefix(k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(entry.head_prefixes)}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(entry.head_prefixes)]
+    if missing or result.unexpected_keys:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if result.unexpected_keys:
+            parts.append(f"{len(result.unexpected_keys)} unexpected (e.g. {', '.join(result.unexpected_keys[:3])})")
+        raise UserError(f"{path} does not fit {entry.name}: keys {'; '.join(parts)}")
+    return _sha256_file(path)
+
+
+def _strip_wrapper_prefix(key: str) -> str:
+    # DistributedDataParallel and torch.compile wrap module names.
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
