@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from featcache.backbones import create_backbone
+from featcache.cache import FeatureCache, partial_path
+from featcache.decode.tv import load_image
+from featcache.errors import UserError
+from featcache.extract import extract
+from featcache.manifest import scan
+from helpers import write_image
+
+
+def _extract(data, out, **kw):
+    kw.setdefault("weights", "none")
+    kw.setdefault("batch_size", 5)
+    kw.setdefault("workers", 0)
+    kw.setdefault("progress", False)
+    return extract(data, out, **kw)
+
+
+def test_schema_row_order_and_values(small_dataset, tmp_path):
+    out = tmp_path / "c.h5"
+    summary = _extract(small_dataset, out)
+    manifest = scan(small_dataset)
+    assert summary["status"] == "written" and summary["rows"] == len(manifest) == 37
+    with h5py.File(out, "r") as f:
+        assert set(f) == {"features", "labels", "paths", "splits", "patients", "skipped"}
+        assert f["features"].dtype == np.float32 and f["features"].shape == (37, 512)
+        assert f["labels"].dtype == np.int64
+        assert f["skipped"].shape == (0, 2)
+        for name in ("paths", "splits", "patients", "skipped"):
+            assert h5py.check_string_dtype(f[name].dtype).encoding == "utf-8"
+        assert list(f["paths"].asstr()[()]) == list(manifest.paths)
+        assert list(f["splits"].asstr()[()]) == list(manifest.splits)
+        assert list(f["patients"].asstr()[()]) == list(manifest.patients)
+        assert f["labels"][()].tolist() == list(manifest.labels)
+        a = dict(f.attrs)
+        assert json.loads(a["classes"]) == ["NORMAL", "PNEUMONIA"]
+        assert a["backbone"] == "resnet18" and a["weights"] == "none:seed=0"
+        assert json.loads(a["preprocess"])["resize"] == 256
+        assert a["complete"] and len(a["fingerprint"]) == 64
+        assert a["featcache_version"] and a["created"]
+        features = f["features"][()]
+    # Every row holds the features of its own file, whatever the batching.
+    bb = create_backbone("resnet18", "none")
+    rows = [0, 4, 5, 36]
+    images = torch.stack([load_image(os.path.join(manifest.root, manifest.paths[i]), bb.spec) for i in rows])
+    with torch.inference_mode():
+        expected = bb.model(images).numpy()
+    assert np.allclose(features[rows], expected, atol=1e-4)
+    assert not partial_path(out).exists()
+
+
+def test_workers_and_batch_size_do_not_change_the_cache(small_dataset, tmp_path):
+    _extract(small_dataset, tmp_path / "a.h5", batch_size=7, workers=0)
+    _extract(small_dataset, tmp_path / "b.h5", batch_size=3, workers=2)
+    a, b = (FeatureCache.open(tmp_path / n).read("features", "paths") for n in ("a.h5", "b.h5"))
+    assert list(a["paths"]) == list(b["paths"])
+    assert np.allclose(a["features"], b["features"], atol=1e-5)
+
+
+def test_bad_files_are_skipped_and_listed(small_dataset, tmp_path):
+    good = small_dataset / "train" / "NORMAL" / "IM-0000-0001.jpeg"
+    data = good.read_bytes()
+    (small_dataset / "train" / "NORMAL" / "IM-0100-0001.jpeg").write_bytes(data[: len(data) // 2])
+    (small_dataset / "train" / "PNEUMONIA" / "person99_virus_1.jpeg").write_text("this is not an image")
+    (small_dataset / "test" / "PNEUMONIA" / "person77_bacteria_2.jpeg").write_bytes(b"")
+    write_image(small_dataset / "test" / "NORMAL" / "with space.png")
+    out = tmp_path / "c.h5"
+    summary = _extract(small_dataset, out, batch_size=4)
+    assert summary["rows"] == 37 + 1  # 37 good files, 4 added, 3 of them bad
+    cache = FeatureCache.open(out)
+    skipped = {p: r for p, r in cache.read("skipped")["skipped"].tolist()}
+    assert skipped == {
+        "train/NORMAL/IM-0100-0001.jpeg": "truncated image",
+        "train/PNEUMONIA/person99_virus_1.jpeg": "not an image",
+        "test/PNEUMONIA/person77_bacteria_2.jpeg": "empty file",
+    }
+    arrays = cache.read("paths", "features", "labels")
+    assert not set(skipped) & set(arrays["paths"])
+    assert "test/NORMAL/with space.png" in set(arrays["paths"])
+    # Compaction kept the rows in manifest order with their own labels and features.
+    manifest = scan(small_dataset)
+    kept = [i for i, p in enumerate(manifest.paths) if p not in skipped]
+    assert list(arrays["paths"]) == [manifest.paths[i] for i in kept]
+    assert arrays["labels"].tolist() == [manifest.labels[i] for i in kept]
+    clean = FeatureCache.open(_clean_copy(small_dataset, tmp_path, skipped)).read("features", "paths")
+    reference = dict(zip(clean["paths"], clean["features"]))
+    assert np.allclose(arrays["features"], np.stack([reference[p] for p in arrays["paths"]]), atol=1e-5)
+
+
+def _clean_copy(data, tmp_path, skipped):
+    for rel in skipped:
+        os.remove(data / rel)
+    out = tmp_path / "clean.h5"
+    _extract(data, out, batch_size=6)
+    return out
+
+
+def test_rerun_is_a_no_op_and_different_inputs_are_refused(small_dataset, tmp_path):
+    out = tmp_path / "c.h5"
+    _extract(small_dataset, out)
+    mtime = out.stat().st_mtime_ns
+    again = _extract(small_dataset, out)
+    assert again["status"] == "up to date" and out.stat().st_mtime_ns == mtime
+    with pytest.raises(UserError, match=r"holds a different cache \(.*weights: cache has none:seed=0, this run "
+                                        r"has none:seed=1\).*--overwrite"):
+        _extract(small_dataset, out, seed=1)
+    write_image(small_dataset / "test" / "NORMAL" / "IM-0555-0001.jpeg")
+    with pytest.raises(UserError, match="manifest: cache has"):
+        _extract(small_dataset, out)
+    replaced = _extract(small_dataset, out, overwrite=True, seed=1)
+    assert replaced["status"] == "written" and FeatureCache.open(out).attrs["weights"] == "none:seed=1"
+
+
+def test_existing_non_cache_and_leftover_partial(small_dataset, tmp_path):
+    out = tmp_path / "c.h5"
+    out.write_text("precious notes")
+    with pytest.raises(UserError, match="not a featcache cache; pass --overwrite"):
+        _extract(small_dataset, out)
+    assert out.read_text() == "precious notes"
+    out.unlink()
+    partial_path(out).write_bytes(b"half a file")
+    _extract(small_dataset, out)
+    assert FeatureCache.open(out).attrs["complete"] and not partial_path(out).exists()
+
+
+def test_reader_rejects_missing_non_hdf5_and_incomplete(tmp_path):
+    with pytest.raises(UserError, match="cache not found"):
+        FeatureCache.open(tmp_path / "none.h5")
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(UserError, match="not an HDF5 file"):
+        FeatureCache.open(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = [1, 2]
+    with pytest.raises(UserError, match="not a featcache cache"):
+        FeatureCache.open(tmp_path / "other.h5")
+
+
+def test_float16_features(small_dataset, tmp_path):
+    _extract(small_dataset, tmp_path / "h.h5", dtype="float16")
+    _extract(small_dataset, tmp_path / "f.h5")
+    half, full = FeatureCache.open(tmp_path / "h.h5"), FeatureCache.open(tmp_path / "f.h5")
+    assert half.attrs["fingerprint"] != full.attrs["fingerprint"]
+    xh, _, _ = half.arrays("train")
+    xf, labels, patients = full.arrays("train")
+    assert xh.dtype == np.float32 and np.allclose(xh, xf, rtol=2e-3, atol=2e-3)
+    assert len(labels) == len(patients) == len(xf)
