@@ -1,0 +1,100 @@
+"""Terminal tables (rich) for scan results and metrics."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+METRIC_ROWS = (
+    ("n", "images", "{:d}"),
+    ("auroc", "AUROC", "{:.3f}"),
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("balanced_accuracy", "balanced accuracy", "{:.3f}"),
+    ("sensitivity", "sensitivity (recall)", "{:.3f}"),
+    ("specificity", "specificity", "{:.3f}"),
+    ("precision", "precision (PPV)", "{:.3f}"),
+    ("f1", "F1", "{:.3f}"),
+)
+
+
+def manifest_tables(manifest) -> list[Table]:
+    counts = manifest.counts()
+    patients = manifest.patient_counts()
+    table = Table(title=f"{manifest.root}  ({manifest.layout} layout)", title_justify="left")
+    table.add_column("split")
+    for cls in manifest.classes:
+        table.add_column(cls, justify="right")
+    table.add_column("total", justify="right", style="bold")
+    table.add_column("patients", justify="right")
+    for split, row in counts.items():
+        table.add_row(split, *(f"{v:,}" for v in row), f"{sum(row):,}", f"{patients[split]:,}")
+    totals = [sum(col) for col in zip(*counts.values())]
+    table.add_row("total", *(f"{v:,}" for v in totals), f"{sum(totals):,}", f"{sum(patients.values()):,}",
+                  style="dim")
+    tables = [table]
+    by_reason = manifest.skipped_by_reason()
+    if by_reason:
+        skipped = Table(title="skipped while scanning", title_justify="left")
+        skipped.add_column("reason")
+        skipped.add_column("files", justify="right")
+        skipped.add_column("e.g.")
+        for reason, n in sorted(by_reason.items()):
+            example = next(p for p, r in manifest.skipped if r == reason)
+            skipped.add_row(reason, str(n), example)
+        tables.append(skipped)
+    return tables
+
+
+def describe_validation(manifest) -> str:
+    v = manifest.validation
+    if v.get("source") == "carved from train":
+        folded = f", after folding the {v['folded_val_images']}-image val/ folder into train" if v.get(
+            "folded_val_images") else ""
+        return (f"validation: {v['images']:,} images carved from train by patient "
+                f"({v['fraction']:.0%} per class, seed {v['seed']}{folded}); no patient is on both sides")
+    if v.get("source") == "folder":
+        return f"validation: the val/ folder ({v['images']:,} images)"
+    return "validation: none (no train split to carve it from)"
+
+
+def patient_note(manifest) -> str:
+    parts = [f"{n:,} from {source}" for source, n in sorted(manifest.patient_sources.items())]
+    return "patient ids: " + ", ".join(parts)
+
+
+def print_manifest(manifest, console) -> None:
+    """Everything ``featcache scan`` shows about a manifest."""
+    for table in manifest_tables(manifest):
+        console.print(table)
+    console.print(patient_note(manifest))
+    console.print(describe_validation(manifest))
+
+
+def metrics_table(metrics: dict) -> Table:
+    splits = [s for s in ("val", "test") if s in metrics]
+    table = Table()
+    table.add_column("metric")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for key, label, fmt in METRIC_ROWS:
+        values = [metrics[s][key] for s in splits]
+        table.add_row(label, *("-" if v is None else fmt.format(v) for v in values))
+    return table
+
+
+def confusion_table(matrix, classes, split: str) -> Table:
+    """Rows true, columns predicted."""
+    table = Table(title=f"{split}: true \\ predicted", title_justify="left")
+    table.add_column("")
+    for cls in classes:
+        table.add_column(cls, justify="right")
+    for cls, row in zip(classes, matrix):
+        table.add_row(cls, *(str(v) for v in row))
+    return table
+
+
+def metrics_renderables(metrics: dict) -> list:
+    from rich.columns import Columns
+
+    splits = [s for s in ("val", "test") if s in metrics]
+    confusions = [confusion_table(metrics[s]["confusion_matrix"], metrics["classes"], s) for s in splits]
+    return [Columns([metrics_table(metrics), *confusions], padding=(0, 3))]

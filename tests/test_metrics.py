@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from featcache.errors import UserError
+from featcache.metrics import (
+    auroc,
+    binary_metrics,
+    choose_threshold,
+    parse_threshold,
+    positive_class_index,
+    roc_curve,
+)
+
+# Eight cases worked by hand. Positive class index 1.
+Y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+S = np.array([0.9, 0.8, 0.4, 0.6, 0.7, 0.3, 0.2, 0.55])
+
+
+def test_binary_metrics_by_hand():
+    m = binary_metrics(Y, S, threshold=0.5, classes=["NORMAL", "PNEUMONIA"], positive=1)
+    # predicted positive: 0.9 0.8 0.6 (TP=3), 0.7 0.55 (FP=2); 0.4 is FN; 0.3 0.2 are TN.
+    assert m["confusion_matrix"] == [[2, 2], [1, 3]]  # rows true NORMAL, PNEUMONIA
+    assert m["n"] == 8
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    assert m["sensitivity"] == pytest.approx(3 / 4)
+    assert m["specificity"] == pytest.approx(2 / 4)
+    assert m["balanced_accuracy"] == pytest.approx(5 / 8)
+    assert m["precision"] == pytest.approx(3 / 5)
+    assert m["f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
+    # Positive/negative pairs ranked correctly: 0.9 beats 4, 0.8 beats 4, 0.6 beats 3 (not 0.7),
+    # 0.4 beats 2 (0.3, 0.2): 13 of 16.
+    assert m["auroc"] == pytest.approx(13 / 16)
+
+
+def test_confusion_matrix_follows_class_order_when_positive_is_first():
+    y = 1 - Y  # now index 0 is the positive class
+    m = binary_metrics(y, S, threshold=0.5, classes=["PNEUMONIA", "ZEBRA"], positive=0)
+    assert m["confusion_matrix"] == [[3, 1], [2, 2]]
+    assert m["sensitivity"] == pytest.approx(3 / 4)
+
+
+def test_auroc_matches_scikit_learn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    s = np.round(rng.normal(y * 0.8, 1.0), 1)  # rounding makes many ties
+    assert auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert auroc(np.ones(4), np.arange(4)) is None
+
+
+def test_roc_curve_matches_scikit_learn():
+    from sklearn.metrics import roc_curve as sk_roc
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    s = np.round(rng.random(200), 2)
+    fpr, tpr, thr = roc_curve(y, s)
+    sk_fpr, sk_tpr, sk_thr = sk_roc(y, s, drop_intermediate=False)
+    assert np.allclose(fpr, sk_fpr) and np.allclose(tpr, sk_tpr) and np.allclose(thr[1:], sk_thr[1:])
+
+
+def test_threshold_rules_by_hand():
+    # Youden: at 0.8 -> tpr 2/4, fpr 0; at 0.6 -> 3/4, 1/4 (J=.5); at 0.4 -> 4/4, 2/4 (J=.5);
+    # first maximum in descending-threshold order wins: 0.8 gives J=.5 too, so it is picked.
+    assert choose_threshold(Y == 1, S, "youden") == pytest.approx(0.8)
+    # F1 at each cut: 0.9: 2/5, 0.8: 4/6, 0.7: 4/7, 0.6: 6/8, 0.55: 6/9, 0.4: 8/10 <- best, 0.3: 8/11 ...
+    assert choose_threshold(Y == 1, S, "f1") == pytest.approx(0.4)
+    assert choose_threshold(Y == 1, S, 0.3) == 0.3
+
+
+def test_parse_threshold_and_positive_class():
+    assert parse_threshold("0.5") == 0.5 and parse_threshold("Youden") == "youden"
+    for bad in ("1.5", "best"):
+        with pytest.raises(UserError, match="--threshold"):
+            parse_threshold(bad)
+    assert positive_class_index(["NORMAL", "PNEUMONIA"]) == 1
+    assert positive_class_index(["PNEUMONIA", "NORMAL"]) == 0
+    assert positive_class_index(["cat", "dog"]) == 1
