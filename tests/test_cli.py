@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import make_dataset
+
+
+def run_cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "featcache", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_help_is_instant_and_imports_no_torch():
+    code = ("import sys, featcache.cli as c; c.build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'h5py', 'torchvision', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert run_cli("--help").returncode == 0
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, small_dataset):
+    empty = make_dataset(tmp_path / "empty", {"train": {"A": ["1.png"], "B": ["2.png"]}}, size=(8, 8))
+    (empty / "train" / "C").mkdir()
+    differ = make_dataset(tmp_path / "differ", {"train": {"A": ["1.png"], "B": ["2.png"]},
+                                                "test": {"A": ["3.png"], "C": ["4.png"]}}, size=(8, 8))
+    (tmp_path / "notes.h5").write_text("not hdf5")
+    return {"good": small_dataset, "empty": empty, "differ": differ, "tmp": tmp_path}
+
+
+CASES = {
+    "missing folder": (lambda d: ["scan", d["tmp"] / "nowhere"], "data folder not found"),
+    "empty class": (lambda d: ["extract", d["empty"], "--out", d["tmp"] / "x.h5", "--weights", "none"],
+                    "empty class folder: train/C"),
+    "classes differ": (lambda d: ["extract", d["differ"], "--out", d["tmp"] / "x.h5", "--weights", "none"],
+                       "classes differ across splits"),
+    "unknown backbone": (lambda d: ["extract", d["good"], "--out", d["tmp"] / "x.h5", "--backbone", "resnet19"],
+                         "unknown backbone 'resnet19'"),
+    "missing weights file": (lambda d: ["extract", d["good"], "--out", d["tmp"] / "x.h5", "--weights",
+                                        d["tmp"] / "w.pt"], "weights file not found"),
+    "imagenet offline": (lambda d: ["extract", d["good"], "--out", d["tmp"] / "x.h5", "--weights", "imagenet"],
+                         "resnet18-f37072fd.pth"),
+    "non-HDF5 cache": (lambda d: ["fit-head", d["tmp"] / "notes.h5", "--out", d["tmp"] / "run"],
+                       "not an HDF5 file"),
+    "missing cache": (lambda d: ["fit-head", d["tmp"] / "nope.h5", "--out", d["tmp"] / "run"], "cache not found"),
+    "bad flag value": (lambda d: ["extract", d["good"], "--out", d["tmp"] / "x.h5", "--batch-size", "many"],
+                       "invalid int value"),
+    "cuda without a GPU": (lambda d: ["extract", d["good"], "--out", d["tmp"] / "x.h5", "--weights", "none",
+                                      "--device", "cuda"], "no CUDA GPU"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_user_mistakes_exit_2_with_one_line(case, bad_inputs, _offline_torch_home):
+    make_args, expected = CASES[case]
+    if case == "cuda without a GPU":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")  # the refusal only exists without one
+    result = run_cli(*make_args(bad_inputs), env={"TORCH_HOME": str(_offline_torch_home)})
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_scan_prints_the_table_and_writes_a_manifest(small_dataset, tmp_path):
+    result = run_cli("scan", small_dataset, "--out", tmp_path / "m.json")
+    assert result.returncode == 0, result.stderr
+    for text in ("NORMAL", "PNEUMONIA", "train", "val", "test", "patients", "carved from train"):
+        assert text in result.stdout
+    import json
+
+    manifest = json.loads((tmp_path / "m.json").read_text())
+    assert len(manifest["rows"]) == 37 and manifest["classes"] == ["NORMAL", "PNEUMONIA"]
