@@ -1,0 +1,102 @@
+"""Extract images/s against the same backbone's forward-only images/s, in one run.
+
+Forward-only is the ceiling: decoded, cropped uint8 tensors already in memory,
+fed to the frozen backbone in batches. ``featcache extract`` does the same
+forward plus reading, decoding, resizing and writing the cache; the ratio of
+the two says how much of the backbone's speed the pipeline keeps.
+
+    python bench/extract_vs_forward.py [DATA] [--backbone resnet18] [--workers 0 1 2] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "chest_xray_224"
+
+
+def forward_only(backbone, manifest, *, n_images: int, batch_size: int, repeats: int = 3) -> float:
+    """Best of ``repeats`` passes over ``n_images`` preloaded images, images/s."""
+    import torch
+
+    from featcache.decode.tv import load_image
+
+    rows = range(min(n_images, len(manifest)))
+    images = torch.stack([load_image(os.path.join(manifest.root, manifest.paths[i]), backbone.spec) for i in rows])
+    batches = [images[i : i + batch_size].contiguous(memory_format=torch.channels_last)
+               for i in range(0, len(images), batch_size)]
+    model = backbone.model.to(memory_format=torch.channels_last)
+    best = 0.0
+    with torch.inference_mode():
+        model(batches[0])  # warm-up: allocator, oneDNN kernels
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for batch in batches:
+                model(batch)
+            best = max(best, len(images) / (time.perf_counter() - start))
+    return best
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", nargs="?", default=str(DEFAULT_DATA))
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, nargs="+", default=[None],
+                        help="decode worker counts to try (default: featcache's default)")
+    parser.add_argument("--forward-images", type=int, default=512)
+    parser.add_argument("--json", default=None, help="write the figures here")
+    args = parser.parse_args(argv)
+
+    from rich.table import Table
+
+    from featcache.backbones import create_backbone
+    from featcache.console import get_console
+    from featcache.decode import default_workers
+    from featcache.extract import extract
+    from featcache.manifest import scan
+
+    console = get_console()
+    manifest = scan(args.data)
+    backbone = create_backbone(args.backbone, "none")
+    import torch
+
+    console.print(f"{len(manifest)} images from {manifest.root}; {args.backbone}, batch {args.batch_size}, "
+                  f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+    fwd = forward_only(backbone, manifest, n_images=args.forward_images, batch_size=args.batch_size)
+    console.print(f"forward-only on {args.forward_images} preloaded images: [bold]{fwd:.1f}[/] images/s")
+
+    results = {"backbone": args.backbone, "images": len(manifest), "forward_only_images_per_s": fwd, "extract": []}
+    for workers in args.workers:
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = extract(args.data, Path(tmp) / "bench.h5", backbone=args.backbone, weights="none",
+                              batch_size=args.batch_size, workers=workers, device="cpu", manifest=manifest,
+                              progress=sys.stdout.isatty())
+        results["extract"].append({
+            "workers": default_workers() if workers is None else workers,
+            "images_per_s": summary["images_per_second"],
+            "seconds": summary["seconds"],
+            "fraction_of_forward_only": summary["images_per_second"] / fwd,
+        })
+
+    table = Table(title=f"{args.backbone}: extract vs forward-only (same run)", title_justify="left")
+    for col in ("decode workers", "extract images/s", "forward-only images/s", "extract / forward-only", "seconds"):
+        table.add_column(col, justify="right")
+    for r in results["extract"]:
+        table.add_row(str(r["workers"]), f"{r['images_per_s']:.1f}", f"{fwd:.1f}",
+                      f"{r['fraction_of_forward_only']:.2f}", f"{r['seconds']:.1f}")
+    console.print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

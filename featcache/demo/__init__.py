@@ -1,0 +1,52 @@
+"""The embedded default: a 400-image real subset and the whole path run on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from featcache.errors import UserError
+
+DEMO_DATA = Path(__file__).resolve().parent / "chest_xray_mini"
+DEMO_BACKBONE = "resnet18"
+
+
+def _pick_weights(weights: str, console) -> str:
+    """``auto`` means ImageNet when it can be had, else a loud random init."""
+    if weights != "auto":
+        return weights
+    from featcache.backbones import create_backbone
+
+    try:
+        create_backbone(DEMO_BACKBONE, "imagenet")
+        return "imagenet"
+    except UserError as exc:
+        console.rule("[bold yellow]no ImageNet weights")
+        console.print(f"[bold yellow]{exc}")
+        console.print("[bold yellow]Continuing with --weights none: a RANDOMLY INITIALISED resnet18. "
+                      "Numbers below are a random-feature baseline, not transfer learning.")
+        console.rule(style="yellow")
+        return "none"
+
+
+def run_demo(out: str, *, weights: str = "auto", data: str | None = None) -> tuple[dict, Path]:
+    """scan -> extract -> fit-head on ``data`` (the embedded subset by default)."""
+    from featcache.console import get_console
+    from featcache.extract import extract
+    from featcache.heads import fit_head
+    from featcache.manifest import scan
+    from featcache.tables import print_manifest
+
+    console = get_console()
+    data = Path(data) if data else DEMO_DATA
+    out = Path(out)
+    console.rule("[bold]1. scan")
+    manifest = scan(data)
+    print_manifest(manifest, console)
+    weights = _pick_weights(weights, console)
+    console.rule("[bold]2. extract")
+    cache = out / f"{DEMO_BACKBONE}-{'imagenet' if weights == 'imagenet' else 'random' if weights == 'none' else 'file'}.h5"
+    extract(data, cache, backbone=DEMO_BACKBONE, weights=weights, manifest=manifest)
+    console.rule("[bold]3. fit-head")
+    run_dir = out / "logistic"
+    metrics = fit_head(cache, run_dir)
+    return metrics, run_dir
