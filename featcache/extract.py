@@ -76,6 +76,8 @@ def extract(
     out = Path(out)
     if dtype not in FEATURE_DTYPES:
         raise UserError(f"unknown feature dtype {dtype!r}; choose one of: {', '.join(FEATURE_DTYPES)}")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file path such as {out / (backbone + '.h5')}")
     get_entry(backbone)  # an unknown name fails before the folder walk
     device = resolve_device(device)
     backend_name, backend_reason = resolve_backend(backend, device)

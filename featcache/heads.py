@@ -152,7 +152,7 @@ def fit_head(
     plot_confusion_matrix(metrics[shown]["confusion_matrix"], classes, out_dir / "confusion_matrix.png",
                           title=f"{metrics['backbone']} + logistic, {shown} (threshold {thr:.3f})")
     plot_roc({split: scores[split] for split in scores}, positive, out_dir / "roc.png",
-             title=f"{metrics['backbone']} + logistic head")
+             title=f"{metrics['backbone']} + logistic head", threshold=thr)
     return metrics
 
 

@@ -38,8 +38,11 @@ def plot_confusion_matrix(matrix, classes, path: Path, *, title: str) -> None:
     plt.close(fig)
 
 
-def plot_roc(curves: dict, positive: int, path: Path, *, title: str) -> None:
-    """One ROC curve per split; ``curves`` maps split -> (y_true, positive-class scores)."""
+def plot_roc(curves: dict, positive: int, path: Path, *, title: str, threshold: float | None = None) -> None:
+    """One ROC curve per split; ``curves`` maps split -> (y_true, positive-class scores).
+
+    With ``threshold``, each curve's operating point is marked.
+    """
     from featcache.metrics import auroc, roc_curve
 
     plt = _pyplot()
@@ -49,13 +52,20 @@ def plot_roc(curves: dict, positive: int, path: Path, *, title: str) -> None:
         fpr, tpr, _ = roc_curve(is_pos, scores)
         area = auroc(is_pos, scores)
         label = f"{split} (AUROC {area:.3f})" if area is not None else split
-        ax.plot(fpr, tpr, label=label, lw=1.6)
+        (line,) = ax.plot(fpr, tpr, label=label, lw=1.6)
+        if threshold is not None:
+            scores = np.asarray(scores)
+            sens = np.mean(scores[is_pos] >= threshold) if is_pos.any() else 0.0
+            fall_out = np.mean(scores[~is_pos] >= threshold) if (~is_pos).any() else 0.0
+            ax.plot([fall_out], [sens], "o", color=line.get_color(), ms=6, mec="black", mew=0.6)
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
     ax.set_xlabel("1 - specificity (false positive rate)")
     ax.set_ylabel("sensitivity (true positive rate)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.set_title(title, fontsize=9)
+    if threshold is not None:
+        ax.plot([], [], "o", color="white", mec="black", mew=0.6, label=f"threshold {threshold:.3f}")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path)

@@ -24,6 +24,11 @@ class Batch:
     images: object  # torch.uint8 tensor (N, 3, H, W); N may be 0
     failed: list[tuple[int, str]] = field(default_factory=list)  # (manifest row, reason)
 
+    def pin_memory(self) -> "Batch":
+        # Called by DataLoader(pin_memory=True) for faster, async host-to-GPU copies.
+        self.images = self.images.pin_memory()
+        return self
+
 
 def default_workers() -> int:
     # On a small CPU the backbone wants every core; one decode worker keeps it
