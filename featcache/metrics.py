@@ -20,10 +20,20 @@ def positive_class_index(classes) -> int:
     return classes.index(POSITIVE_CLASS_NAME) if POSITIVE_CLASS_NAME in classes else len(classes) - 1
 
 
-def parse_threshold(rule: str | float) -> str | float:
-    """``youden``, ``f1`` or a fixed probability in [0, 1]."""
+def parse_threshold(rule: str | float, target_sensitivity: float | None = None) -> str | float:
+    """``youden``, ``f1``, a fixed probability in [0, 1], or ``sensitivity>=T``.
+
+    ``target_sensitivity`` (``--target-sensitivity``) wins over ``rule``: the
+    highest threshold whose validation sensitivity reaches it.
+    """
+    if target_sensitivity is not None:
+        if not 0.0 < target_sensitivity <= 1.0:
+            raise UserError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
+        return f"sensitivity>={target_sensitivity:g}"
     if isinstance(rule, str) and rule.lower() in THRESHOLD_RULES:
         return rule.lower()
+    if isinstance(rule, str) and rule.startswith("sensitivity>="):
+        return parse_threshold(None, float(rule.split(">=", 1)[1]))
     try:
         value = float(rule)
     except (TypeError, ValueError):
@@ -35,20 +45,14 @@ def parse_threshold(rule: str | float) -> str | float:
 
 def auroc(y: np.ndarray, scores: np.ndarray) -> float | None:
     """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); None with one class."""
+    from scipy.stats import rankdata
+
     y = np.asarray(y).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(len(scores), dtype=np.float64)
-    # Average rank over each run of tied scores.
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], len(scores)]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 
@@ -83,6 +87,11 @@ def choose_threshold(y: np.ndarray, scores: np.ndarray, rule: str | float) -> fl
         with np.errstate(divide="ignore", invalid="ignore"):
             f1 = np.where(predicted + y.sum() > 0, 2 * tp / (predicted + y.sum()), 0.0)
         best = int(np.argmax(f1))
+    elif rule.startswith("sensitivity>="):
+        target = float(rule.split(">=", 1)[1])
+        # tpr rises as the threshold falls: the first point reaching the
+        # target is the most specific one that does.
+        best = int(np.argmax(tpr >= target - 1e-12))
     else:
         raise ValueError(f"unknown threshold rule {rule!r}")
     value = thresholds[best]
@@ -129,3 +138,155 @@ def binary_metrics(y_true: np.ndarray, scores: np.ndarray, *, threshold: float, 
         "f1": _ratio(2 * precision * sensitivity, precision + sensitivity),
         "confusion_matrix": cm.tolist(),
     }
+
+
+def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray, *, classes) -> dict:
+    """Metrics of an argmax decision over three or more classes.
+
+    Top-level ``auroc`` is the macro one-vs-rest mean; ``sensitivity`` and
+    ``specificity`` are macro means of the per-class values, which are listed
+    under ``per_class``.
+    """
+    classes = list(classes)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    pred = probs.argmax(axis=1)
+    k = len(classes)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y_true, pred), 1)
+    per_class = {}
+    for i, name in enumerate(classes):
+        tp = cm[i, i]
+        fn = cm[i].sum() - tp
+        fp = cm[:, i].sum() - tp
+        tn = cm.sum() - tp - fn - fp
+        recall, precision = _ratio(tp, tp + fn), _ratio(tp, tp + fp)
+        per_class[name] = {
+            "n": int(cm[i].sum()),
+            "auroc": auroc(y_true == i, probs[:, i]),
+            "sensitivity": recall,
+            "specificity": _ratio(tn, tn + fp),
+            "precision": precision,
+            "f1": _ratio(2 * precision * recall, precision + recall),
+        }
+    aurocs = [m["auroc"] for m in per_class.values() if m["auroc"] is not None]
+    values = list(per_class.values())
+    return {
+        "n": int(len(y_true)),
+        "accuracy": _ratio(np.trace(cm), cm.sum()),
+        "balanced_accuracy": float(np.mean([m["sensitivity"] for m in values])),
+        "auroc": float(np.mean(aurocs)) if aurocs else None,
+        "sensitivity": float(np.mean([m["sensitivity"] for m in values])),
+        "specificity": float(np.mean([m["specificity"] for m in values])),
+        "precision": float(np.mean([m["precision"] for m in values])),
+        "f1": float(np.mean([m["f1"] for m in values])),
+        "confusion_matrix": cm.tolist(),
+        "per_class": per_class,
+    }
+
+
+CALIBRATION_BINS = 10
+
+
+def calibration(y_true: np.ndarray, probs: np.ndarray, *, positive: int | None, bins: int = CALIBRATION_BINS) -> dict:
+    """Brier score, expected calibration error and the reliability-diagram bins.
+
+    Two classes: bins of the positive-class probability against the observed
+    positive rate. More: bins of the top-class confidence against accuracy.
+    Brier is the mean squared error over all class probabilities, halved for
+    two classes so it equals the usual binary (p - y)^2.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    onehot = np.eye(probs.shape[1])[y_true]
+    brier = float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+    if positive is not None:
+        brier /= 2.0
+        confidence, hit = probs[:, positive], (y_true == positive).astype(float)
+    else:
+        confidence, hit = probs.max(axis=1), (probs.argmax(axis=1) == y_true).astype(float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        inside = which == b
+        n = int(inside.sum())
+        if n:
+            mean_p, rate = float(confidence[inside].mean()), float(hit[inside].mean())
+            ece += n / len(y_true) * abs(mean_p - rate)
+            table.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": n,
+                          "mean_predicted": mean_p, "observed": rate})
+    return {"brier": brier, "ece": float(ece), "reliability": table}
+
+
+CI_METRICS = ("auroc", "sensitivity", "specificity", "accuracy")
+DEFAULT_RESAMPLES = 1000
+
+
+def bootstrap_ci(y_true, probs, patients, *, score, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+                 level: float = 0.95) -> dict:
+    """Percentile confidence intervals by cluster bootstrap over patients.
+
+    Whole patients are drawn with replacement, so images of one patient (which
+    are correlated) move together and the intervals are not too narrow.
+    ``score(y, probs) -> dict`` gives the metrics to interval.
+    """
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs)
+    groups: dict = {}
+    for row, patient in enumerate(patients):
+        groups.setdefault(patient, []).append(row)
+    members = [np.asarray(rows) for rows in groups.values()]
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {}
+    for _ in range(n_resamples):
+        chosen = rng.integers(0, len(members), size=len(members))
+        rows = np.concatenate([members[i] for i in chosen])
+        for name, value in score(y_true[rows], probs[rows]).items():
+            if value is not None:
+                samples.setdefault(name, []).append(value)
+    alpha = (1.0 - level) / 2.0
+    out = {name: [float(np.quantile(v, alpha)), float(np.quantile(v, 1.0 - alpha))] for name, v in samples.items()}
+    out.update(level=level, resamples=n_resamples, unit="patient", patients=len(members), seed=seed)
+    return out
+
+
+def _fast_binary(threshold: float, positive: int):
+    def score(y, probs):
+        is_pos = y == positive
+        pred = probs[:, positive] >= threshold
+        n_pos, n_neg = int(is_pos.sum()), int((~is_pos).sum())
+        return {
+            "auroc": auroc(is_pos, probs[:, positive]),
+            "sensitivity": float((pred & is_pos).sum() / n_pos) if n_pos else None,
+            "specificity": float((~pred & ~is_pos).sum() / n_neg) if n_neg else None,
+            "accuracy": float((pred == is_pos).mean()),
+        }
+
+    return score
+
+
+def _fast_multiclass(y, probs):
+    m = multiclass_metrics(y, probs, classes=range(probs.shape[1]))
+    return {name: m[name] for name in CI_METRICS}
+
+
+def evaluate(y_true, probs, *, classes, threshold: float | None = None, positive: int | None = None,
+             patients=None, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+    """Every metric of one split: point estimates, calibration, and patient-bootstrap CIs.
+
+    ``probs`` is (N, K). Two classes are judged at ``threshold`` on the
+    ``positive`` class probability; more classes by argmax.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    binary = len(classes) == 2
+    if binary:
+        metrics = binary_metrics(y_true, probs[:, positive], threshold=threshold, classes=classes, positive=positive)
+        score = _fast_binary(threshold, positive)
+    else:
+        metrics = multiclass_metrics(y_true, probs, classes=classes)
+        score = _fast_multiclass
+    metrics.update(calibration(y_true, probs, positive=positive if binary else None))
+    if patients is not None and n_resamples:
+        metrics["ci"] = bootstrap_ci(y_true, probs, patients, score=score, n_resamples=n_resamples, seed=seed)
+    return metrics

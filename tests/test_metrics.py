@@ -79,3 +79,63 @@ def test_parse_threshold_and_positive_class():
     assert positive_class_index(["NORMAL", "PNEUMONIA"]) == 1
     assert positive_class_index(["PNEUMONIA", "NORMAL"]) == 0
     assert positive_class_index(["cat", "dog"]) == 1
+
+
+def test_target_sensitivity_threshold_by_hand():
+    # tpr reaches 3/4 first at 0.6 and 4/4 first at 0.4 (see the Youden case above).
+    assert choose_threshold(Y == 1, S, parse_threshold("0.5", 0.75)) == pytest.approx(0.6)
+    assert choose_threshold(Y == 1, S, parse_threshold("0.5", 0.9)) == pytest.approx(0.4)
+    assert parse_threshold("youden", 0.95) == "sensitivity>=0.95"
+    with pytest.raises(UserError, match="target-sensitivity"):
+        parse_threshold("0.5", 1.5)
+
+
+def test_multiclass_metrics_by_hand():
+    from featcache.metrics import multiclass_metrics
+
+    y = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array([[.8, .1, .1], [.3, .6, .1], [.2, .7, .1], [.1, .8, .1], [.1, .2, .7], [.5, .1, .4]])
+    m = multiclass_metrics(y, probs, classes=["a", "b", "c"])
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["per_class"]["b"]["sensitivity"] == 1.0 and m["per_class"]["b"]["specificity"] == pytest.approx(3 / 4)
+    assert m["per_class"]["a"]["precision"] == pytest.approx(1 / 2)
+    assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+    # class c one-vs-rest: scores .7 and .4 against .1 x4 -> every pair ranked right.
+    assert m["per_class"]["c"]["auroc"] == 1.0
+    assert m["auroc"] == pytest.approx(np.mean([m["per_class"][k]["auroc"] for k in "abc"]))
+
+
+def test_calibration_by_hand():
+    from featcache.metrics import calibration
+
+    y = np.array([1, 0, 1, 1])
+    p1 = np.array([0.9, 0.9, 0.2, 0.6])
+    c = calibration(y, np.c_[1 - p1, p1], positive=1, bins=2)
+    assert c["brier"] == pytest.approx(np.mean((p1 - y) ** 2))
+    # bin [0, .5): p .2, observed 1 -> gap .8, weight 1/4; bin [.5, 1]: mean p .8, observed 2/3.
+    assert c["ece"] == pytest.approx(0.25 * 0.8 + 0.75 * abs(0.8 - 2 / 3))
+    assert [b["n"] for b in c["reliability"]] == [1, 3]
+
+
+def test_bootstrap_is_seeded_and_resamples_whole_patients():
+    from featcache.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(rng.integers(0, 2, 50), 4)  # 50 patients, 4 identical-label images each
+    p1 = np.clip(y * 0.3 + rng.random(200) * 0.7, 0, 1)
+    probs = np.c_[1 - p1, p1]
+    patients = np.repeat(np.arange(50), 4)
+    sizes = []
+
+    def score(yy, pp):
+        sizes.append(len(yy))
+        return {"accuracy": float(((pp[:, 1] >= 0.5) == yy).mean())}
+
+    a = bootstrap_ci(y, probs, patients, score=score, n_resamples=200, seed=3)
+    assert set(sizes) == {200}  # 50 patients drawn x 4 images each, whatever the draw
+    b = bootstrap_ci(y, probs, patients, score=score, n_resamples=200, seed=3)
+    c = bootstrap_ci(y, probs, patients, score=score, n_resamples=200, seed=4)
+    assert a == b and a["accuracy"] != c["accuracy"]
+    point = float(((p1 >= 0.5) == y).mean())
+    assert a["accuracy"][0] <= point <= a["accuracy"][1] and a["patients"] == 50
