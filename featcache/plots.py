@@ -16,6 +16,19 @@ def _pyplot():
     return plt
 
 
+def _unit_square(plt, fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, legend: str) -> None:
+    """Finish a plot whose axes are both probabilities, save it and free it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_title(title, fontsize=8)
+    ax.legend(loc=legend, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_confusion_matrix(matrix, classes, path: Path, *, title: str) -> None:
     """Counts with row percentages; rows are the true class."""
     plt = _pyplot()
@@ -38,35 +51,66 @@ def plot_confusion_matrix(matrix, classes, path: Path, *, title: str) -> None:
     plt.close(fig)
 
 
-def plot_roc(curves: dict, positive: int, path: Path, *, title: str, threshold: float | None = None) -> None:
-    """One ROC curve per split; ``curves`` maps split -> (y_true, positive-class scores).
+def _one_vs_rest(curves: dict, positive: int | None, classes) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(label, is_positive, score) per curve: each split for two classes, each class of the last split else."""
+    if positive is not None:
+        return [(split, np.asarray(y) == positive, np.asarray(p)[:, positive]) for split, (y, p) in curves.items()]
+    split = list(curves)[-1]
+    y, p = curves[split]
+    return [(f"{split}: {name}", np.asarray(y) == k, np.asarray(p)[:, k]) for k, name in enumerate(classes)]
 
-    With ``threshold``, each curve's operating point is marked.
+
+def plot_roc(curves: dict, positive: int | None, path: Path, *, title: str, threshold: float | None = None,
+             classes=None) -> None:
+    """ROC curves; ``curves`` maps split -> (y_true, (N, K) probabilities).
+
+    Two classes: one curve per split, with the operating point of
+    ``threshold`` marked. More classes: one-vs-rest curves of the last split.
     """
     from featcache.metrics import auroc, roc_curve
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
-    for split, (y, scores) in curves.items():
-        is_pos = np.asarray(y) == positive
+    for label, is_pos, scores in _one_vs_rest(curves, positive, classes):
         fpr, tpr, _ = roc_curve(is_pos, scores)
         area = auroc(is_pos, scores)
-        label = f"{split} (AUROC {area:.3f})" if area is not None else split
-        (line,) = ax.plot(fpr, tpr, label=label, lw=1.6)
-        if threshold is not None:
-            scores = np.asarray(scores)
+        (line,) = ax.plot(fpr, tpr, lw=1.6, label=f"{label} (AUROC {area:.3f})" if area is not None else label)
+        if threshold is not None and positive is not None:
             sens = np.mean(scores[is_pos] >= threshold) if is_pos.any() else 0.0
             fall_out = np.mean(scores[~is_pos] >= threshold) if (~is_pos).any() else 0.0
             ax.plot([fall_out], [sens], "o", color=line.get_color(), ms=6, mec="black", mew=0.6)
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey")
-    ax.set_xlabel("1 - specificity (false positive rate)")
-    ax.set_ylabel("sensitivity (true positive rate)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_title(title, fontsize=9)
-    if threshold is not None:
+    if threshold is not None and positive is not None:
         ax.plot([], [], "o", color="white", mec="black", mew=0.6, label=f"threshold {threshold:.3f}")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _unit_square(plt, fig, ax, path, xlabel="1 - specificity (false positive rate)",
+                 ylabel="sensitivity (true positive rate)", title=title, legend="lower right")
+
+
+def plot_pr(curves: dict, positive: int | None, path: Path, *, title: str, classes=None) -> None:
+    """Precision-recall curves, with each curve's prevalence as its no-skill line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
+    for label, is_pos, scores in _one_vs_rest(curves, positive, classes):
+        order = np.argsort(-scores, kind="mergesort")
+        hits = is_pos[order]
+        tp = np.cumsum(hits)
+        precision = tp / np.arange(1, len(hits) + 1)
+        recall = tp / max(int(is_pos.sum()), 1)
+        (line,) = ax.plot(np.r_[0.0, recall], np.r_[1.0, precision], lw=1.6, label=label)
+        ax.axhline(is_pos.mean(), ls=":", lw=0.8, color=line.get_color())
+    _unit_square(plt, fig, ax, path, xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=title,
+                 legend="lower left")
+
+
+def plot_reliability(tables: dict, path: Path, *, title: str, binary: bool) -> None:
+    """Reliability diagram from :func:`featcache.metrics.calibration` bins, one line per split."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
+    ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey", label="perfect calibration")
+    for split, bins in tables.items():
+        if bins:
+            ax.plot([b["mean_predicted"] for b in bins], [b["observed"] for b in bins], "o-", lw=1.4, ms=4,
+                    label=f"{split} ({sum(b['n'] for b in bins)} images)")
+    _unit_square(plt, fig, ax, path,
+                 xlabel="predicted probability of the positive class" if binary else "top-class confidence",
+                 ylabel="observed positive rate" if binary else "accuracy", title=title, legend="upper left")

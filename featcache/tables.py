@@ -13,7 +13,18 @@ METRIC_ROWS = (
     ("specificity", "specificity", "{:.3f}"),
     ("precision", "precision (PPV)", "{:.3f}"),
     ("f1", "F1", "{:.3f}"),
+    ("brier", "Brier score", "{:.3f}"),
+    ("ece", "calibration error (ECE)", "{:.3f}"),
 )
+
+
+def _with_ci(metrics: dict, key: str, fmt: str) -> str:
+    value = metrics.get(key)
+    if value is None:
+        return "-"
+    text = fmt.format(value)
+    ci = metrics.get("ci", {}).get(key)
+    return f"{text} [dim][{ci[0]:.3f}, {ci[1]:.3f}][/]" if ci else text
 
 
 def manifest_tables(manifest) -> list[Table]:
@@ -66,18 +77,47 @@ def print_manifest(manifest, console) -> None:
     for table in manifest_tables(manifest):
         console.print(table)
     console.print(patient_note(manifest))
+    if manifest.label_rules:
+        rules = ", ".join(f"'{p}' -> {c}" for p, c in manifest.label_rules)
+        console.print(f"labels from file names ({rules}; otherwise the folder)")
     console.print(describe_validation(manifest))
 
 
 def metrics_table(metrics: dict) -> Table:
     splits = [s for s in ("val", "test") if s in metrics]
-    table = Table()
+    has_ci = any("ci" in metrics[s] for s in splits)
+    table = Table(caption="[dim]95% CI by patient bootstrap in brackets[/]" if has_ci else None)
     table.add_column("metric")
     for split in splits:
         table.add_column(split, justify="right")
     for key, label, fmt in METRIC_ROWS:
-        values = [metrics[s][key] for s in splits]
-        table.add_row(label, *("-" if v is None else fmt.format(v) for v in values))
+        table.add_row(label, *(_with_ci(metrics[s], key, fmt) for s in splits))
+    return table
+
+
+def per_class_table(metrics: dict, split: str) -> Table:
+    table = Table(title=f"{split}, per class", title_justify="left")
+    for col in ("class", "n", "AUROC", "sensitivity", "specificity", "precision", "F1"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, m in metrics[split]["per_class"].items():
+        table.add_row(name, str(m["n"]), *("-" if m[k] is None else f"{m[k]:.3f}"
+                                          for k in ("auroc", "sensitivity", "specificity", "precision", "f1")))
+    return table
+
+
+def comparison_table(rows: list[dict]) -> Table:
+    """One row per fitted cache (see :func:`featcache.fit.comparison_row`)."""
+    table = Table(title="fit-head comparison (selection on val; test touched once)", title_justify="left")
+    for col in ("run", "backbone", "head", "val AUROC", "test AUROC [95% CI]", "sensitivity", "specificity",
+                "fit s"):
+        table.add_column(col, justify="left" if col in ("run", "backbone", "head") else "right")
+    for r in rows:
+        ci = r["test_auroc_ci"]
+        test = "-" if r["test_auroc"] is None else f"{r['test_auroc']:.3f}" + (
+            f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        table.add_row(r["run"], r["backbone"], f"{r['head']} (of {r['n_heads']})", f"{r['val_auroc']:.3f}", test,
+                      *("-" if r[k] is None else f"{r[k]:.3f}" for k in ("test_sensitivity", "test_specificity")),
+                      f"{r['fit_seconds']:.2f}")
     return table
 
 
@@ -97,4 +137,7 @@ def metrics_renderables(metrics: dict) -> list:
 
     splits = [s for s in ("val", "test") if s in metrics]
     confusions = [confusion_table(metrics[s]["confusion_matrix"], metrics["classes"], s) for s in splits]
-    return [Columns([metrics_table(metrics), *confusions], padding=(0, 3))]
+    out = [metrics_table(metrics), Columns(confusions, padding=(0, 3))]
+    if metrics["positive_class"] is None:
+        out += [per_class_table(metrics, s) for s in splits]
+    return out

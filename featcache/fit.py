@@ -1,0 +1,259 @@
+"""fit-head: cache -> heads -> selection on validation -> metrics, plots and head.pt.
+
+The test split is read only after the head and its threshold are fixed; no
+number computed from it feeds back into any choice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from featcache.cache import FeatureCache
+from featcache.errors import UserError
+from featcache.heads import (
+    DEFAULT_C_GRID,
+    DEFAULT_EPOCHS,
+    DEFAULT_LRS,
+    DEFAULT_WEIGHT_DECAYS,
+    CLASS_WEIGHTS,
+    NORMALIZATIONS,
+    LinearHeadSweep,
+    LogisticHead,
+    config_dict,
+    regularization_order,
+    resolve_head_options,
+    sweep_grid,
+)
+from featcache.metrics import (
+    DEFAULT_RESAMPLES,
+    auroc,
+    choose_threshold,
+    evaluate,
+    parse_threshold,
+    positive_class_index,
+)
+
+
+def _load_splits(cache: FeatureCache) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    present = cache.split_names()
+    for needed in ("train", "val"):
+        if needed not in present:
+            raise UserError(
+                f"{cache.path} has no {needed} split (splits: {', '.join(present)}); "
+                "fit-head needs train and val, from DATA/train (val is carved from it) and optionally DATA/test"
+            )
+    data = {s: cache.arrays(s) for s in ("train", "val", "test") if s in present}
+    for split in ("train", "val"):
+        if len(np.unique(data[split][1])) < 2:
+            raise UserError(f"the {split} split of {cache.path} holds a single class; a head cannot be fitted or chosen")
+    return data
+
+
+def selection_score(y: np.ndarray, probs: np.ndarray, positive: int | None) -> float:
+    """Validation AUROC: of the positive class for two classes, macro one-vs-rest otherwise."""
+    if positive is not None:
+        value = auroc(y == positive, probs[:, positive])
+        return -1.0 if value is None else value
+    values = [auroc(y == k, probs[:, k]) for k in range(probs.shape[1])]
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else -1.0
+
+
+def _logistic_candidates(data, K, positive, C, class_weight):
+    X, y, _ = data["train"]
+    Xv, yv, _ = data["val"]
+    out = []
+    for c in (C,) if C is not None else DEFAULT_C_GRID:
+        head = LogisticHead(C=c, class_weight=class_weight).fit(X, y)
+        out.append({
+            "name": f"logistic_C_{c:g}_cw_{class_weight}",
+            "params": {"C": c, "class_weight": class_weight, "norm": "standard"},
+            "val_auroc": selection_score(yv, head.predict_proba(Xv), positive),
+            "rank": (-c,),  # smaller C = stronger regularization
+            "export": (lambda h=head: h.export(K)),
+        })
+    return out
+
+
+def _sweep_candidates(data, K, positive, *, class_weight, sampler, epochs, lrs, weight_decays, norms, device, seed):
+    X, y, _ = data["train"]
+    Xv, yv, _ = data["val"]
+    grid = sweep_grid(lrs, weight_decays, CLASS_WEIGHTS if class_weight is None else (class_weight,), norms)
+    sweep = LinearHeadSweep(grid, epochs=epochs, sampler=sampler, seed=seed, device=device).fit(X, y, K)
+    val_probs = sweep.predict_proba(Xv)
+    out = []
+    for config, probs in zip(sweep.order_, val_probs):
+        params = config_dict(config)
+        name = params.pop("name")
+        out.append({
+            "name": name,
+            "params": {**params, "epochs": epochs, "sampler": sampler},
+            "val_auroc": selection_score(yv, probs, positive),
+            "rank": regularization_order(config),
+            "export": (lambda c=config: sweep.export(c)),
+        })
+    return out
+
+
+def select(candidates: list[dict]) -> dict:
+    """Highest validation AUROC; ties go to the more regularized head."""
+    return max(candidates, key=lambda c: (round(c["val_auroc"], 12), c["rank"]))
+
+
+def _resolve_device(device: str) -> str:
+    from featcache.extract import resolve_device
+
+    return resolve_device(device)
+
+
+def fit_head(
+    cache_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    heads: str = "logistic",
+    C: float | None = None,
+    class_weight: str | None = None,
+    threshold: str | float = 0.5,
+    target_sensitivity: float | None = None,
+    sampler: str = "shuffle",
+    epochs: int = DEFAULT_EPOCHS,
+    lrs=DEFAULT_LRS,
+    weight_decays=DEFAULT_WEIGHT_DECAYS,
+    norms=NORMALIZATIONS,
+    device: str = "auto",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> dict:
+    """Fit ``heads`` on ``cache_path``, choose on val, report val and test into ``out_dir``.
+
+    ``class_weight`` None means: ``none`` for logistic, both settings as a grid
+    axis for the sweep. Returns the metrics written to ``metrics.json``.
+    """
+    resolve_head_options(heads, class_weight, sampler)
+    if C is not None and C <= 0:
+        raise UserError(f"--C must be positive, got {C}")
+    if epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {epochs}")
+    rule = parse_threshold(threshold, target_sensitivity)
+    cache = FeatureCache.open(cache_path)
+    classes = cache.classes
+    K = len(classes)
+    positive = positive_class_index(classes) if K == 2 else None
+    data = _load_splits(cache)
+    if heads == "sweep":
+        device = _resolve_device(device)  # imports torch outside the timed fit
+
+    start = time.perf_counter()
+    if heads == "logistic":
+        candidates = _logistic_candidates(data, K, positive, C, class_weight or "none")
+    else:
+        candidates = _sweep_candidates(data, K, positive, class_weight=class_weight, sampler=sampler, epochs=epochs,
+                                       lrs=lrs, weight_decays=weight_decays, norms=norms, device=device, seed=seed)
+    best = select(candidates)
+    head = best["export"]()
+    fit_seconds = time.perf_counter() - start
+
+    _, y_val, _ = data["val"]
+    val_probs = head.predict_proba(data["val"][0])
+    thr = choose_threshold(y_val == positive, val_probs[:, positive], rule) if positive is not None else None
+    metrics = {
+        "classes": classes,
+        "positive_class": classes[positive] if positive is not None else None,
+        "threshold": thr,
+        "threshold_rule": (rule if isinstance(rule, str) else "fixed") if positive is not None else "argmax",
+        "selected": {"head": heads, "name": best["name"], **best["params"]},
+        "n_heads": len(candidates),
+        "heads": [{"name": c["name"], **c["params"], "val_auroc": c["val_auroc"]} for c in candidates],
+        "fit_seconds": fit_seconds,
+        "cache": str(cache.path),
+        "backbone": cache.attrs.get("backbone"),
+        "weights": cache.attrs.get("weights"),
+        "fingerprint": cache.attrs.get("fingerprint"),
+        "n_train": int(len(data["train"][1])),
+    }
+    probs = {"val": val_probs}
+    if "test" in data:
+        probs["test"] = head.predict_proba(data["test"][0])
+    for split, p in probs.items():
+        _, y, patients = data[split]
+        metrics[split] = evaluate(y, p, classes=classes, threshold=thr, positive=positive, patients=patients,
+                                  n_resamples=n_resamples, seed=seed)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save_head(out_dir / "head.pt", head, metrics, cache)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _plot(out_dir, metrics, {s: (data[s][1], p) for s, p in probs.items()})
+    return metrics
+
+
+def _plot(out_dir: Path, metrics: dict, curves: dict) -> None:
+    from featcache.plots import plot_confusion_matrix, plot_pr, plot_reliability, plot_roc
+
+    classes, positive_name = metrics["classes"], metrics["positive_class"]
+    positive = classes.index(positive_name) if positive_name else None
+    shown = "test" if "test" in metrics else "val"
+    title = f"{metrics['backbone']} + {metrics['selected']['name']}"
+    thr = metrics["threshold"]
+    decision = f"threshold {thr:.3f}" if thr is not None else "argmax"
+    plot_confusion_matrix(metrics[shown]["confusion_matrix"], classes, out_dir / "confusion_matrix.png",
+                          title=f"{metrics['backbone']}, {shown} ({decision})")
+    plot_roc(curves, positive, out_dir / "roc.png", title=title, threshold=thr, classes=classes)
+    plot_pr(curves, positive, out_dir / "pr.png", title=title, classes=classes)
+    plot_reliability({s: metrics[s]["reliability"] for s in curves}, out_dir / "reliability.png",
+                     title=title, binary=positive is not None)
+
+
+def _save_head(path: Path, head, metrics: dict, cache: FeatureCache) -> None:
+    import torch
+
+    config = {k: metrics[k] for k in ("classes", "positive_class", "threshold", "threshold_rule", "selected",
+                                      "backbone", "weights", "fingerprint")}
+    config.update(
+        weights_source=cache.attrs.get("weights_source"),
+        seed=cache.attrs.get("seed"),
+        preprocess=json.loads(cache.attrs.get("preprocess", "{}")),
+        decode=json.loads(cache.attrs.get("decode", "{}")).get("backend"),
+    )
+    torch.save({"head": head.state_dict(), "config": json.dumps(config)}, path)
+
+
+def fit_heads(caches: list[str], out_dir: str | os.PathLike, **options) -> list[dict]:
+    """Fit every cache into ``out_dir/<cache name>/`` and write ``comparison.json``."""
+    out_dir = Path(out_dir)
+    names = _run_names(caches)
+    results = []
+    for cache, name in zip(caches, names):
+        metrics = fit_head(cache, out_dir / name, **options)
+        results.append({"run": name, **comparison_row(metrics)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _run_names(caches: list[str]) -> list[str]:
+    names = [Path(c).stem for c in caches]
+    if len(set(names)) < len(names):  # caches with one file name from different folders
+        names = [f"{i + 1}-{n}" for i, n in enumerate(names)]
+    return names
+
+
+def comparison_row(metrics: dict) -> dict:
+    test = metrics.get("test", {})
+    return {
+        "backbone": metrics["backbone"],
+        "weights": metrics["weights"],
+        "head": metrics["selected"]["name"],
+        "n_heads": metrics["n_heads"],
+        "val_auroc": metrics["val"]["auroc"],
+        "test_auroc": test.get("auroc"),
+        "test_auroc_ci": test.get("ci", {}).get("auroc"),
+        "test_sensitivity": test.get("sensitivity"),
+        "test_specificity": test.get("specificity"),
+        "fit_seconds": metrics["fit_seconds"],
+    }
