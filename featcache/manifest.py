@@ -72,6 +72,7 @@ class Manifest:
     skipped: tuple[tuple[str, str], ...] = ()
     validation: dict = field(default_factory=dict)
     patient_sources: dict = field(default_factory=dict)
+    label_rules: tuple[tuple[str, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -116,6 +117,7 @@ class Manifest:
             "classes": list(self.classes),
             "validation": self.validation,
             "patient_sources": self.patient_sources,
+            "label_rules": [list(r) for r in self.label_rules],
             "digest": self.digest(),
             "rows": [
                 {"path": p, "label": lab, "split": s, "patient": pt, "size": sz, "mtime_ns": mt}
@@ -137,6 +139,7 @@ def scan(
     min_val: int = DEFAULT_MIN_VAL,
     seed: int = 0,
     patient_regex: str | None = None,
+    label_from_name: list[str] | None = None,
 ) -> Manifest:
     """Walk ``root`` once and return its :class:`Manifest`.
 
@@ -150,6 +153,7 @@ def scan(
     if min_val < 0:
         raise UserError(f"--min-val must be 0 or more, got {min_val}")
     patient_pattern = _compile_patient_regex(patient_regex)
+    rules = parse_label_rules(label_from_name)
     root = Path(root).expanduser()
     if not root.exists():
         raise UserError(f"data folder not found: {root}")
@@ -178,6 +182,8 @@ def scan(
             f"empty class folder: {', '.join(empty)} has no {'/'.join(sorted(IMAGE_EXTENSIONS))} images"
         )
 
+    if rules:
+        classes = _relabel(rows, classes, rules, list(split_dirs))
     validation = _assign_validation(rows, min_val=min_val, fraction=val_fraction, seed=seed)
     rows.sort(key=lambda r: (SPLIT_ORDER[r[2]], r[1], r[0]))
     paths, labels, splits, patients, sizes, mtimes = (tuple(col) for col in zip(*rows))
@@ -194,7 +200,55 @@ def scan(
         skipped=tuple(sorted(skipped)),
         validation=validation,
         patient_sources=dict(sources),
+        label_rules=tuple((r.pattern, c) for r, c in rules),
     )
+
+
+# Presets for --label-from-name. Kermany's PNEUMONIA files name their subtype.
+LABEL_PRESETS = {
+    "kermany-3class": (("_bacteria_", "BACTERIA"), ("_virus_", "VIRUS")),
+}
+
+
+def parse_label_rules(specs: list[str] | None) -> list[tuple[re.Pattern, str]]:
+    """``REGEX=CLASS`` rules (or a preset name) to compiled (pattern, class) pairs."""
+    rules = []
+    for spec in specs or ():
+        if spec in LABEL_PRESETS:
+            rules += [(re.compile(p), c) for p, c in LABEL_PRESETS[spec]]
+            continue
+        pattern, sep, cls = spec.rpartition("=")
+        if not sep or not pattern or not cls:
+            raise UserError(f"--label-from-name takes REGEX=CLASS or a preset ({', '.join(LABEL_PRESETS)}), "
+                            f"got {spec!r}")
+        try:
+            rules.append((re.compile(pattern), cls))
+        except re.error as exc:
+            raise UserError(f"--label-from-name {spec!r}: not a valid regular expression: {exc}") from None
+    return rules
+
+
+def _relabel(rows: list, folder_classes: list[str], rules, splits: list[str]) -> list[str]:
+    """Label each row by the first rule whose pattern is found in its file name, else by its folder.
+
+    Mutates the label (index 1) of each row; returns the new sorted class list.
+    """
+    names = []
+    for r in rows:
+        name = r[0].rsplit("/", 1)[-1]
+        names.append(next((cls for pattern, cls in rules if pattern.search(name)), folder_classes[r[1]]))
+    classes = sorted(set(names))
+    if len(classes) < 2:
+        raise UserError(f"--label-from-name leaves one class ({classes[0]}); classification needs at least two")
+    index = {c: i for i, c in enumerate(classes)}
+    for r, name in zip(rows, names):
+        r[1] = index[name]
+    present = {split: {names[i] for i, r in enumerate(rows) if r[2] == split} for split in splits}
+    lacking = [f"{split}/ has no {', '.join(sorted(set(classes) - got))}" for split, got in present.items()
+               if set(classes) - got]
+    if lacking:
+        raise UserError(f"after --label-from-name, {'; '.join(lacking)} images")
+    return classes
 
 
 def _compile_patient_regex(pattern: str | None) -> re.Pattern | None:

@@ -164,3 +164,30 @@ def test_shared_set_scan(shared_data):
     assert not val & train
     share = np.array(counts["val"]) / (np.array(counts["val"]) + np.array(counts["train"]))
     assert np.all(np.abs(share - 0.15) < 0.01)
+
+
+def test_label_from_name_preset_and_rules(tmp_path):
+    root = make_dataset(tmp_path / "d", {"train": kermany_names("", 6, 8), "test": kermany_names("", 2, 2)},
+                        size=(8, 8))
+    m = scan(root, label_from_name=["kermany-3class"])
+    assert m.classes == ("BACTERIA", "NORMAL", "VIRUS")
+    by_name = {p.rsplit("/", 1)[-1]: m.classes[lab] for p, lab in zip(m.paths, m.labels)}
+    assert by_name["person1_bacteria_11.jpeg"] == "BACTERIA" and by_name["person1_virus_10.jpeg"] == "VIRUS"
+    assert by_name["IM-0000-0001.jpeg"] == "NORMAL"
+    assert m.label_rules == (("_bacteria_", "BACTERIA"), ("_virus_", "VIRUS"))
+    assert m.digest() != scan(root).digest()
+    custom = scan(root, label_from_name=[r"person\d*[02468]_=EVEN"])
+    assert custom.classes == ("EVEN", "NORMAL", "PNEUMONIA")
+
+
+def test_label_from_name_mistakes(tmp_path):
+    root = make_dataset(tmp_path / "d", {"train": kermany_names("", 4, 4), "test": kermany_names("", 1, 1)},
+                        size=(8, 8))
+    with pytest.raises(UserError, match="REGEX=CLASS"):
+        scan(root, label_from_name=["bacteria"])
+    with pytest.raises(UserError, match="not a valid regular expression"):
+        scan(root, label_from_name=["(=X"])
+    with pytest.raises(UserError, match="leaves one class"):
+        scan(root, label_from_name=[".=ALL"])
+    with pytest.raises(UserError, match=r"test/ has no VIRUS"):
+        scan(root, label_from_name=["person[2-4]_virus=VIRUS"])
