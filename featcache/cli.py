@@ -37,6 +37,9 @@ def _add_scan_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patient-regex", default=None,
                    help="regex applied to file stems; group 'patient' (or group 1) is the patient id "
                         "(default: Kermany names, else the file stem)")
+    g.add_argument("--label-from-name", nargs="+", default=None, metavar="REGEX=CLASS",
+                   help="label files by name instead of folder: the first REGEX found in the file name gives "
+                        "the class; preset kermany-3class = _bacteria_=BACTERIA _virus_=VIRUS")
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -83,19 +86,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_seed(p)
     p.set_defaults(func=_cmd_extract)
 
-    p = sub.add_parser("fit-head", help="train a linear head on a cache and report clinical metrics",
-                       description="Fit a head on cached features; choose hyperparameters and the threshold "
-                                   "on validation; report validation and test.")
-    p.add_argument("cache", metavar="CACHE.h5", nargs="?", help="a cache written by featcache extract")
+    p = sub.add_parser("fit-head", help="train linear heads on caches and report clinical metrics",
+                       description="Fit heads on cached features; choose the head and the threshold on "
+                                   "validation; report validation and test with patient-bootstrap CIs. "
+                                   "Several caches: one run folder each under --out and a comparison table.")
+    p.add_argument("cache", metavar="CACHE.h5", nargs="*", help="one or more caches written by featcache extract")
     p.add_argument("--out", metavar="RUN_DIR", help="where metrics.json, head.pt and the plots go (required)")
     _add_config(p)
-    p.add_argument("--heads", default="logistic", metavar="logistic", help="head type (default %(default)s)")
-    p.add_argument("--C", type=float, default=None, help="inverse L2 strength (default: chosen on val from a grid)")
-    p.add_argument("--class-weight", default="none", metavar="none|balanced")
+    p.add_argument("--heads", default="logistic", metavar="logistic|sweep",
+                   help="logistic: scikit-learn, C from a grid; sweep: dozens of linear heads trained at once "
+                        "(lr x weight decay x class weight x normalization) (default %(default)s)")
+    p.add_argument("--C", type=float, default=None, help="logistic: inverse L2 strength (default: chosen on val)")
+    p.add_argument("--class-weight", default=None, metavar="none|balanced",
+                   help="default: none for logistic, both (a grid axis) for sweep")
     p.add_argument("--threshold", default="0.5", metavar="0.5|youden|f1",
-                   help="decision threshold on the positive-class probability, fixed or chosen on val "
-                        "(default %(default)s)")
+                   help="two classes: decision threshold on the positive-class probability, fixed or chosen "
+                        "on val (default %(default)s)")
+    p.add_argument("--target-sensitivity", type=float, default=None, metavar="S",
+                   help="instead: the highest threshold reaching this validation sensitivity, e.g. 0.95")
+    p.add_argument("--sampler", default="shuffle", metavar="shuffle|balanced",
+                   help="sweep minibatches: plain shuffling, or classes drawn equally often")
+    p.add_argument("--epochs", type=int, default=20, help="sweep epochs (default %(default)s)")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="where the sweep trains")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="patient-bootstrap resamples for 95%% CIs; 0 turns them off (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sweep's minibatches and the bootstrap")
     p.set_defaults(func=_cmd_fit_head)
+
+    p = sub.add_parser("predict", help="apply a fitted run (backbone + head) to images; CSV out",
+                       description="Scores per class and the thresholded label for each image, with the "
+                                   "backbone and head of a fit-head run.")
+    p.add_argument("run", metavar="RUN_DIR", help="a folder written by featcache fit-head")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--out", metavar="PREDICTIONS.csv", default=None,
+                   help="CSV to write (default: RUN_DIR/predictions.csv)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="the backbone weights file, when the one recorded in the run has moved")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="scan, extract and fit a head on the embedded 400-image subset",
                        description="The whole fixed-feature-extractor path on a small real subset shipped "
@@ -116,7 +145,9 @@ def _require(args, *names: str) -> None:
 
 
 def _scan_options(args) -> dict:
-    return {"val_fraction": args.val_fraction, "min_val": args.min_val, "patient_regex": args.patient_regex}
+    rules = [args.label_from_name] if isinstance(args.label_from_name, str) else args.label_from_name
+    return {"val_fraction": args.val_fraction, "min_val": args.min_val, "patient_regex": args.patient_regex,
+            "label_from_name": rules}
 
 
 def _print_manifest(manifest) -> None:
@@ -152,12 +183,19 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_fit_head(args) -> int:
-    from featcache.heads import fit_head
+    from featcache.fit import fit_head, fit_heads
 
-    _require(args, "cache", "out")
-    metrics = fit_head(args.cache, args.out, heads=args.heads, C=args.C, class_weight=args.class_weight,
-                       threshold=args.threshold)
-    _print_metrics(metrics, args.out)
+    caches = [args.cache] if isinstance(args.cache, str) else list(args.cache or [])
+    if not caches:
+        raise UserError("CACHE.h5 is required (on the command line, or as cache in the --config table)")
+    _require(args, "out")
+    options = dict(heads=args.heads, C=args.C, class_weight=args.class_weight, threshold=args.threshold,
+                   target_sensitivity=args.target_sensitivity, sampler=args.sampler, epochs=args.epochs,
+                   device=args.device, n_resamples=args.bootstrap, seed=args.seed)
+    if len(caches) == 1:
+        _print_metrics(fit_head(caches[0], args.out, **options), args.out)
+    else:
+        _print_comparison(fit_heads(caches, args.out, **options), args.out)
     return 0
 
 
@@ -167,13 +205,50 @@ def _print_metrics(metrics: dict, out) -> None:
 
     sel = metrics["selected"]
     console = get_console()
-    console.print(f"[bold]{metrics['backbone']}[/] ({metrics['weights']}) + logistic head: C={sel['C']:g}, "
-                  f"class weight {sel['class_weight']}, threshold {metrics['threshold']:.3f} "
-                  f"({metrics['threshold_rule']}), positive class {metrics['positive_class']}")
+    decision = (f"threshold {metrics['threshold']:.3f} ({metrics['threshold_rule']}), positive class "
+                f"{metrics['positive_class']}" if metrics["threshold"] is not None else "argmax decision")
+    console.print(f"[bold]{metrics['backbone']}[/] ({metrics['weights']}): best of {metrics['n_heads']} "
+                  f"{sel['head']} head{'s' if metrics['n_heads'] > 1 else ''} by val AUROC: [bold]{sel['name']}[/]; "
+                  f"{decision}")
     for renderable in metrics_renderables(metrics):
         console.print(renderable)
-    console.print(f"fitted in {metrics['fit_seconds']:.2f} s; metrics.json, head.pt, roc.png and "
-                  f"confusion_matrix.png in {out}")
+    console.print(f"fitted in {metrics['fit_seconds']:.2f} s; metrics.json, head.pt and plots (roc, pr, "
+                  f"reliability, confusion_matrix) in {out}")
+
+
+def _print_comparison(rows: list[dict], out) -> None:
+    from featcache.console import get_console
+    from featcache.tables import comparison_table
+
+    console = get_console()
+    console.print(comparison_table(rows))
+    console.print(f"one run folder per cache and comparison.json in {out}")
+
+
+def _cmd_predict(args) -> int:
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from featcache.console import get_console
+    from featcache.predict import predict
+
+    out = args.out or str(Path(args.run) / "predictions.csv")
+    rows = predict(args.run, args.images, out_csv=out, weights=args.weights, batch_size=args.batch_size,
+                   device=args.device)
+    table = Table()
+    score_cols = [k for k in rows[0] if k.startswith("p_")] if rows else []
+    for col in ("image", *(c[2:] for c in score_cols), "prediction"):
+        table.add_column(col, justify="left" if col in ("image", "prediction") else "right")
+    for r in rows[:20]:
+        cells = [f"{r[c]:.3f}" if c in r else "-" for c in score_cols]
+        table.add_row(Path(r["path"]).name, *cells, r["prediction"] or f"[red]{r['error']}[/]")
+    console = get_console()
+    console.print(table)
+    failed = sum(1 for r in rows if r["error"])
+    more = f" (first 20 shown)" if len(rows) > 20 else ""
+    console.print(f"{len(rows)} images{more}, {failed} could not be decoded; CSV written to {out}")
+    return 0
 
 
 def _cmd_demo(args) -> int:

@@ -107,6 +107,8 @@ def extract(
         "backbone": bb.name,
         "weights": bb.weights,
         "weights_note": bb.weights_note,
+        # Lets predict rebuild this backbone; the fingerprint uses the file's hash, not this path.
+        "weights_source": weights if weights in ("imagenet", "none") else str(Path(weights).resolve()),
         "preprocess": bb.spec.to_dict(),
         "fingerprint": fp,
         "fingerprint_inputs": inputs,

@@ -47,3 +47,26 @@ def test_full_shared_set(shared_data, tmp_path):
     assert main(["fit-head", str(cache), "--out", str(run)]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["auroc"] >= 0.85
+    # The sweep's best validation AUROC is at least the logistic head's minus 0.01.
+    assert main(["fit-head", str(cache), "--out", str(tmp_path / "sweep"), "--heads", "sweep"]) == 0
+    sweep = json.loads((tmp_path / "sweep" / "metrics.json").read_text())
+    assert sweep["n_heads"] >= 32
+    assert sweep["val"]["auroc"] >= metrics["val"]["auroc"] - 0.01
+    for m in (metrics, sweep):
+        lo, hi = m["test"]["ci"]["auroc"]
+        assert lo <= m["test"]["auroc"] <= hi
+
+
+def test_three_class_kermany_subset(shared_data, tmp_path):
+    """NORMAL / BACTERIA / VIRUS from file names: one flag, a 3x3 confusion matrix."""
+    data = link_subset(shared_data, tmp_path / "xray", {"train": {"NORMAL": 100, "PNEUMONIA": 200},
+                                                        "test": {"NORMAL": 50, "PNEUMONIA": 100}})
+    cache, run = tmp_path / "k3.h5", tmp_path / "run"
+    assert main(["extract", str(data), "--out", str(cache), "--weights", "none", "--no-progress",
+                 "--label-from-name", "kermany-3class"]) == 0
+    assert main(["fit-head", str(cache), "--out", str(run), "--heads", "sweep"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["classes"] == ["BACTERIA", "NORMAL", "VIRUS"]
+    assert np.array(metrics["test"]["confusion_matrix"]).shape == (3, 3)
+    assert np.array(metrics["test"]["confusion_matrix"]).sum() == 150
+    assert metrics["test"]["per_class"]["NORMAL"]["auroc"] > 0.8

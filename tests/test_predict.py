@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from featcache.cache import FeatureCache
+from featcache.cli import main
+from featcache.errors import UserError
+from featcache.predict import load_run, predict
+
+
+@pytest.fixture
+def fitted_run(small_dataset, tmp_path):
+    cache, run = tmp_path / "c.h5", tmp_path / "run"
+    assert main(["extract", str(small_dataset), "--out", str(cache), "--weights", "none", "--workers", "0",
+                 "--no-progress"]) == 0
+    assert main(["fit-head", str(cache), "--out", str(run), "--heads", "sweep", "--bootstrap", "0"]) == 0
+    return small_dataset, cache, run
+
+
+def test_predict_agrees_with_the_head_on_cached_features(fitted_run, tmp_path):
+    data, cache, run = fitted_run
+    (data / "test" / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(run), str(data / "test"), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 6
+    broken = [r for r in rows if r["path"].endswith("broken.jpeg")][0]
+    assert broken["prediction"] == "" and broken["error"]
+    head, config = load_run(run)
+    arrays = FeatureCache.open(cache).read("features", "paths")
+    by_path = dict(zip(arrays["paths"], arrays["features"]))
+    for r in rows:
+        if r["error"]:
+            continue
+        rel = r["path"][len(str(data)) + 1:]
+        expected = head.predict_proba(by_path[rel][None])[0]
+        assert [float(r["p_NORMAL"]), float(r["p_PNEUMONIA"])] == pytest.approx(expected.tolist(), abs=1e-4)
+        label = "PNEUMONIA" if expected[1] >= config["threshold"] else "NORMAL"
+        assert r["prediction"] == label
+
+
+def test_predict_rebuilds_a_weights_file_backbone_and_asks_when_it_moved(small_dataset, tmp_path):
+    import torchvision
+
+    torch.manual_seed(3)
+    weights = tmp_path / "w.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    cache, run = tmp_path / "c.h5", tmp_path / "run"
+    assert main(["extract", str(small_dataset), "--out", str(cache), "--weights", str(weights), "--workers", "0",
+                 "--no-progress"]) == 0
+    assert main(["fit-head", str(cache), "--out", str(run), "--bootstrap", "0"]) == 0
+    image = str(small_dataset / "test" / "NORMAL")
+    first = predict(run, [image])
+    moved = weights.rename(tmp_path / "moved.pt")
+    with pytest.raises(UserError, match="pass it with --weights PATH"):
+        predict(run, [image])
+    again = predict(run, [image], weights=str(moved))
+    assert [r["p_NORMAL"] for r in again] == pytest.approx([r["p_NORMAL"] for r in first])
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "other.pt")
+    with pytest.raises(UserError, match="but the head was fitted on file:sha256="):
+        predict(run, [image], weights=str(tmp_path / "other.pt"))
+
+
+def test_predict_mistakes(fitted_run, tmp_path):
+    _, _, run = fitted_run
+    with pytest.raises(UserError, match="no head.pt"):
+        predict(tmp_path, ["x.png"])
+    with pytest.raises(UserError, match="no such image or folder"):
+        predict(run, [str(tmp_path / "missing.png")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .jpeg/.jpg/.png images"):
+        predict(run, [str(tmp_path / "empty")])
+    assert isinstance(torch.load(run / "head.pt", weights_only=True)["head"]["weight"], torch.Tensor)
+    assert np.isfinite(load_run(run)[0].weight).all()
