@@ -20,6 +20,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/extract_vs_forward.py
+	$(BIN)/python bench/heads_sweep.py
 
 clean:
 	rm -rf runs .pytest_cache

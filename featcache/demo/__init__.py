@@ -32,7 +32,7 @@ def run_demo(out: str, *, weights: str = "auto", data: str | None = None) -> tup
     """scan -> extract -> fit-head on ``data`` (the embedded subset by default)."""
     from featcache.console import get_console
     from featcache.extract import extract
-    from featcache.heads import fit_head
+    from featcache.fit import fit_head
     from featcache.manifest import scan
     from featcache.tables import print_manifest
 
