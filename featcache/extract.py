@@ -9,9 +9,23 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import FORMAT_VERSION, CacheWriter, FeatureCache, describe_difference, fingerprint, partial_path
+from featcache.cache import (
+    COMPRESSIONS,
+    FORMAT_VERSION,
+    FeatureCache,
+    describe_difference,
+    fingerprint,
+    looks_like_hdf5,
+    partial_path,
+    write_cache,
+)
 from featcache.console import get_console
 from featcache.errors import UserError
+from featcache.parts import DEFAULT_CHUNK_ROWS, PartStore
+
+# Set by `featcache extract --nproc K` for its torchrun workers: the parent
+# process holds the cache lock for them.
+PARENT_LOCK_ENV = "FEATCACHE_LOCK_HELD_BY"
 
 FEATURE_DTYPES = ("float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -27,6 +41,21 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA GPU is visible to PyTorch; use --device cpu")
     return device
+
+
+def validate_options(out: Path, backbone: str, dtype: str, compression: str, chunk_rows: int) -> None:
+    """Flag checks that need no torch and no data: they fail before anything slow."""
+    from featcache.backbones import get_entry
+
+    if dtype not in FEATURE_DTYPES:
+        raise UserError(f"unknown feature dtype {dtype!r}; choose one of: {', '.join(FEATURE_DTYPES)}")
+    if compression not in COMPRESSIONS:
+        raise UserError(f"unknown compression {compression!r}; choose one of: {', '.join(COMPRESSIONS)}")
+    if chunk_rows < 1:
+        raise UserError(f"--chunk-rows must be at least 1, got {chunk_rows}")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file path such as {out / (backbone + '.h5')}")
+    get_entry(backbone)
 
 
 def fingerprint_inputs(manifest, backbone, backend: str, dtype: str) -> dict:
@@ -57,52 +86,172 @@ def extract(
     seed: int = 0,
     overwrite: bool = False,
     dtype: str = "float32",
+    compression: str = "none",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    wait: bool = False,
     manifest=None,
     scan_options: dict | None = None,
     progress: bool = True,
+    dist=None,
 ) -> dict:
     """Extract features of every manifest row into ``out``; returns a summary.
 
-    A complete cache with the same fingerprint is left alone (``status`` is
-    ``"up to date"``); a different one is refused unless ``overwrite``.
+    Rows are committed in chunks (:mod:`featcache.parts`); rerunning after a
+    crash resumes from the chunks already committed. A complete cache with
+    the same fingerprint is left alone (``status`` is ``"up to date"``); a
+    different one is refused unless ``overwrite``. Under torchrun each rank
+    extracts its share of the chunks and rank 0 assembles the cache.
     """
-    import torch
-
-    from featcache.backbones import create_backbone, get_entry
-    from featcache.decode import make_loader, resolve_backend
+    from featcache import distributed
+    from featcache.backbones import create_backbone
+    from featcache.decode import resolve_backend
     from featcache.manifest import scan
 
-    console = get_console()
     out = Path(out)
-    if dtype not in FEATURE_DTYPES:
-        raise UserError(f"unknown feature dtype {dtype!r}; choose one of: {', '.join(FEATURE_DTYPES)}")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file path such as {out / (backbone + '.h5')}")
-    get_entry(backbone)  # an unknown name fails before the folder walk
+    validate_options(out, backbone, dtype, compression, chunk_rows)
+    dist = dist or distributed.from_env()
+    console = get_console() if dist.is_main else _quiet_console()
+    lock, refusal = None, None
+    if dist.is_main:  # first, so a second writer is turned away at once
+        try:
+            lock = take_lock(out, wait, console)
+        except UserError as exc:
+            if not dist.active:
+                raise
+            refusal = str(exc)
+    try:
+        return _extract_locked(data, out, backbone=backbone, weights=weights, batch_size=batch_size,
+                               backend=backend, device=device, workers=workers, seed=seed, overwrite=overwrite,
+                               dtype=dtype, compression=compression, chunk_rows=chunk_rows, manifest=manifest,
+                               scan_options=scan_options, progress=progress, dist=dist, console=console,
+                               refusal=refusal)
+    finally:
+        if lock:
+            lock.__exit__(None, None, None)
+
+
+def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, device, workers, seed, overwrite,
+                    dtype, compression, chunk_rows, manifest, scan_options, progress, dist, console, refusal):
+    from featcache.backbones import create_backbone
+    from featcache.decode import resolve_backend
+    from featcache.manifest import scan
+
     device = resolve_device(device)
+    if device == "cuda" and dist.active:
+        device = f"cuda:{dist.local_rank}"
     backend_name, backend_reason = resolve_backend(backend, device)
     if manifest is None:
         manifest = scan(data, seed=seed, **(scan_options or {}))
     bb = create_backbone(backbone, weights, seed=seed)
     inputs = fingerprint_inputs(manifest, bb, backend_name, dtype)
     fp = fingerprint(inputs)
+    if len(set(dist.gather(fp))) > 1:
+        raise UserError("the ranks of this run see different inputs (data, weights or flags differ between nodes)")
+    store = PartStore(out, fingerprint=fp, n_rows=len(manifest), feature_dim=bb.feature_dim, dtype=dtype,
+                      chunk_rows=chunk_rows)
+    summary = {"out": str(out), "backbone": bb.name, "weights": bb.weights, "rows_expected": len(manifest),
+               "fingerprint": fp}
 
-    summary = {"out": str(out), "backbone": bb.name, "weights": bb.weights, "rows_expected": len(manifest)}
-    if _existing_cache_matches(out, fp, inputs, overwrite):
+    decision = f"error: {refusal}" if refusal else "go"
+    if dist.is_main and not refusal:
+        try:
+            decision = _decide(out, fp, inputs, overwrite, store, console)
+        except UserError as exc:
+            if not dist.active:
+                raise
+            decision = f"error: {exc}"
+    decision = dist.broadcast(decision)
+    if decision.startswith("error: "):
+        raise UserError(decision[len("error: "):])
+    if decision == "up to date":
         console.print(f"[green]{out} is complete and up to date[/] (same fingerprint {fp[:12]}); nothing to do")
-        return {**summary, "status": "up to date", "fingerprint": fp}
-    if partial_path(out).exists():
-        console.print(f"[yellow]discarding {partial_path(out).name}[/], left by an interrupted run")
-
+        return {**summary, "status": "up to date"}
     tone = "bold yellow" if weights == "none" else "bold"
     console.print(f"backbone [bold]{bb.name}[/] ({bb.feature_dim}-d), weights: [{tone}]{bb.weights_note}[/]")
-    console.print(f"decode: [bold]{backend_name}[/] ({backend_reason}); device: [bold]{device}[/]")
+    console.print(f"decode: [bold]{backend_name}[/] ({backend_reason}); device: [bold]{device}[/]"
+                  + (f"; {dist.world} processes" if dist.active else ""))
+    start = time.perf_counter()
+    timing = _extract_chunks(bb, manifest, store, dist, backend=backend_name, device=device,
+                             batch_size=batch_size, workers=workers, progress=progress, console=console)
+    timings = dist.gather(timing)
+    dist.barrier()
+    seconds = time.perf_counter() - start
+    images = sum(t["images"] for t in timings)
+    summary.update(status="written", seconds=seconds, images_per_second=images / seconds if seconds else 0.0,
+                   images=images, resumed_rows=sum(t["resumed_rows"] for t in timings), processes=dist.world,
+                   forward_seconds=timing["forward_seconds"])
+    if dist.is_main:
+        attrs = _cache_attrs(manifest, bb, weights, seed, fp, inputs, backend_name, backend_reason, device)
+        attrs["extract"] = {k: summary[k] for k in ("seconds", "images", "images_per_second", "processes",
+                                                    "resumed_rows")}
+        summary.update(_assemble(out, store, manifest, bb.feature_dim, attrs, dtype, compression))
+        _print_summary(console, summary)
+    dist.barrier()
+    return summary
 
-    model = bb.model.to(device, memory_format=torch.channels_last)
-    loader = make_loader(
-        manifest, bb.spec, backend=backend_name, batch_size=batch_size, workers=workers, pin_memory=device == "cuda"
+
+def _quiet_console():
+    from rich.console import Console
+
+    return Console(quiet=True)
+
+
+def take_lock(out: Path, wait: bool, console):
+    """The cache's write lock, or None when a ``--nproc`` parent holds it for this worker."""
+    from featcache.lock import CacheLock
+
+    if os.environ.get(PARENT_LOCK_ENV):
+        return None
+    lock = CacheLock(out, wait=wait, on_wait=lambda holder: console.print(
+        f"[yellow]waiting[/] for {holder} to finish with {out.name}"))
+    lock.__enter__()
+    if lock.stale_holder:
+        console.print(f"[yellow]cleared a stale lock[/] on {out.name} left by {lock.stale_holder}, "
+                      "which is no longer running")
+    return lock
+
+
+def _decide(out: Path, fp: str, inputs: dict, overwrite: bool, store: PartStore, console) -> str:
+    """Under the lock: "up to date", or "go" with the part folder ready (resumed or fresh)."""
+    if _existing_cache_matches(out, fp, inputs, overwrite, console):
+        return "up to date"
+    note = store.prepare()
+    if note:
+        console.print(f"[yellow]{note}[/]")
+    if partial_path(out).exists():
+        console.print(f"[yellow]discarding {partial_path(out).name}[/], an assembly cut short; "
+                      "it is rebuilt from the committed parts")
+        partial_path(out).unlink()
+    done = store.done()
+    if done:
+        rows = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for c in done)
+        console.print(f"[bold]resuming[/]: {len(done)} of {store.n_chunks} chunks ({rows:,} of {store.n_rows:,} rows) "
+                      "were committed by an interrupted run")
+    return "go"
+
+
+def _existing_cache_matches(out: Path, fp: str, inputs: dict, overwrite: bool, console) -> bool:
+    if overwrite or not out.exists():
+        return False
+    try:
+        existing = FeatureCache.open(out, require_complete=False)
+    except UserError:
+        if looks_like_hdf5(out):
+            # Our own files only ever appear complete (rename), so this is a
+            # cache damaged after the fact: never used, rebuilt.
+            console.print(f"[yellow]{out} is a damaged HDF5 file (torn or truncated); rebuilding it[/]")
+            return False
+        raise UserError(f"{out} exists and is not a featcache cache; pass --overwrite to replace it") from None
+    if existing.attrs.get("fingerprint") == fp and existing.attrs.get("complete"):
+        return True
+    raise UserError(
+        f"{out} holds a different cache ({describe_difference(existing.fingerprint_inputs, inputs)}); "
+        f"pass --overwrite to replace it or choose another --out"
     )
-    attrs = {
+
+
+def _cache_attrs(manifest, bb, weights, seed, fp, inputs, backend_name, backend_reason, device) -> dict:
+    return {
         "classes": list(manifest.classes),
         "backbone": bb.name,
         "weights": bb.weights,
@@ -116,65 +265,85 @@ def extract(
         "seed": seed,
         "data_root": manifest.root,
         "validation": manifest.validation,
+        "label_rules": [list(r) for r in manifest.label_rules],
         "decode": {"backend": backend_name, "reason": backend_reason, "device": device},
     }
-    writer = CacheWriter(out, manifest, feature_dim=bb.feature_dim, attrs=attrs, dtype=dtype)
-    try:
-        timing = _run(model, loader, writer, device, dtype, progress, len(manifest))
-        result = writer.finish({"extract": timing})
-    except BaseException:
-        writer.abort()
-        raise
-    rate = timing["images"] / timing["seconds"] if timing["seconds"] else 0.0
-    summary.update(status="written", fingerprint=fp, rows=result["rows"], skipped=result["skipped"],
-                   seconds=timing["seconds"], images_per_second=rate, forward_seconds=timing["forward_seconds"])
-    _print_summary(console, summary)
-    return summary
 
 
-def _existing_cache_matches(out: Path, fp: str, inputs: dict, overwrite: bool) -> bool:
-    if overwrite or not out.exists():
-        return False
-    try:
-        existing = FeatureCache.open(out, require_complete=False)
-    except UserError:
-        raise UserError(f"{out} exists and is not a featcache cache; pass --overwrite to replace it") from None
-    if existing.attrs.get("fingerprint") == fp and existing.attrs.get("complete"):
-        return True
-    raise UserError(
-        f"{out} holds a different cache ({describe_difference(existing.fingerprint_inputs, inputs)}); "
-        f"pass --overwrite to replace it or choose another --out"
-    )
-
-
-def _run(model, loader, writer, device: str, dtype: str, show_progress: bool, total: int) -> dict:
+def _extract_chunks(bb, manifest, store: PartStore, dist, *, backend, device, batch_size, workers, progress,
+                    console) -> dict:
+    """This rank's missing chunks (every world-th chunk, from its rank on), committed one by one."""
     import torch
 
+    from featcache.decode import make_loader
     from featcache.progress import image_progress
 
-    forward_seconds = 0.0
-    images = 0
+    mine = [c for c in range(store.n_chunks) if c % dist.world == dist.rank]
+    done = store.done()
+    pending = [c for c in mine if c not in done]
+    resumed = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for c in mine if c in done)
+    rows = np.concatenate([np.arange(*store.chunk_range(c)) for c in pending]) if pending else np.empty(0, np.int64)
+    model = bb.model.to(device, memory_format=torch.channels_last)
+    loader = make_loader(manifest, bb.spec, backend=backend, batch_size=batch_size, workers=workers,
+                         pin_memory=device.startswith("cuda"), rows=rows)
+    buffers = {c: store.buffer(c) for c in pending}
+    forward_seconds, images = 0.0, 0
     start = time.perf_counter()
-    with image_progress(total, "extract", enabled=show_progress) as advance, torch.inference_mode():
+    with image_progress(len(rows), "extract", enabled=progress and dist.is_main) as advance, torch.inference_mode():
         for batch in loader:
             for row, reason in batch.failed:
-                writer.fail(row, reason)
+                buffers[row // store.chunk_rows].fail(row, reason)
             if len(batch.indices):
                 t0 = time.perf_counter()
                 x = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 feats = model(x).float().cpu().numpy()
                 forward_seconds += time.perf_counter() - t0
-                writer.write(batch.indices, feats.astype(dtype, copy=False))
+                for row, feat in zip(batch.indices.tolist(), feats):
+                    buffers[row // store.chunk_rows].put(row, feat)
                 images += len(batch.indices)
+            for c in sorted({int(r) // store.chunk_rows for r in (*batch.indices, *(r for r, _ in batch.failed))}):
+                if buffers[c].complete:
+                    store.save(buffers.pop(c))
             advance(len(batch.indices) + len(batch.failed))
-    return {"seconds": time.perf_counter() - start, "forward_seconds": forward_seconds, "images": images}
+    if buffers:
+        raise RuntimeError(f"chunks never completed: {sorted(buffers)[:5]}")
+    return {"seconds": time.perf_counter() - start, "forward_seconds": forward_seconds, "images": images,
+            "resumed_rows": resumed}
+
+
+def _assemble(out: Path, store: PartStore, manifest, feature_dim: int, attrs: dict, dtype: str,
+              compression: str) -> dict:
+    """Every chunk, in manifest order, into the one cache file; then the parts go."""
+    missing = sorted(set(range(store.n_chunks)) - store.done())
+    if missing:
+        raise RuntimeError(f"cannot assemble {out}: chunks {missing[:5]} were never committed")
+    failed = store.failures()
+    keep = [i for i in range(len(manifest)) if i not in failed]
+    skipped = [(manifest.paths[i], reason) for i, reason in sorted(failed.items())]
+    write_cache(
+        out,
+        blocks=store.feature_blocks(),
+        n_rows=len(keep),
+        feature_dim=feature_dim,
+        labels=[manifest.labels[i] for i in keep],
+        paths=[manifest.paths[i] for i in keep],
+        splits=[manifest.splits[i] for i in keep],
+        patients=[manifest.patients[i] for i in keep],
+        skipped=skipped,
+        attrs=attrs,
+        dtype=dtype,
+        compression=compression,
+    )
+    store.remove()
+    return {"rows": len(keep), "skipped": [list(s) for s in skipped]}
 
 
 def _print_summary(console, summary: dict) -> None:
     skipped = summary["skipped"]
+    resumed = f", {summary['resumed_rows']:,} resumed from earlier" if summary.get("resumed_rows") else ""
     console.print(
-        f"wrote [bold]{summary['rows']}[/] rows to {summary['out']} in {summary['seconds']:.1f} s "
-        f"([bold]{summary['images_per_second']:.1f}[/] images/s); "
+        f"wrote [bold]{summary['rows']:,}[/] rows to {summary['out']}: {summary['images']:,} images in "
+        f"{summary['seconds']:.1f} s ([bold]{summary['images_per_second']:.1f}[/] images/s){resumed}; "
         f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} that could not be decoded"
     )
     for path, reason in skipped[:10]:

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.cache import CacheWriter
+from featcache.cache import write_cache
 from featcache.errors import UserError
 from featcache.fit import fit_head
 from featcache.heads import DEFAULT_C_GRID, LinearHead
-from featcache.manifest import Manifest
 
 
 def synthetic_cache(path, *, sizes=None, dim=32, shift=0.8, seed=0, classes=("NORMAL", "PNEUMONIA")):
@@ -31,15 +30,10 @@ def synthetic_cache(path, *, sizes=None, dim=32, shift=0.8, seed=0, classes=("NO
         for c in range(1, k):
             x[y == c, 4 * (c - 1) : 4 * c] += shift
         feats.append(x)
-    n = len(paths)
-    manifest = Manifest(root="/synthetic", layout="splits", classes=tuple(classes), paths=tuple(paths),
-                        labels=tuple(labels), splits=tuple(splits), patients=tuple(patients),
-                        sizes=(0,) * n, mtimes_ns=(0,) * n)
-    writer = CacheWriter(path, manifest, feature_dim=dim,
-                         attrs={"classes": list(classes), "backbone": "synthetic", "weights": "none:seed=0",
-                                "fingerprint": "0" * 64, "fingerprint_inputs": {}})
-    writer.write(np.arange(n), np.concatenate(feats).astype(np.float32))
-    writer.finish()
+    write_cache(path, blocks=[np.concatenate(feats)], n_rows=len(paths), feature_dim=dim, labels=labels,
+                paths=paths, splits=splits, patients=patients,
+                attrs={"classes": list(classes), "backbone": "synthetic", "weights": "none:seed=0",
+                       "fingerprint": "0" * 64, "fingerprint_inputs": {}})
     return path
 
 
