@@ -80,7 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="(default auto: cuda when present)")
     p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: half the cores)")
     p.add_argument("--dtype", default="float32", metavar="float32|float16", help="stored feature type")
+    p.add_argument("--compression", default="none", metavar="none|gzip|lzf", help="HDF5 compression of features")
     p.add_argument("--overwrite", action="store_true", help="replace a cache made from different inputs")
+    p.add_argument("--wait", action="store_true", help="queue behind another extract writing the same cache "
+                                                       "instead of exiting")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="local worker processes, launched with torchrun (one per GPU on a GPU node)")
+    p.add_argument("--chunk-rows", type=int, default=1024,
+                   help="rows committed together; a crash loses at most one chunk per process (default 1024)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_scan_flags(p)
     _add_seed(p)
@@ -112,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patient-bootstrap resamples for 95%% CIs; 0 turns them off (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the sweep's minibatches and the bootstrap")
     p.set_defaults(func=_cmd_fit_head)
+
+    p = sub.add_parser("inspect", help="what a cache holds: backbone, weights, rows per split and class, progress",
+                       description="Describe a cache (or the progress of an extraction into it).")
+    p.add_argument("cache", metavar="CACHE.h5")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("predict", help="apply a fitted run (backbone + head) to images; CSV out",
                        description="Scores per class and the thresholded label for each image, with the "
@@ -169,17 +182,62 @@ def _cmd_scan(args) -> int:
     return 0
 
 
+def _extract_kwargs(args) -> dict:
+    return dict(backbone=args.backbone, weights=args.weights, batch_size=args.batch_size, backend=args.backend,
+                device=args.device, workers=args.workers, seed=args.seed, overwrite=args.overwrite, dtype=args.dtype,
+                compression=args.compression, chunk_rows=args.chunk_rows, wait=args.wait,
+                progress=not args.no_progress)
+
+
 def _cmd_extract(args) -> int:
-    from featcache.extract import extract
+    import os
+
     from featcache.manifest import scan
 
     _require(args, "data", "out")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_extract(args)
+    manifest = scan(args.data, seed=args.seed, **_scan_options(args))
+    if os.environ.get("RANK", "0") == "0":
+        _print_manifest(manifest)
+    from featcache.extract import extract
+
+    extract(args.data, args.out, manifest=manifest, **_extract_kwargs(args))
+    return 0
+
+
+def _launch_extract(args) -> int:
+    """Check everything a user can get wrong here, hold the lock, then start the torchrun workers."""
+    import os
+    from pathlib import Path
+
+    from featcache import distributed
+    from featcache.backbones import create_backbone
+    from featcache.console import get_console
+    from featcache.decode import resolve_backend
+    from featcache.extract import (PARENT_LOCK_ENV, fingerprint, fingerprint_inputs, resolve_device, take_lock,
+                                   validate_options, _existing_cache_matches)
+    from featcache.manifest import scan
+
+    console = get_console()
+    out = Path(args.out)
+    validate_options(out, args.backbone, args.dtype, args.compression, args.chunk_rows)
     manifest = scan(args.data, seed=args.seed, **_scan_options(args))
     _print_manifest(manifest)
-    extract(args.data, args.out, backbone=args.backbone, weights=args.weights, batch_size=args.batch_size,
-            backend=args.backend, device=args.device, workers=args.workers, seed=args.seed,
-            overwrite=args.overwrite, dtype=args.dtype, manifest=manifest, progress=not args.no_progress)
-    return 0
+    backend, _ = resolve_backend(args.backend, resolve_device(args.device))
+    bb = create_backbone(args.backbone, args.weights, seed=args.seed)
+    inputs = fingerprint_inputs(manifest, bb, backend, args.dtype)
+    lock = take_lock(out, args.wait, console)
+    try:
+        if _existing_cache_matches(out, fingerprint(inputs), inputs, args.overwrite, console):
+            console.print(f"[green]{out} is complete and up to date[/]; nothing to do")
+            return 0
+        console.print(f"launching {args.nproc} extraction processes with torchrun")
+        os.environ[PARENT_LOCK_ENV] = str(os.getpid())
+        return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
+    finally:
+        os.environ.pop(PARENT_LOCK_ENV, None)
+        lock.__exit__(None, None, None)
 
 
 def _cmd_fit_head(args) -> int:
@@ -223,6 +281,21 @@ def _print_comparison(rows: list[dict], out) -> None:
     console = get_console()
     console.print(comparison_table(rows))
     console.print(f"one run folder per cache and comparison.json in {out}")
+
+
+def _cmd_inspect(args) -> int:
+    import json
+
+    from featcache.console import get_console
+    from featcache.inspect import describe, render
+
+    info = describe(args.cache)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for renderable in render(info):
+            get_console().print(renderable)
+    return 0
 
 
 def _cmd_predict(args) -> int:
@@ -278,13 +351,16 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser.parse_args(argv)
+        args.argv = argv
         if args.command is None:
             parser.print_help()
             return 2
         if getattr(args, "config", None):
             args = _reparse_with_config(parser, args, argv)
+            args.argv = argv
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return int(exc.code or 0)
     except UserError as exc:

@@ -1,0 +1,107 @@
+"""Distributed extraction under torchrun: ranks, coordination, and the ``--nproc`` launcher.
+
+featcache needs only small messages between ranks (a go/no-go decision,
+fingerprints, row counts, barriers), so the process group is always gloo,
+also on GPU nodes; the heavy data never crosses it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from featcache.errors import UserError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def broadcast(self, obj):
+        """``obj`` from rank 0 on every rank."""
+        if not self.active:
+            return obj
+        import torch.distributed as td
+
+        box = [obj]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as td
+
+        out = [None] * self.world
+        td.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.active:
+            import torch.distributed as td
+
+            if td.is_initialized():
+                td.destroy_process_group()
+
+
+def from_env() -> Dist:
+    """The torchrun environment (RANK, WORLD_SIZE, ...), with gloo initialized; one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        td.init_process_group("gloo")
+    return Dist(rank=td.get_rank(), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run ``featcache ARGV`` as ``nproc`` local torchrun workers; their exit status."""
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "featcache", *argv]
+    # torchrun sets OMP_NUM_THREADS=1 (and warns) unless told otherwise; split the cores instead.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores // nproc)))}
+    completed = subprocess.run(cmd, env=env)
+    # A rank that exits 2 (a user mistake) makes torchrun exit 1; report it as 2.
+    return 2 if completed.returncode == 1 else completed.returncode
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc K`` / ``--nproc=K`` (the workers must not launch again)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        out.append(arg)
+    return out

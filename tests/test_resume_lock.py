@@ -1,0 +1,245 @@
+"""A cache you can trust: kill -9 and resume, one writer, torn files, torchrun shards, flat memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featcache.cache import FeatureCache, partial_path
+from featcache.cli import main
+from featcache.lock import lock_path
+from featcache.parts import parts_dir
+from helpers import kermany_names, make_dataset
+
+EXTRACT = ["--weights", "none", "--workers", "0", "--batch-size", "2", "--chunk-rows", "4", "--no-progress"]
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    """64 small images: 16 chunks of 4 rows."""
+    return make_dataset(tmp_path / "data", {"train": kermany_names("", 12, 12), "test": kermany_names("", 4, 4)},
+                        size=(24, 20))
+
+
+def start_extract(data, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "featcache", "extract", str(data), "--out", str(out), *EXTRACT,
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting")
+
+
+def committed(out) -> int:
+    return len(list(parts_dir(out).glob("chunk-*.npz"))) if parts_dir(out).exists() else 0
+
+
+def same_cache(a, b):
+    x, y = FeatureCache.open(a), FeatureCache.open(b)
+    ra = x.read("features", "labels", "paths", "splits", "patients", "skipped")
+    rb = y.read("features", "labels", "paths", "splits", "patients", "skipped")
+    for name in ("labels", "paths", "splits", "patients", "skipped"):
+        assert ra[name].tolist() == rb[name].tolist(), name
+    assert ra["features"].shape == rb["features"].shape
+    assert np.allclose(ra["features"], rb["features"], atol=1e-5)
+    assert x.attrs["fingerprint"] == y.attrs["fingerprint"]
+
+
+@pytest.fixture
+def reference(dataset, tmp_path):
+    out = tmp_path / "reference.h5"
+    assert main(["extract", str(dataset), "--out", str(out), *EXTRACT]) == 0
+    return out
+
+
+def test_sigkill_at_several_points_then_resume(dataset, reference, tmp_path):
+    out = tmp_path / "killed.h5"
+    for after in (1, 6, 11):  # committed chunks before each kill
+        proc = start_extract(dataset, out)
+        wait_for(lambda: committed(out) >= after or proc.poll() is not None)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not out.exists() and committed(out) >= after
+    before = committed(out)
+    result = subprocess.run([sys.executable, "-m", "featcache", "extract", str(dataset), "--out", str(out), *EXTRACT],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout and f"{before} of 16 chunks" in result.stdout.replace("\n", " ")
+    same_cache(out, reference)
+    assert not parts_dir(out).exists() and not lock_path(out).exists()
+    assert FeatureCache.open(out).attrs["rows_written"] == 64
+
+
+def test_second_writer_is_refused_and_the_first_completes_intact(tmp_path):
+    from featcache.demo import DEMO_DATA
+
+    args = ["--weights", "none", "--workers", "0", "--chunk-rows", "16", "--no-progress"]
+    reference = tmp_path / "reference.h5"
+    assert main(["extract", str(DEMO_DATA), "--out", str(reference), *args]) == 0
+    out = tmp_path / "shared.h5"
+    first = subprocess.Popen([sys.executable, "-m", "featcache", "extract", str(DEMO_DATA), "--out", str(out),
+                              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: committed(out) >= 1)  # 400 images: the first run has about 10 s to go
+    second = subprocess.run([sys.executable, "-m", "featcache", "extract", str(DEMO_DATA), "--out", str(out),
+                             *args], capture_output=True, text=True, timeout=60)
+    assert first.poll() is None, "the first run ended before the second could be refused"
+    assert second.returncode == 2
+    assert f"being written by pid {first.pid}" in second.stderr and "--wait" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert first.wait(timeout=300) == 0
+    same_cache(out, reference)
+
+
+def test_wait_queues_behind_the_holder(dataset, reference, tmp_path):
+    from featcache.lock import CacheLock
+
+    out = tmp_path / "queued.h5"
+    with CacheLock(out):
+        queued = start_extract(dataset, out, "--wait")
+        wait_for(lambda: lock_path(out).exists() and queued.poll() is None)
+        time.sleep(3)  # it has started, found the lock taken, and is waiting
+        assert queued.poll() is None and not out.exists()
+    stdout, _ = queued.communicate(timeout=300)
+    assert queued.returncode == 0 and "waiting" in stdout
+    same_cache(out, reference)
+
+
+def test_stale_lock_is_cleared(dataset, tmp_path, capsys):
+    out = tmp_path / "c.h5"
+    lock_path(out).write_text(json.dumps({"pid": 999999, "host": "gone", "since": "yesterday", "command": "x"}))
+    assert main(["extract", str(dataset), "--out", str(out), *EXTRACT]) == 0
+    assert "cleared a stale lock" in capsys.readouterr().out
+    assert not lock_path(out).exists()
+
+
+def test_torn_files_are_rebuilt_never_used(dataset, reference, tmp_path, capsys):
+    out = tmp_path / "torn.h5"
+    data = reference.read_bytes()
+    out.write_bytes(data[: len(data) // 3])  # a cache cut short by a crash or a full disk
+    with pytest.raises(Exception, match="damaged HDF5 file"):
+        FeatureCache.open(out)
+    assert main(["fit-head", str(out), "--out", str(tmp_path / "run")]) == 2
+    assert main(["extract", str(dataset), "--out", str(out), *EXTRACT]) == 0
+    assert "damaged HDF5 file" in capsys.readouterr().out
+    same_cache(out, reference)
+    # A half-written assembly file next to complete parts: rebuilt from the parts.
+    partial_path(out).write_bytes(data[:5000])
+    assert main(["extract", str(dataset), "--out", str(out), *EXTRACT]) == 0  # up to date: cache untouched
+    same_cache(out, reference)
+
+
+def test_parts_of_other_inputs_are_discarded(dataset, reference, tmp_path, capsys):
+    out = tmp_path / "c.h5"
+    proc = start_extract(dataset, out, "--seed", "1")
+    wait_for(lambda: committed(out) >= 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert main(["extract", str(dataset), "--out", str(out), *EXTRACT]) == 0
+    assert "progress of an interrupted run with other inputs" in capsys.readouterr().out
+    same_cache(out, reference)
+
+
+def test_two_torchrun_processes_make_the_same_cache(dataset, reference, tmp_path):
+    out = tmp_path / "two.h5"
+    result = subprocess.run([sys.executable, "-m", "featcache", "extract", str(dataset), "--out", str(out),
+                             *EXTRACT, "--nproc", "2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 processes" in result.stdout
+    same_cache(out, reference)
+    assert json.loads(FeatureCache.open(out).attrs["extract"])["processes"] == 2
+
+
+def test_nproc_refuses_user_mistakes_before_launching(dataset, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "featcache", "extract", str(dataset), "--out",
+                             str(tmp_path / "x.h5"), *EXTRACT, "--nproc", "2", "--backbone", "resnet19"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "unknown backbone" in result.stderr
+
+
+def test_inspect_complete_and_in_progress(dataset, reference, tmp_path, capsys):
+    assert main(["inspect", str(reference), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["state"] == "complete" and info["rows"] == 64 and info["backbone"] == "resnet18"
+    assert info["rows_per_split"]["test"] == {"NORMAL": 8, "PNEUMONIA": 8}
+    assert info["weights"] == "none:seed=0" and info["size_bytes"] > 64 * 512 * 4
+    assert main(["inspect", str(reference)]) == 0
+    shown = capsys.readouterr().out
+    assert "rows per split and class" in shown and "resnet18" in shown
+    out = tmp_path / "partial.h5"
+    proc = start_extract(dataset, out)
+    wait_for(lambda: committed(out) >= 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["state"] == "in progress or interrupted" and info["chunks"] == 16
+    assert info["chunks_committed"] >= 3
+
+
+def test_cache_reads_in_dataloader_workers(reference):
+    import torch
+
+    cache = FeatureCache.open(reference)
+    features, labels, _ = cache.arrays("train")
+    loader = torch.utils.data.DataLoader(cache.dataset("train"), batch_size=5, num_workers=2)
+    got = torch.cat([x for x, _ in loader]).numpy()
+    got_labels = torch.cat([y for _, y in loader]).numpy()
+    assert np.allclose(got, features) and got_labels.tolist() == labels.tolist()
+
+
+MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    import torch.nn as nn
+    from featcache import backbones
+    from featcache.extract import extract
+
+    def _tiny():
+        from torchvision.models import ResNet18_Weights
+        return (lambda weights=None: nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten())), \\
+            ResNet18_Weights.IMAGENET1K_V1
+
+    backbones.register("tiny", feature_dim=48, strip_head=lambda m: None, head_prefixes=())(_tiny)
+    summary = extract(sys.argv[1], sys.argv[2], backbone="tiny", weights="none", workers=0, batch_size=64,
+                      progress=False)
+    print(json.dumps({"rows": summary["rows"],
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""")
+
+
+def test_memory_stays_flat_with_dataset_size(tmp_path):
+    """20,000 images must not cost 300 MB more peak RSS than 1,000 (the backbone is a stand-in)."""
+    from PIL import Image
+
+    pixel = Image.new("L", (8, 8), 128)
+    for n in (1000, 20000):
+        for cls in ("A", "B"):
+            folder = tmp_path / f"d{n}" / "train" / cls
+            folder.mkdir(parents=True)
+            for i in range(n // 2):
+                pixel.save(folder / f"{cls}{i:05d}.png")
+    script = tmp_path / "measure.py"
+    script.write_text(MEMORY_SCRIPT)
+    peaks = {}
+    for n in (1000, 20000):
+        result = subprocess.run([sys.executable, str(script), str(tmp_path / f"d{n}"), str(tmp_path / f"{n}.h5")],
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["rows"] == n
+        peaks[n] = report["peak_rss_mb"]
+    print(f"peak RSS: 1,000 images {peaks[1000]:.0f} MB, 20,000 images {peaks[20000]:.0f} MB")
+    assert peaks[20000] - peaks[1000] < 300
