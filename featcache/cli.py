@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
                    help="torchvision ImageNet weights, seeded random init, or a state_dict file (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--backend", default="auto", metavar="auto|torchvision|dali", help="decode backend (default auto)")
+    p.add_argument("--backend", default="auto", metavar="auto|torchvision|pil|dali",
+                   help="decode backend (default auto: DALI on a GPU; on CPU, PIL reduced-scale decode for "
+                        "full-size JPEGs, else torchvision)")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="(default auto: cuda when present)")
     p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: half the cores)")
     p.add_argument("--dtype", default="float32", metavar="float32|float16", help="stored feature type")
@@ -119,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patient-bootstrap resamples for 95%% CIs; 0 turns them off (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the sweep's minibatches and the bootstrap")
     p.set_defaults(func=_cmd_fit_head)
+
+    p = sub.add_parser("synth", help="generate X-ray-like full-size JPEGs for throughput work",
+                       description="Deterministic grayscale chest-X-ray-like JPEGs (1-3 MP, Kermany names and "
+                                   "patient ids, PNEUMONIA with opacity patches) in OUT/{train,test}/CLASS/.")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
+    p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("inspect", help="what a cache holds: backbone, weights, rows per split and class, progress",
                        description="Describe a cache (or the progress of an extraction into it).")
@@ -215,8 +226,8 @@ def _launch_extract(args) -> int:
     from featcache.backbones import create_backbone
     from featcache.console import get_console
     from featcache.decode import resolve_backend
-    from featcache.extract import (PARENT_LOCK_ENV, fingerprint, fingerprint_inputs, resolve_device, take_lock,
-                                   validate_options, _existing_cache_matches)
+    from featcache.extract import (PARENT_LOCK_ENV, fingerprint, fingerprint_inputs, previous_decode,
+                                   resolve_device, take_lock, validate_options, _existing_cache_matches)
     from featcache.manifest import scan
 
     console = get_console()
@@ -224,9 +235,9 @@ def _launch_extract(args) -> int:
     validate_options(out, args.backbone, args.dtype, args.compression, args.chunk_rows)
     manifest = scan(args.data, seed=args.seed, **_scan_options(args))
     _print_manifest(manifest)
-    backend, _ = resolve_backend(args.backend, resolve_device(args.device))
     bb = create_backbone(args.backbone, args.weights, seed=args.seed)
-    inputs = fingerprint_inputs(manifest, bb, backend, args.dtype)
+    decode = resolve_backend(args.backend, resolve_device(args.device), previous_decode(out))
+    inputs = fingerprint_inputs(manifest, bb, decode.mode, args.dtype)
     lock = take_lock(out, args.wait, console)
     try:
         if _existing_cache_matches(out, fingerprint(inputs), inputs, args.overwrite, console):
@@ -281,6 +292,15 @@ def _print_comparison(rows: list[dict], out) -> None:
     console = get_console()
     console.print(comparison_table(rows))
     console.print(f"one run folder per cache and comparison.json in {out}")
+
+
+def _cmd_synth(args) -> int:
+    from featcache.console import get_console
+    from featcache.synth import synth
+
+    result = synth(args.out, args.n, seed=args.seed, workers=args.workers)
+    get_console().print(f"{result['images']:,} images ({result['bytes'] / 1e6:.0f} MB) in {result['out']}")
+    return 0
 
 
 def _cmd_inspect(args) -> int:

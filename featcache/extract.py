@@ -58,7 +58,7 @@ def validate_options(out: Path, backbone: str, dtype: str, compression: str, chu
     get_entry(backbone)
 
 
-def fingerprint_inputs(manifest, backbone, backend: str, dtype: str) -> dict:
+def fingerprint_inputs(manifest, backbone, decode_mode: str, dtype: str) -> dict:
     """Everything that determines the cached features and their rows, JSON-normalized
     (tuples become lists) so it compares equal to the copy stored in the cache."""
     return json.loads(json.dumps({
@@ -66,7 +66,7 @@ def fingerprint_inputs(manifest, backbone, backend: str, dtype: str) -> dict:
         "backbone": backbone.name,
         "weights": backbone.weights,
         "preprocess": backbone.spec.to_dict(),
-        "decode": backend,
+        "decode": decode_mode,
         "dtype": dtype,
         "classes": list(manifest.classes),
         "manifest": manifest.digest(),
@@ -103,9 +103,6 @@ def extract(
     extracts its share of the chunks and rank 0 assembles the cache.
     """
     from featcache import distributed
-    from featcache.backbones import create_backbone
-    from featcache.decode import resolve_backend
-    from featcache.manifest import scan
 
     out = Path(out)
     validate_options(out, backbone, dtype, compression, chunk_rows)
@@ -139,11 +136,11 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
     device = resolve_device(device)
     if device == "cuda" and dist.active:
         device = f"cuda:{dist.local_rank}"
-    backend_name, backend_reason = resolve_backend(backend, device)
     if manifest is None:
         manifest = scan(data, seed=seed, **(scan_options or {}))
     bb = create_backbone(backbone, weights, seed=seed)
-    inputs = fingerprint_inputs(manifest, bb, backend_name, dtype)
+    decode = resolve_backend(backend, device, previous=previous_decode(out))
+    inputs = fingerprint_inputs(manifest, bb, decode.mode, dtype)
     fp = fingerprint(inputs)
     if len(set(dist.gather(fp))) > 1:
         raise UserError("the ranks of this run see different inputs (data, weights or flags differ between nodes)")
@@ -168,10 +165,10 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
         return {**summary, "status": "up to date"}
     tone = "bold yellow" if weights == "none" else "bold"
     console.print(f"backbone [bold]{bb.name}[/] ({bb.feature_dim}-d), weights: [{tone}]{bb.weights_note}[/]")
-    console.print(f"decode: [bold]{backend_name}[/] ({backend_reason}); device: [bold]{device}[/]"
+    console.print(f"decode: [bold]{decode.mode}[/] ({decode.reason}); device: [bold]{device}[/]"
                   + (f"; {dist.world} processes" if dist.active else ""))
     start = time.perf_counter()
-    timing = _extract_chunks(bb, manifest, store, dist, backend=backend_name, device=device,
+    timing = _extract_chunks(bb, manifest, store, dist, decode=decode, device=device,
                              batch_size=batch_size, workers=workers, progress=progress, console=console)
     timings = dist.gather(timing)
     dist.barrier()
@@ -181,7 +178,7 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
                    images=images, resumed_rows=sum(t["resumed_rows"] for t in timings), processes=dist.world,
                    forward_seconds=timing["forward_seconds"])
     if dist.is_main:
-        attrs = _cache_attrs(manifest, bb, weights, seed, fp, inputs, backend_name, backend_reason, device)
+        attrs = _cache_attrs(manifest, bb, weights, seed, fp, inputs, decode, device)
         attrs["extract"] = {k: summary[k] for k in ("seconds", "images", "images_per_second", "processes",
                                                     "resumed_rows")}
         summary.update(_assemble(out, store, manifest, bb.feature_dim, attrs, dtype, compression))
@@ -250,7 +247,15 @@ def _existing_cache_matches(out: Path, fp: str, inputs: dict, overwrite: bool, c
     )
 
 
-def _cache_attrs(manifest, bb, weights, seed, fp, inputs, backend_name, backend_reason, device) -> dict:
+def previous_decode(out: Path) -> str | None:
+    """The decode mode of the cache already at ``out``, if there is a readable one."""
+    try:
+        return FeatureCache.open(out, require_complete=False).fingerprint_inputs.get("decode")
+    except UserError:
+        return None
+
+
+def _cache_attrs(manifest, bb, weights, seed, fp, inputs, decode, device) -> dict:
     return {
         "classes": list(manifest.classes),
         "backbone": bb.name,
@@ -266,11 +271,11 @@ def _cache_attrs(manifest, bb, weights, seed, fp, inputs, backend_name, backend_
         "data_root": manifest.root,
         "validation": manifest.validation,
         "label_rules": [list(r) for r in manifest.label_rules],
-        "decode": {"backend": backend_name, "reason": backend_reason, "device": device},
+        "decode": {"backend": decode.name, "mode": decode.mode, "reason": decode.reason, "device": device},
     }
 
 
-def _extract_chunks(bb, manifest, store: PartStore, dist, *, backend, device, batch_size, workers, progress,
+def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, batch_size, workers, progress,
                     console) -> dict:
     """This rank's missing chunks (every world-th chunk, from its rank on), committed one by one."""
     import torch
@@ -284,8 +289,8 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, backend, device, ba
     resumed = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for c in mine if c in done)
     rows = np.concatenate([np.arange(*store.chunk_range(c)) for c in pending]) if pending else np.empty(0, np.int64)
     model = bb.model.to(device, memory_format=torch.channels_last)
-    loader = make_loader(manifest, bb.spec, backend=backend, batch_size=batch_size, workers=workers,
-                         pin_memory=device.startswith("cuda"), rows=rows)
+    loader = make_loader(manifest, bb.spec, backend=decode.name, batch_size=batch_size, workers=workers,
+                         pin_memory=device.startswith("cuda"), rows=rows, device=device)
     buffers = {c: store.buffer(c) for c in pending}
     forward_seconds, images = 0.0, 0
     start = time.perf_counter()

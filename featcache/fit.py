@@ -218,7 +218,7 @@ def _save_head(path: Path, head, metrics: dict, cache: FeatureCache) -> None:
         weights_source=cache.attrs.get("weights_source"),
         seed=cache.attrs.get("seed"),
         preprocess=json.loads(cache.attrs.get("preprocess", "{}")),
-        decode=json.loads(cache.attrs.get("decode", "{}")).get("backend"),
+        decode=cache.fingerprint_inputs.get("decode"),
     )
     torch.save({"head": head.state_dict(), "config": json.dumps(config)}, path)
 

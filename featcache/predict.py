@@ -79,6 +79,15 @@ def collect_images(inputs: list[str]) -> list[str]:
     return files
 
 
+def _decode_backend(mode: str | None) -> str:
+    """Decode new images the way the cache's images were decoded, so features match."""
+    if mode and mode.startswith("dali"):
+        from featcache.decode.dali import dali_available
+
+        return "dali" if dali_available()[0] else "torchvision"
+    return mode if mode in ("torchvision", "pil") else "torchvision"
+
+
 def predict(run_dir: str | os.PathLike, inputs: list[str], *, out_csv: str | os.PathLike | None = None,
             weights: str | None = None, batch_size: int = 32, device: str = "auto",
             workers: int | None = 0) -> list[dict]:
@@ -103,8 +112,9 @@ def predict(run_dir: str | os.PathLike, inputs: list[str], *, out_csv: str | os.
     positive = classes.index(config["positive_class"]) if config.get("positive_class") else None
 
     rows: dict[int, dict] = {}
+    backend = _decode_backend(config.get("decode"))
     loader = make_loader(_Files("", tuple(os.path.abspath(f) for f in files)), backbone.spec,
-                         backend="torchvision", batch_size=batch_size, workers=workers)
+                         backend=backend, batch_size=batch_size, workers=workers, device=device)
     with torch.inference_mode():
         for batch in loader:
             for i, reason in batch.failed:

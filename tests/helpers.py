@@ -65,3 +65,33 @@ def link_subset(src: Path, dst: Path, per_class: dict[str, dict[str, int]]) -> P
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def write_awkward_images(folder: Path, seed: int = 0) -> dict[str, str | None]:
+    """Images every decoder must cope with, and files none can decode.
+
+    Returns file name -> expected skip reason (None for a good image).
+    """
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    gray = np.clip(120 + rng.normal(0, 40, size=(300, 260)), 0, 255).astype(np.uint8)
+    rgb = np.stack([gray, np.roll(gray, 7, 0), np.roll(gray, 11, 1)], axis=-1)
+    Image.fromarray(gray).save(folder / "baseline.jpeg", quality=92)
+    Image.fromarray(gray).save(folder / "progressive.jpeg", quality=92, progressive=True)
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpeg", quality=92)
+    Image.fromarray((gray.astype(np.uint16) * 257)).save(folder / "sixteen_bit.png")
+    rgba = np.concatenate([rgb, np.full((300, 260, 1), 200, np.uint8)], axis=-1)
+    Image.fromarray(rgba, mode="RGBA").save(folder / "rgba.png")
+    Image.fromarray(gray).save(folder / "UPPER.JPG", format="JPEG", quality=92)
+    Image.fromarray(gray).save(folder / "with spaces in name.jpeg", quality=92)
+    data = (folder / "baseline.jpeg").read_bytes()
+    (folder / "truncated.jpeg").write_bytes(data[: len(data) // 2])
+    (folder / "empty.jpeg").write_bytes(b"")
+    (folder / "text.jpeg").write_text("not an image at all\n")
+    return {
+        "baseline.jpeg": None, "progressive.jpeg": None, "cmyk.jpeg": None, "sixteen_bit.png": None,
+        "rgba.png": None, "UPPER.JPG": None, "with spaces in name.jpeg": None,
+        "truncated.jpeg": "truncated image", "empty.jpeg": "empty file", "text.jpeg": "not an image",
+    }

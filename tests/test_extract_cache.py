@@ -10,7 +10,7 @@ import torch
 
 from featcache.backbones import create_backbone
 from featcache.cache import FeatureCache, partial_path
-from featcache.decode.tv import load_image
+from featcache.decode.cpu import load_torchvision as load_image
 from featcache.errors import UserError
 from featcache.extract import extract
 from featcache.manifest import scan

@@ -15,7 +15,7 @@ import numpy as np
 
 from featcache.errors import UserError
 
-BACKENDS = ("auto", "torchvision", "dali")
+BACKENDS = ("auto", "torchvision", "pil", "dali")
 
 
 @dataclass
@@ -37,28 +37,80 @@ def default_workers() -> int:
     return max(1, min(8, cores // 2))
 
 
-def resolve_backend(backend: str, device: str) -> tuple[str, str]:
-    """The backend to use for ``backend`` on ``device``, and why, in words."""
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Decode:
+    """The decode a run uses: ``name`` as asked for (torchvision, pil, dali), ``mode`` as recorded in
+    the cache fingerprint (torchvision, pil, dali-cpu, dali-mixed), and why it was chosen."""
+
+    name: str
+    mode: str
+    reason: str
+
+
+def resolve_backend(backend: str, device: str, previous: str | None = None) -> Decode:
+    """The decode backend for ``backend`` on ``device``, and why, in words.
+
+    ``auto``: DALI (mixed nvJPEG decode) on a GPU. On a CPU, the backend of
+    the cache being resumed or refreshed (``previous``) when it is a CPU one,
+    else PIL: it decoded fastest on both the 224-px Kermany copy and
+    full-size synthetic X-rays in ``bench/decode.py`` on a 2-core machine
+    (1.46x and 1.54x torchvision; DALI's CPU mode 0.93x and 0.76x
+    torchvision), its reduced-scale JPEG decode doing most for large images.
+    """
+    from featcache.decode.dali import dali_available
+
     if backend not in BACKENDS:
         raise UserError(f"unknown decode backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    gpu = device.startswith("cuda")
     if backend == "dali":
-        raise UserError("the DALI decode backend is not available in this version; use --backend torchvision")
-    if backend == "torchvision":
-        return "torchvision", "asked for with --backend torchvision"
-    return "torchvision", "auto: torchvision.io decode (the DALI backend is not available in this version)"
+        ok, why = dali_available()
+        if not ok:
+            raise UserError(f"--backend dali: NVIDIA DALI cannot be imported ({why}); "
+                            "install nvidia-dali-cuda130 or use --backend torchvision")
+        return Decode("dali", "dali-mixed" if gpu else "dali-cpu", "asked for with --backend dali")
+    if backend in ("torchvision", "pil"):
+        return Decode(backend, backend, f"asked for with --backend {backend}")
+    if gpu:
+        ok, why = dali_available()
+        if ok:
+            return Decode("dali", "dali-mixed", "auto: DALI decodes on the GPU (nvJPEG)")
+        return Decode("torchvision", "torchvision", f"auto: DALI cannot be imported ({why}); torchvision on CPU")
+    if previous in ("torchvision", "pil", "dali-cpu"):
+        name = "dali" if previous == "dali-cpu" else previous
+        return Decode(name, previous, f"auto: {previous}, as the existing cache at --out was made with it")
+    return Decode("pil", "pil", "auto: PIL, the fastest CPU decoder measured (bench/decode.py), with "
+                                "reduced-scale decode of large JPEGs")
 
 
 def make_loader(manifest, spec, *, backend: str = "torchvision", batch_size: int = 32, workers: int | None = None,
-                rows=None, pin_memory: bool = False):
-    """Iterable of :class:`Batch` over ``rows`` (default: every manifest row), in order."""
+                rows=None, pin_memory: bool = False, device: str = "cpu", shard_id: int = 0, num_shards: int = 1,
+                hw_decoder_load: float | None = None):
+    """Iterable of :class:`Batch` over ``rows`` (default: every manifest row), in order.
+
+    ``shard_id``/``num_shards`` keep one contiguous share of those rows, as
+    DALI's readers shard (featcache's own distributed extraction shards by
+    chunk before it gets here).
+    """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     rows = np.arange(len(manifest), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    if num_shards > 1:
+        rows = np.array_split(rows, num_shards)[shard_id]
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise UserError(f"--workers must be 0 or more, got {workers}")
-    if backend == "torchvision":
-        from featcache.decode.tv import TorchvisionLoader
+    if backend in ("torchvision", "pil"):
+        from featcache.decode.cpu import CpuLoader
 
-        return TorchvisionLoader(manifest, spec, rows, batch_size=batch_size, workers=workers, pin_memory=pin_memory)
+        return CpuLoader(manifest, spec, rows, backend=backend, batch_size=batch_size, workers=workers,
+                         pin_memory=pin_memory)
+    if backend == "dali":
+        from featcache.decode.dali import DEFAULT_HW_DECODER_LOAD, DaliLoader
+
+        return DaliLoader(manifest, spec, rows, batch_size=batch_size, device=device,
+                          hw_decoder_load=DEFAULT_HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load)
     raise UserError(f"unknown decode backend {backend!r}")
