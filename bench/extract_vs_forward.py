@@ -26,7 +26,7 @@ def forward_only(backbone, manifest, *, n_images: int, batch_size: int, repeats:
     """Best of ``repeats`` passes over ``n_images`` preloaded images, images/s."""
     import torch
 
-    from featcache.decode.tv import load_image
+    from featcache.decode.cpu import load_torchvision as load_image
 
     rows = range(min(n_images, len(manifest)))
     images = torch.stack([load_image(os.path.join(manifest.root, manifest.paths[i]), backbone.spec) for i in rows])
@@ -52,9 +52,11 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[None],
                         help="decode worker counts to try (default: featcache's default)")
     parser.add_argument("--forward-images", type=int, default=512)
+    parser.add_argument("--backend", default="auto", help="decode backend for extract (default auto)")
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args(argv)
 
+    import h5py
     from rich.table import Table
 
     from featcache.backbones import create_backbone
@@ -70,27 +72,33 @@ def main(argv=None) -> int:
 
     console.print(f"{len(manifest)} images from {manifest.root}; {args.backbone}, batch {args.batch_size}, "
                   f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
+    results = {"data": manifest.root}
     fwd = forward_only(backbone, manifest, n_images=args.forward_images, batch_size=args.batch_size)
     console.print(f"forward-only on {args.forward_images} preloaded images: [bold]{fwd:.1f}[/] images/s")
 
-    results = {"backbone": args.backbone, "images": len(manifest), "forward_only_images_per_s": fwd, "extract": []}
+    results.update({"backbone": args.backbone, "images": len(manifest), "forward_only_images_per_s": fwd,
+                    "extract": []})
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as tmp:
             summary = extract(args.data, Path(tmp) / "bench.h5", backbone=args.backbone, weights="none",
                               batch_size=args.batch_size, workers=workers, device="cpu", manifest=manifest,
-                              progress=sys.stdout.isatty())
+                              backend=args.backend, progress=sys.stdout.isatty())
+            with h5py.File(Path(tmp) / "bench.h5") as f:
+                decode = json.loads(f.attrs["decode"])["mode"]
         results["extract"].append({
             "workers": default_workers() if workers is None else workers,
+            "decode": decode,
             "images_per_s": summary["images_per_second"],
             "seconds": summary["seconds"],
             "fraction_of_forward_only": summary["images_per_second"] / fwd,
         })
 
     table = Table(title=f"{args.backbone}: extract vs forward-only (same run)", title_justify="left")
-    for col in ("decode workers", "extract images/s", "forward-only images/s", "extract / forward-only", "seconds"):
+    for col in ("decode", "workers", "extract images/s", "forward-only images/s", "extract / forward-only",
+                "seconds"):
         table.add_column(col, justify="right")
     for r in results["extract"]:
-        table.add_row(str(r["workers"]), f"{r['images_per_s']:.1f}", f"{fwd:.1f}",
+        table.add_row(r["decode"], str(r["workers"]), f"{r['images_per_s']:.1f}", f"{fwd:.1f}",
                       f"{r['fraction_of_forward_only']:.2f}", f"{r['seconds']:.1f}")
     console.print(table)
     if args.json:
