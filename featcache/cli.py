@@ -122,6 +122,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the sweep's minibatches and the bootstrap")
     p.set_defaults(func=_cmd_fit_head)
 
+    p = sub.add_parser("finetune", help="train every weight (or a new head on a frozen backbone) in one AMP loop",
+                       description="Fine-tune a backbone on DATA (same manifest and validation split as extract); "
+                                   "keep the best epoch by validation AUROC; report val and test like fit-head.")
+    p.add_argument("data", metavar="DATA", nargs="?")
+    p.add_argument("--out", metavar="RUN_DIR", help="where checkpoints, history and metrics go (required)")
+    _add_config(p)
+    p.add_argument("--backbone", default="resnet18", help=f"one of: {_backbone_names()} (default %(default)s)")
+    p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-4; 1e-3 when frozen)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--amp", default="auto", metavar="auto|bf16|fp16|off",
+                   help="mixed precision (auto: bf16 where supported, fp16 with loss scaling on older GPUs)")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="train only a new head; the backbone still runs forward every epoch")
+    p.add_argument("--augment", default="light", metavar="none|light|strong",
+                   help="small rotations, shifts, scalings, brightness/contrast; no flips (default light)")
+    p.add_argument("--hflip", action="store_true", help="also flip horizontally (moves the heart: off by default)")
+    p.add_argument("--class-weight", default="none", metavar="none|balanced")
+    p.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
+                   help="stop after this many epochs without a better validation AUROC")
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="a stratified subset of N images (every split and class in proportion), for quick runs")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threshold", default="0.5", metavar="0.5|youden|f1", help="as for fit-head")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
+    p.add_argument("--backend", default="auto", metavar="auto|pil|torchvision")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="CI resamples for the final metrics")
+    p.add_argument("--overwrite", action="store_true", help="replace a run with other settings in RUN_DIR")
+    p.add_argument("--nproc", type=int, default=1, help="DDP processes launched with torchrun")
+    p.add_argument("--no-progress", action="store_true")
+    _add_scan_flags(p)
+    _add_seed(p)
+    p.set_defaults(func=_cmd_finetune)
+
     p = sub.add_parser("synth", help="generate X-ray-like full-size JPEGs for throughput work",
                        description="Deterministic grayscale chest-X-ray-like JPEGs (1-3 MP, Kermany names and "
                                    "patient ids, PNEUMONIA with opacity patches) in OUT/{train,test}/CLASS/.")
@@ -268,7 +304,8 @@ def _cmd_fit_head(args) -> int:
     return 0
 
 
-def _print_metrics(metrics: dict, out) -> None:
+def _print_metrics(metrics: dict, out, files: str = "metrics.json, head.pt and plots (roc, pr, reliability, "
+                                                    "confusion_matrix)") -> None:
     from featcache.console import get_console
     from featcache.tables import metrics_renderables
 
@@ -281,8 +318,7 @@ def _print_metrics(metrics: dict, out) -> None:
                   f"{decision}")
     for renderable in metrics_renderables(metrics):
         console.print(renderable)
-    console.print(f"fitted in {metrics['fit_seconds']:.2f} s; metrics.json, head.pt and plots (roc, pr, "
-                  f"reliability, confusion_matrix) in {out}")
+    console.print(f"fitted in {metrics['fit_seconds']:.2f} s; {files} in {out}")
 
 
 def _print_comparison(rows: list[dict], out) -> None:
@@ -292,6 +328,34 @@ def _print_comparison(rows: list[dict], out) -> None:
     console = get_console()
     console.print(comparison_table(rows))
     console.print(f"one run folder per cache and comparison.json in {out}")
+
+
+def _cmd_finetune(args) -> int:
+    import os
+
+    from featcache import distributed
+
+    _require(args, "data", "out")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from featcache.backbones import get_entry
+
+        get_entry(args.backbone)  # the commonest mistakes fail here, once, before the launch
+        from featcache.manifest import scan
+
+        scan(args.data, seed=args.seed, **_scan_options(args))
+        return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
+    from featcache.finetune import finetune
+
+    metrics = finetune(args.data, args.out, backbone=args.backbone, weights=args.weights, epochs=args.epochs,
+                       lr=args.lr, batch_size=args.batch_size, amp=args.amp, freeze_backbone=args.freeze_backbone,
+                       augment=args.augment, hflip=args.hflip, class_weight=args.class_weight,
+                       early_stop=args.early_stop, max_images=args.max_images, compile=args.compile,
+                       seed=args.seed, threshold=args.threshold, device=args.device, backend=args.backend,
+                       workers=args.workers, overwrite=args.overwrite, scan_options=_scan_options(args),
+                       n_resamples=args.bootstrap, progress=not args.no_progress)
+    if metrics is not None:
+        _print_metrics(metrics, args.out, files="best.pt, history.json, learning_curve.png, metrics.json and plots")
+    return 0
 
 
 def _cmd_synth(args) -> int:

@@ -16,3 +16,8 @@ def get_console() -> Console:
 @functools.cache
 def get_error_console() -> Console:
     return Console(stderr=True, highlight=False)
+
+
+def quiet_console() -> Console:
+    """For the ranks of a distributed run other than 0: they work, rank 0 speaks."""
+    return Console(quiet=True)

@@ -19,7 +19,7 @@ from featcache.cache import (
     partial_path,
     write_cache,
 )
-from featcache.console import get_console
+from featcache.console import get_console, quiet_console
 from featcache.errors import UserError
 from featcache.parts import DEFAULT_CHUNK_ROWS, PartStore
 
@@ -107,7 +107,7 @@ def extract(
     out = Path(out)
     validate_options(out, backbone, dtype, compression, chunk_rows)
     dist = dist or distributed.from_env()
-    console = get_console() if dist.is_main else _quiet_console()
+    console = get_console() if dist.is_main else quiet_console()
     lock, refusal = None, None
     if dist.is_main:  # first, so a second writer is turned away at once
         try:
@@ -185,12 +185,6 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
         _print_summary(console, summary)
     dist.barrier()
     return summary
-
-
-def _quiet_console():
-    from rich.console import Console
-
-    return Console(quiet=True)
 
 
 def take_lock(out: Path, wait: bool, console):

@@ -158,41 +158,61 @@ def fit_head(
     head = best["export"]()
     fit_seconds = time.perf_counter() - start
 
-    _, y_val, _ = data["val"]
-    val_probs = head.predict_proba(data["val"][0])
-    thr = choose_threshold(y_val == positive, val_probs[:, positive], rule) if positive is not None else None
-    metrics = {
-        "classes": classes,
-        "positive_class": classes[positive] if positive is not None else None,
-        "threshold": thr,
-        "threshold_rule": (rule if isinstance(rule, str) else "fixed") if positive is not None else "argmax",
-        "selected": {"head": heads, "name": best["name"], **best["params"]},
-        "n_heads": len(candidates),
-        "heads": [{"name": c["name"], **c["params"], "val_auroc": c["val_auroc"]} for c in candidates],
-        "fit_seconds": fit_seconds,
-        "cache": str(cache.path),
-        "backbone": cache.attrs.get("backbone"),
-        "weights": cache.attrs.get("weights"),
-        "fingerprint": cache.attrs.get("fingerprint"),
-        "n_train": int(len(data["train"][1])),
-    }
-    probs = {"val": val_probs}
-    if "test" in data:
-        probs["test"] = head.predict_proba(data["test"][0])
-    for split, p in probs.items():
-        _, y, patients = data[split]
-        metrics[split] = evaluate(y, p, classes=classes, threshold=thr, positive=positive, patients=patients,
-                                  n_resamples=n_resamples, seed=seed)
+    probs = {split: head.predict_proba(data[split][0]) for split in ("val", "test") if split in data}
+    metrics = run_metrics(
+        classes, rule,
+        selected={"head": heads, "name": best["name"], **best["params"]},
+        heads=[{"name": c["name"], **c["params"], "val_auroc": c["val_auroc"]} for c in candidates],
+        fit_seconds=fit_seconds,
+        source={"cache": str(cache.path), "backbone": cache.attrs.get("backbone"),
+                "weights": cache.attrs.get("weights"), "fingerprint": cache.attrs.get("fingerprint")},
+        n_train=len(data["train"][1]),
+        splits={split: (data[split][1], p, data[split][2]) for split, p in probs.items()},
+        n_resamples=n_resamples, seed=seed,
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _save_head(out_dir / "head.pt", head, metrics, cache)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    _plot(out_dir, metrics, {s: (data[s][1], p) for s, p in probs.items()})
+    plot_run(out_dir, metrics, {s: (data[s][1], p) for s, p in probs.items()})
     return metrics
 
 
-def _plot(out_dir: Path, metrics: dict, curves: dict) -> None:
+def run_metrics(classes, rule, *, selected: dict, heads: list[dict], fit_seconds: float, source: dict, n_train: int,
+                splits: dict, n_resamples: int, seed: int) -> dict:
+    """The metrics.json of a run, fit-head or finetune alike (the same keys, the same code).
+
+    ``splits`` maps val (required) and test (optional) to (labels, (N, K)
+    probabilities, patients). The threshold is chosen on val by ``rule``.
+    """
+    K = len(classes)
+    positive = positive_class_index(classes) if K == 2 else None
+    y_val, val_probs, _ = splits["val"]
+    thr = choose_threshold(y_val == positive, val_probs[:, positive], rule) if positive is not None else None
+    metrics = {
+        "classes": list(classes),
+        "positive_class": classes[positive] if positive is not None else None,
+        "threshold": thr,
+        "threshold_rule": (rule if isinstance(rule, str) else "fixed") if positive is not None else "argmax",
+        "selected": selected,
+        "n_heads": len(heads),
+        "heads": heads,
+        "fit_seconds": fit_seconds,
+        "cache": source.get("cache"),
+        "backbone": source.get("backbone"),
+        "weights": source.get("weights"),
+        "fingerprint": source.get("fingerprint"),
+        "n_train": int(n_train),
+    }
+    for split, (y, p, patients) in splits.items():
+        metrics[split] = evaluate(y, p, classes=classes, threshold=thr, positive=positive, patients=patients,
+                                  n_resamples=n_resamples, seed=seed)
+    return metrics
+
+
+def plot_run(out_dir: Path, metrics: dict, curves: dict) -> None:
+    """confusion_matrix.png, roc.png, pr.png and reliability.png of a run."""
     from featcache.plots import plot_confusion_matrix, plot_pr, plot_reliability, plot_roc
 
     classes, positive_name = metrics["classes"], metrics["positive_class"]

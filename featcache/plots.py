@@ -114,3 +114,29 @@ def plot_reliability(tables: dict, path: Path, *, title: str, binary: bool) -> N
     _unit_square(plt, fig, ax, path,
                  xlabel="predicted probability of the positive class" if binary else "top-class confidence",
                  ylabel="observed positive rate" if binary else "accuracy", title=title, legend="upper left")
+
+
+def plot_learning_curves(history: list[dict], path: Path, *, title: str) -> None:
+    """Loss (train, val) and validation AUROC / accuracy per epoch; a widening loss gap means overfitting."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.6), dpi=120)
+    left.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    left.plot(epochs, [h["val_loss"] for h in history], "o-", label="val loss")
+    left.set_xlabel("epoch")
+    left.set_ylabel("cross-entropy")
+    left.legend(fontsize=8)
+    right.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train accuracy")
+    right.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="val accuracy")
+    right.plot(epochs, [h["val_auroc"] for h in history], "s-", label="val AUROC")
+    best = max(history, key=lambda h: h["val_auroc"])
+    right.axvline(best["epoch"], ls=":", color="grey", lw=0.8)
+    right.set_xlabel("epoch")
+    right.set_ylim(0, 1.01)
+    right.legend(fontsize=8, loc="lower right")
+    for ax in (left, right):
+        ax.set_xticks(epochs)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

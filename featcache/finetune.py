@@ -1,0 +1,567 @@
+"""finetune: every weight trains, or only a new head over a frozen backbone, in one AMP loop.
+
+Both modes share the loop, the data (the manifest and its patient-grouped
+validation split, decoded by the same backends as extract), the metrics code
+and the outputs, so a fine-tuned run and a fixed-feature-extractor run
+compare key for key. The frozen mode is the classic transfer-learning
+tutorial's "fixed feature extractor": its backbone runs forward on every
+image every epoch, which is the cost featcache's cache removes.
+
+Mixed precision has one code path: ``torch.autocast(..., enabled=...)`` and
+``GradScaler(enabled=fp16)``, bf16 on CPU and GPU where supported, fp16 with
+loss scaling on CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import UserError
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+AUGMENTS = ("none", "light", "strong")
+DEFAULT_LR_FULL = 3e-4
+DEFAULT_LR_FROZEN = 1e-3
+WEIGHT_DECAY = 1e-4
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that defines a run; a rerun resumes only when these are equal."""
+
+    data: str
+    manifest: str
+    backbone: str
+    weights: str
+    epochs: int
+    lr: float
+    batch_size: int
+    amp: str
+    freeze_backbone: bool
+    augment: str
+    hflip: bool
+    class_weight: str
+    early_stop: int | None
+    max_images: int | None
+    compile: bool
+    seed: int
+    threshold: str
+    world: int
+
+
+def resolve_amp(amp: str, device: str):
+    """(autocast dtype or None, use a GradScaler, words) for ``amp`` on ``device``."""
+    import torch
+
+    if amp not in AMP_MODES:
+        raise UserError(f"--amp takes {', '.join(AMP_MODES)}, got {amp!r}")
+    cuda = device.startswith("cuda")
+    if amp == "off":
+        return None, False, "off (fp32)"
+    if amp == "fp16":
+        if not cuda:
+            raise UserError("--amp fp16 needs a CUDA GPU (loss scaling); on CPU use --amp bf16 or off")
+        return torch.float16, True, "fp16 autocast with loss scaling"
+    bf16_ok = torch.cuda.is_bf16_supported() if cuda else _cpu_has_bf16()
+    if amp == "bf16":
+        return torch.bfloat16, False, "bf16 autocast" + ("" if bf16_ok else " (emulated: slow on this CPU)")
+    if bf16_ok:
+        return torch.bfloat16, False, "auto: bf16 autocast (supported here)"
+    if cuda:
+        return torch.float16, True, "auto: fp16 autocast with loss scaling (no bf16 on this GPU)"
+    return None, False, "auto: fp32 (this CPU has no native bf16)"
+
+
+def _cpu_has_bf16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # the probe is private API; without it, assume no
+        return False
+
+
+def augmentation(kind: str, hflip: bool):
+    """uint8 (3, H, W) -> uint8 (3, H, W), suited to chest X-rays: small rotations, shifts and
+    scalings, brightness and contrast; never a vertical flip; a horizontal flip only with ``hflip``
+    (it moves the heart to the other side)."""
+    from torchvision.transforms import v2
+
+    if kind not in AUGMENTS:
+        raise UserError(f"--augment takes {', '.join(AUGMENTS)}, got {kind!r}")
+    ops = []
+    if kind == "light":
+        ops += [v2.RandomAffine(degrees=5, translate=(0.04, 0.04), scale=(0.95, 1.05)),
+                v2.ColorJitter(brightness=0.1, contrast=0.1)]
+    elif kind == "strong":
+        ops += [v2.RandomAffine(degrees=12, translate=(0.08, 0.08), scale=(0.88, 1.12), shear=4),
+                v2.ColorJitter(brightness=0.25, contrast=0.25)]
+    if hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops) if ops else None
+
+
+def stratified_subset(manifest, n: int | None, seed: int) -> np.ndarray:
+    """Rows of at most ``n`` images keeping each split x class share; all rows without ``n``."""
+    rows = np.arange(len(manifest))
+    if n is None or n >= len(manifest):
+        return rows
+    if n < 1:
+        raise UserError(f"--max-images must be at least 1, got {n}")
+    rng = np.random.default_rng(seed)
+    keys = [f"{s}/{lab}" for s, lab in zip(manifest.splits, manifest.labels)]
+    chosen = []
+    for key in sorted(set(keys)):
+        members = rows[np.asarray(keys) == key]
+        take = max(1, round(n * len(members) / len(manifest)))
+        chosen.extend(rng.choice(members, size=min(take, len(members)), replace=False).tolist())
+    return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
+def _classifier_class():
+    import torch
+    import torch.nn as nn
+
+    class Classifier(nn.Module):
+        """A backbone's features into a new linear layer; the frozen mode runs the backbone without grad."""
+
+        def __init__(self, extractor: nn.Module, feature_dim: int, n_classes: int, frozen: bool):
+            super().__init__()
+            self.extractor = extractor
+            self.head = nn.Linear(feature_dim, n_classes)
+            self.frozen = frozen
+
+        def forward(self, images):
+            if self.frozen:
+                with torch.no_grad():
+                    features = self.extractor(images)
+                return self.head(features.float())
+            return self.head(self.extractor(images))
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            if self.frozen:  # frozen BatchNorm statistics too: a fixed feature extractor
+                self.extractor.eval()
+            return self
+
+    return Classifier
+
+
+class _TrainImages:
+    """Augmented training images: (row, uint8 image or None, label, failure reason)."""
+
+    def __init__(self, manifest, rows, spec, load, transform):
+        self.root, self.paths, self.labels = manifest.root, manifest.paths, manifest.labels
+        self.rows, self.spec, self.load, self.transform = rows, spec, load, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        from featcache.decode.cpu import decode_failure_reason
+
+        row = int(self.rows[i])
+        try:
+            image = self.load(os.path.join(self.root, self.paths[row]), self.spec)
+            if self.transform is not None:
+                image = self.transform(image)
+            return row, image, self.labels[row], None
+        except Exception as exc:
+            return row, None, self.labels[row], decode_failure_reason(exc)
+
+
+def _collate_train(items):
+    import torch
+
+    good = [it for it in items if it[1] is not None]
+    failed = [(row, reason) for row, image, _, reason in items if image is None]
+    if not good:
+        return None, None, failed
+    return torch.stack([it[1] for it in good]), torch.tensor([it[2] for it in good]), failed
+
+
+def _peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _atomic_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def torchvision_state_dict(model, entry) -> dict:
+    """The backbone's torchvision keys, with the new head under the classifier's own name,
+    so ``--weights best.pt`` works for extract (the head is ignored there) and for torchvision."""
+    state = {k: v.detach().cpu() for k, v in model.extractor.body.state_dict().items()}
+    prefix = entry.head_prefixes[0]
+    state[prefix + "weight"] = model.head.weight.detach().cpu()
+    state[prefix + "bias"] = model.head.bias.detach().cpu()
+    return state
+
+
+def finetune(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    backbone: str = "resnet18",
+    weights: str = "imagenet",
+    epochs: int = 10,
+    lr: float | None = None,
+    batch_size: int = 32,
+    amp: str = "auto",
+    freeze_backbone: bool = False,
+    augment: str = "light",
+    hflip: bool = False,
+    class_weight: str = "none",
+    early_stop: int | None = None,
+    max_images: int | None = None,
+    compile: bool = False,
+    seed: int = 0,
+    threshold: str | float = 0.5,
+    device: str = "auto",
+    backend: str = "auto",
+    workers: int | None = None,
+    overwrite: bool = False,
+    scan_options: dict | None = None,
+    n_resamples: int = 1000,
+    progress: bool = True,
+    dist=None,
+) -> dict:
+    """Train, keep the best epoch by validation AUROC, report val and test into ``out``."""
+    import torch
+
+    from featcache import distributed
+    from featcache.backbones import create_backbone, get_entry
+    from featcache.console import get_console, quiet_console
+    from featcache.decode import resolve_backend
+    from featcache.extract import resolve_device
+    from featcache.manifest import scan
+    from featcache.metrics import parse_threshold
+
+    entry = get_entry(backbone)
+    if epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {epochs}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if class_weight not in ("none", "balanced"):
+        raise UserError(f"--class-weight takes none or balanced, got {class_weight!r}")
+    if early_stop is not None and early_stop < 1:
+        raise UserError(f"--early-stop must be at least 1 epoch, got {early_stop}")
+    if lr is not None and lr <= 0:
+        raise UserError(f"--lr must be positive, got {lr}")
+    rule = parse_threshold(threshold)
+    transform = augmentation(augment, hflip)
+    dist = dist or distributed.from_env()
+    console = get_console() if dist.is_main else quiet_console()
+    device = resolve_device(device)
+    if device == "cuda" and dist.active:
+        device = f"cuda:{dist.local_rank}"
+    amp_dtype, use_scaler, amp_words = resolve_amp(amp, device)
+    decode = resolve_backend(backend, "cpu")  # training decodes in CPU workers, where augmentation runs
+    if decode.name == "dali":
+        raise UserError("finetune decodes with pil or torchvision (augmentation runs in CPU workers); "
+                        "use --backend auto, pil or torchvision")
+
+    manifest = scan(data, seed=seed, **(scan_options or {}))
+    if "train" not in manifest.splits or "val" not in manifest.splits:
+        raise UserError(f"{data} has no train split to train and validate on")
+    subset = stratified_subset(manifest, max_images, seed)
+    split_rows = {s: subset[np.asarray(manifest.splits)[subset] == s] for s in ("train", "val", "test")}
+    bb = create_backbone(backbone, weights, seed=seed)
+    lr = lr if lr is not None else (DEFAULT_LR_FROZEN if freeze_backbone else DEFAULT_LR_FULL)
+    settings = Settings(str(manifest.root), manifest.digest(), backbone, bb.weights, epochs, lr, batch_size, amp,
+                        freeze_backbone, augment, hflip, class_weight, early_stop, max_images, compile, seed,
+                        str(threshold), dist.world)
+    out = Path(out)
+    state = _prepare_run_dir(out, settings, overwrite, dist, console)
+    if state == "done":
+        console.print(f"[green]{out} holds this finished run[/]; nothing to do")
+        return json.loads((out / "metrics.json").read_text())
+
+    classes = list(manifest.classes)
+    Classifier = _classifier_class()
+    torch.manual_seed(seed)
+    extractor = bb.model.requires_grad_(not freeze_backbone)
+    model = Classifier(extractor, bb.feature_dim, len(classes), freeze_backbone).to(
+        device, memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+    steps_per_epoch = math.ceil(len(split_rows["train"]) / (batch_size * dist.world))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=use_scaler)
+    labels_train = np.asarray(manifest.labels)[split_rows["train"]]
+    weight = None
+    if class_weight == "balanced":
+        counts = np.bincount(labels_train, minlength=len(classes)).clip(min=1)
+        weight = torch.tensor(len(labels_train) / (len(classes) * counts), dtype=torch.float32, device=device)
+    criterion = torch.nn.CrossEntropyLoss(weight=weight)
+
+    history, best = [], {"auroc": -1.0, "epoch": -1}
+    start_epoch = 0
+    if state == "resume":
+        ckpt = torch.load(out / "last.pt", map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        history, best, start_epoch = ckpt["history"], ckpt["best"], int(ckpt["epoch"]) + 1
+        console.print(f"[bold]resuming[/] {out} after epoch {start_epoch} of {epochs} "
+                      f"(best val AUROC so far {best['auroc']:.3f}, epoch {best['epoch'] + 1})")
+    train_model = model
+    if compile:
+        train_model = torch.compile(model)
+    if dist.active:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+
+    mode = "frozen backbone (only the new head learns)" if freeze_backbone else "full fine-tuning"
+    console.print(f"[bold]{backbone}[/] ({bb.weights_note}), {mode}; {len(split_rows['train']):,} train / "
+                  f"{len(split_rows['val']):,} val images; lr {lr:g}, batch {batch_size}, AMP {amp_words}, "
+                  f"augment {augment}; {device}" + (f", {dist.world} processes" if dist.active else ""))
+    from featcache.decode.cpu import LOADERS
+
+    train_set = _TrainImages(manifest, split_rows["train"], bb.spec, LOADERS[decode.name], transform)
+    from featcache.decode import default_workers
+
+    workers = default_workers() if workers is None else workers
+    wall_start = time.perf_counter()
+    device_type = device.split(":")[0]
+    from featcache.fit import selection_score
+    from featcache.metrics import positive_class_index
+
+    positive = positive_class_index(classes) if len(classes) == 2 else None
+    for epoch in range(start_epoch, epochs):
+        if early_stop and history and (epoch - 1) - best["epoch"] >= early_stop:
+            break  # a resumed run that had already stopped early
+        t0 = time.perf_counter()
+        train = _train_epoch(train_model, model, train_set, optimizer, scheduler, scaler, criterion, epoch=epoch,
+                             seed=seed, batch_size=batch_size, workers=workers, device=device,
+                             device_type=device_type, amp_dtype=amp_dtype, dist=dist,
+                             progress=progress and dist.is_main, epochs=epochs)
+        train_seconds = time.perf_counter() - t0
+        val_probs, val_loss = predict_rows(model, manifest, split_rows["val"], bb.spec, decode.name, batch_size,
+                                           workers, device, device_type, amp_dtype, criterion)
+        y_val = np.asarray(manifest.labels)[split_rows["val"]]
+        val_auroc = selection_score(y_val, val_probs, positive)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train["loss"],
+            "train_accuracy": train["accuracy"],
+            "val_loss": val_loss,
+            "val_auroc": val_auroc,
+            "val_accuracy": float(np.mean(val_probs.argmax(axis=1) == y_val)),
+            "images_per_second": train["images"] / train_seconds if train_seconds else 0.0,
+            "epoch_seconds": time.perf_counter() - t0,
+            "train_seconds": train_seconds,
+            "peak_memory_mb": _peak_memory_mb(device),
+            "lr": optimizer.param_groups[0]["lr"],
+            "skipped": train["failed"],
+        }
+        history.append(record)
+        improved = val_auroc > best["auroc"]
+        if improved:
+            best = {"auroc": val_auroc, "epoch": epoch}
+        if dist.is_main:
+            if improved:
+                _atomic_save({"model": torchvision_state_dict(model, entry),
+                              "config": json.dumps({**asdict(settings), "classes": classes, "epoch": epoch + 1})},
+                             out / "best.pt")
+            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                          "history": history, "best": best, "settings": json.dumps(asdict(settings))},
+                         out / "last.pt")
+            (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        console.print(f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f}, acc "
+                      f"{record['train_accuracy']:.3f} | val loss {val_loss:.4f}, AUROC {val_auroc:.3f}, acc "
+                      f"{record['val_accuracy']:.3f} | {record['images_per_second']:.1f} img/s, "
+                      f"{record['epoch_seconds']:.0f} s, peak {record['peak_memory_mb']:.0f} MB"
+                      + (" [green]best[/]" if improved else ""))
+        if early_stop and epoch - best["epoch"] >= early_stop:
+            console.print(f"early stop: no better val AUROC for {early_stop} epochs")
+            break
+    dist.barrier()
+    metrics = None
+    if dist.is_main:
+        metrics = _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule, history, best,
+                          decode.name, batch_size, workers, device, device_type, amp_dtype, criterion,
+                          n_resamples, seed, fit_seconds=sum(h["epoch_seconds"] for h in history),
+                          wall=time.perf_counter() - wall_start, amp_words=amp_words)
+    dist.barrier()
+    return metrics
+
+
+def _prepare_run_dir(out: Path, settings: Settings, overwrite: bool, dist, console) -> str:
+    """"fresh", "resume" or "done", with the folder ready; a different run there is refused."""
+    import torch
+
+    decision = "fresh"
+    if dist.is_main:
+        if out.exists() and not out.is_dir():
+            decision = f"error: --out {out} is a file; give a folder"
+        elif (out / "last.pt").exists() and not overwrite:
+            try:
+                saved = json.loads(torch.load(out / "last.pt", map_location="cpu", weights_only=True)["settings"])
+            except Exception:
+                saved = None
+            if saved is None:
+                decision = f"error: {out / 'last.pt'} cannot be read; pass --overwrite to start over"
+            elif saved != json.loads(json.dumps(asdict(settings))):
+                diffs = [k for k in saved if saved[k] != json.loads(json.dumps(asdict(settings))).get(k)]
+                decision = (f"error: {out} holds a run with other settings ({', '.join(diffs)}); "
+                            "pass --overwrite to replace it or choose another --out")
+            elif (out / "run.json").exists() and json.loads((out / "run.json").read_text()).get("complete"):
+                decision = "done"
+            else:
+                decision = "resume"
+        if decision == "fresh" or (overwrite and not decision.startswith("error")):
+            for name in ("last.pt", "best.pt", "history.json", "run.json", "metrics.json"):
+                (out / name).unlink(missing_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
+            decision = "fresh"
+    decision = dist.broadcast(decision)
+    if decision.startswith("error: "):
+        raise UserError(decision[len("error: "):])
+    return decision
+
+
+def _train_epoch(train_model, model, dataset, optimizer, scheduler, scaler, criterion, *, epoch, seed, batch_size,
+                 workers, device, device_type, amp_dtype, dist, progress, epochs) -> dict:
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+    from featcache.progress import image_progress
+
+    # The same shuffle and augmentations after a resume: every epoch's randomness comes from its own seed.
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    torch.manual_seed(seed * 100_003 + epoch)
+    if dist.active:
+        sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = RandomSampler(dataset, generator=generator)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=_collate_train, generator=generator, pin_memory=device_type == "cuda",
+                        persistent_workers=False)
+    model.train()
+    total_loss, correct, seen, failed = 0.0, 0, 0, []
+    total = len(sampler) if dist.active else len(dataset)
+    with image_progress(total, f"epoch {epoch + 1}/{epochs}", enabled=progress) as advance:
+        for images, labels, bad in loader:
+            failed += [row for row, _ in bad]
+            if images is None:
+                advance(len(bad))
+                continue
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = train_model(images)
+            loss = criterion(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            n = len(labels)
+            total_loss += float(loss.detach()) * n
+            correct += int((logits.argmax(dim=1) == labels).sum())
+            seen += n
+            advance(n + len(bad))
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen,
+            "failed": len(failed)}
+
+
+def predict_rows(model, manifest, rows, spec, backend, batch_size, workers, device, device_type, amp_dtype,
+                 criterion=None):
+    """(N, K) probabilities of ``rows`` (undecodable ones get uniform scores) and the mean loss."""
+    import torch
+
+    from featcache.decode import make_loader
+
+    model.eval()
+    K = model.head.out_features
+    probs = np.full((len(rows), K), 1.0 / K)
+    position = {int(r): i for i, r in enumerate(rows)}
+    loss_sum, n = 0.0, 0
+    labels = np.asarray(manifest.labels)
+    with torch.inference_mode():
+        for batch in make_loader(manifest, spec, backend=backend, batch_size=batch_size, workers=workers,
+                                 rows=rows):
+            if not len(batch.indices):
+                continue
+            x = batch.images.to(device).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(x).float()
+            if criterion is not None:
+                y = torch.as_tensor(labels[batch.indices], device=device)
+                loss_sum += float(criterion(logits, y)) * len(y)
+                n += len(y)
+            for row, p in zip(batch.indices.tolist(), logits.softmax(dim=1).cpu().numpy()):
+                probs[position[row]] = p
+    return probs, loss_sum / max(n, 1)
+
+
+def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule, history, best, backend,
+            batch_size, workers, device, device_type, amp_dtype, criterion, n_resamples, seed, *, fit_seconds,
+            wall, amp_words) -> dict:
+    """Best epoch's weights -> val and test metrics, plots, learning curve, run.json."""
+    import torch
+
+    from featcache.fit import plot_run, run_metrics
+    from featcache.plots import plot_learning_curves
+
+    best_ckpt = torch.load(out / "best.pt", map_location=device, weights_only=True)
+    state = best_ckpt["model"]
+    prefix = entry.head_prefixes[0]
+    model.head.load_state_dict({"weight": state[prefix + "weight"], "bias": state[prefix + "bias"]})
+    model.extractor.body.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)})
+    labels = np.asarray(manifest.labels)
+    patients = np.asarray(manifest.patients, dtype=object)
+    splits = {}
+    for split in ("val", "test"):
+        rows = split_rows[split]
+        if len(rows):
+            probs, _ = predict_rows(model, manifest, rows, bb.spec, backend, batch_size, workers, device, device_type,
+                                    amp_dtype)
+            splits[split] = (labels[rows], probs, patients[rows])
+    mode = "frozen" if settings.freeze_backbone else "full"
+    name = f"finetune_{mode}_lr_{settings.lr:g}_aug_{settings.augment}"
+    selected = {"head": "finetune", "name": name, "mode": mode, "epoch": best["epoch"] + 1, "lr": settings.lr,
+                "augment": settings.augment, "class_weight": settings.class_weight, "amp": amp_words}
+    metrics = run_metrics(
+        classes, rule, selected=selected,
+        heads=[{"name": name, "mode": mode, "lr": settings.lr, "val_auroc": best["auroc"]}],
+        fit_seconds=fit_seconds,
+        source={"cache": None, "backbone": bb.name, "weights": bb.weights, "fingerprint": None},
+        n_train=len(split_rows["train"]), splits=splits, n_resamples=n_resamples, seed=seed,
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_run(out, metrics, {s: (y, p) for s, (y, p, _) in splits.items()})
+    plot_learning_curves(history, out / "learning_curve.png", title=f"{bb.name}, {mode} fine-tuning")
+    run = {
+        "complete": True,
+        "strategy": "finetune-frozen" if settings.freeze_backbone else "finetune-full",
+        "settings": asdict(settings),
+        "epochs_run": len(history),
+        "best_epoch": best["epoch"] + 1,
+        "wall_seconds": wall,
+        "train_images_per_second": float(np.mean([h["images_per_second"] for h in history])),
+        "peak_memory_mb": max(h["peak_memory_mb"] for h in history),
+        "amp": amp_words,
+    }
+    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    return metrics
