@@ -128,6 +128,22 @@ def spec_from_weights(weights) -> PreprocessSpec:
     )
 
 
+def backbone_facts(name: str) -> dict:
+    """Cost and quality from the torchvision weights' metadata (no model is built)."""
+    entry = get_entry(name)
+    weights = entry.weights_enum()
+    meta = weights.meta
+    return {
+        "name": name,
+        "weights": f"{type(weights).__name__}.{weights.name}",
+        "params_m": round(meta["num_params"] / 1e6, 2),
+        "gflops": meta.get("_ops"),
+        "imagenet_top1": meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1"),
+        "feature_dim": entry.feature_dim,
+        "resize": entry.spec().resize,
+    }
+
+
 def get_entry(name: str) -> BackboneEntry:
     try:
         return REGISTRY[name]

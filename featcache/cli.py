@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "instead of exiting")
     p.add_argument("--nproc", type=int, default=1,
                    help="local worker processes, launched with torchrun (one per GPU on a GPU node)")
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="a stratified subset of N images (as finetune --max-images, same seed: same images)")
     p.add_argument("--chunk-rows", type=int, default=1024,
                    help="rows committed together; a crash loses at most one chunk per process (default 1024)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -157,6 +159,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan_flags(p)
     _add_seed(p)
     p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("report", help="Markdown and HTML report comparing runs (Task D) and explaining test "
+                                      "results (Task E)",
+                       description="Compare fit-head and finetune runs; analyse class balance, thresholds, "
+                                   "train/test shift, leakage, overfitting and the worst errors.")
+    p.add_argument("runs", metavar="RUN_DIR", nargs="+")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR")
+    p.add_argument("--title", default="featcache report")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("run", help="run every step of a TOML comparison config, then write the report",
+                       description="Extract, fit heads, fine-tune and report, as a config lists them "
+                                   "(see configs/). Every step resumes where it stopped.")
+    p.add_argument("config_file", metavar="CONFIG.toml")
+    p.add_argument("--weights", default=None, metavar="imagenet|none|PATH",
+                   help="override the config's weights (offline: none)")
+    p.add_argument("--data", default=None, help="override the config's data folder")
+    p.add_argument("--out", default=None, help="override the config's output folder")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("models", help="the four backbones: parameters, GFLOPs, ImageNet top-1, measured speed",
+                       description="Task A: each backbone's cost from torchvision's metadata, and its forward "
+                                   "images/s and peak memory measured on this machine (and its GPU).")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-measure", action="store_true", help="metadata only (instant)")
+    p.add_argument("--json", default=None, metavar="OUT.json")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("bench", help="stage speeds and the cache vs tutorial vs fine-tuning comparison",
+                       description="Measure decode, forward, extract (with its time breakdown), fit-head and "
+                                   "training steps, then the same images three ways: featcache extract + heads, "
+                                   "the classic tutorial's frozen-backbone training, and full fine-tuning.")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--max-images", type=int, default=600, help="stratified subset (default %(default)s; 0: all)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs of the trained approaches (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                   help="decode forward extract fit-head finetune-step compare (default: all)")
+    p.add_argument("--json", default=None, metavar="OUT.json")
+    p.add_argument("--keep", default=None, metavar="DIR", help="keep caches and runs here")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("synth", help="generate X-ray-like full-size JPEGs for throughput work",
                        description="Deterministic grayscale chest-X-ray-like JPEGs (1-3 MP, Kermany names and "
@@ -232,7 +276,7 @@ def _cmd_scan(args) -> int:
 def _extract_kwargs(args) -> dict:
     return dict(backbone=args.backbone, weights=args.weights, batch_size=args.batch_size, backend=args.backend,
                 device=args.device, workers=args.workers, seed=args.seed, overwrite=args.overwrite, dtype=args.dtype,
-                compression=args.compression, chunk_rows=args.chunk_rows, wait=args.wait,
+                compression=args.compression, chunk_rows=args.chunk_rows, wait=args.wait, max_images=args.max_images,
                 progress=not args.no_progress)
 
 
@@ -244,7 +288,7 @@ def _cmd_extract(args) -> int:
     _require(args, "data", "out")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_extract(args)
-    manifest = scan(args.data, seed=args.seed, **_scan_options(args))
+    manifest = scan(args.data, seed=args.seed, **_scan_options(args)).stratified_subset(args.max_images, args.seed)
     if os.environ.get("RANK", "0") == "0":
         _print_manifest(manifest)
     from featcache.extract import extract
@@ -269,7 +313,7 @@ def _launch_extract(args) -> int:
     console = get_console()
     out = Path(args.out)
     validate_options(out, args.backbone, args.dtype, args.compression, args.chunk_rows)
-    manifest = scan(args.data, seed=args.seed, **_scan_options(args))
+    manifest = scan(args.data, seed=args.seed, **_scan_options(args)).stratified_subset(args.max_images, args.seed)
     _print_manifest(manifest)
     bb = create_backbone(args.backbone, args.weights, seed=args.seed)
     decode = resolve_backend(args.backend, resolve_device(args.device), previous_decode(out))
@@ -355,6 +399,57 @@ def _cmd_finetune(args) -> int:
                        n_resamples=args.bootstrap, progress=not args.no_progress)
     if metrics is not None:
         _print_metrics(metrics, args.out, files="best.pt, history.json, learning_curve.png, metrics.json and plots")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from featcache.console import get_console
+    from featcache.report import build_report
+
+    facts = build_report(args.runs, args.out, title=args.title)
+    console = get_console()
+    console.print(facts["verdict"])
+    console.print(f"report.md, report.html (self-contained) and plots in {args.out}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from featcache.run import run_config
+
+    run_config(args.config_file, weights=args.weights, data=args.data, out=args.out)
+    return 0
+
+
+def _cmd_models(args) -> int:
+    import json
+
+    from featcache.console import get_console
+    from featcache.models import model_table, render
+
+    console = get_console()
+    rows = model_table(measure_speed=not args.no_measure, batch_size=args.batch_size,
+                       progress=lambda text: console.print(f"[dim]{text}[/]"))
+    console.print(render(rows, args.batch_size))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import json
+
+    from featcache.bench import STAGES, render, run_bench
+    from featcache.console import get_console
+
+    facts = run_bench(args.data, backbone=args.backbone, max_images=args.max_images or None, epochs=args.epochs,
+                      batch_size=args.batch_size, stages=tuple(args.stages or STAGES), keep=args.keep)
+    console = get_console()
+    for renderable in render(facts):
+        console.print(renderable)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(facts, f, indent=2)
     return 0
 
 

@@ -13,18 +13,24 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as a dict; a missing or malformed file is a user error."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file not found: {file}")
+    try:
+        return tomllib.loads(file.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{file} is not valid TOML: {exc}") from None
+
+
 def load_table(path: str, command: str, valid: set[str]) -> dict:
     """The ``[command]`` table of ``path`` as argparse defaults (``batch-size`` -> ``batch_size``).
 
     Relative paths in the table stay relative to the working directory, like flags.
     """
     file = Path(path)
-    if not file.is_file():
-        raise UserError(f"config file not found: {file}")
-    try:
-        document = tomllib.loads(file.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{file} is not valid TOML: {exc}") from None
+    document = read_toml(file)
     table = document.get(command)
     if table is None:
         raise UserError(f"{file} has no [{command}] table (tables: {', '.join(document) or 'none'})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def extract(
     compression: str = "none",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     wait: bool = False,
+    max_images: int | None = None,
     manifest=None,
     scan_options: dict | None = None,
     progress: bool = True,
@@ -120,6 +122,7 @@ def extract(
         return _extract_locked(data, out, backbone=backbone, weights=weights, batch_size=batch_size,
                                backend=backend, device=device, workers=workers, seed=seed, overwrite=overwrite,
                                dtype=dtype, compression=compression, chunk_rows=chunk_rows, manifest=manifest,
+                               max_images=max_images,
                                scan_options=scan_options, progress=progress, dist=dist, console=console,
                                refusal=refusal)
     finally:
@@ -128,7 +131,8 @@ def extract(
 
 
 def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, device, workers, seed, overwrite,
-                    dtype, compression, chunk_rows, manifest, scan_options, progress, dist, console, refusal):
+                    dtype, compression, chunk_rows, manifest, max_images, scan_options, progress, dist, console,
+                    refusal):
     from featcache.backbones import create_backbone
     from featcache.decode import resolve_backend
     from featcache.manifest import scan
@@ -138,6 +142,7 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
         device = f"cuda:{dist.local_rank}"
     if manifest is None:
         manifest = scan(data, seed=seed, **(scan_options or {}))
+    manifest = manifest.stratified_subset(max_images, seed)
     bb = create_backbone(backbone, weights, seed=seed)
     decode = resolve_backend(backend, device, previous=previous_decode(out))
     inputs = fingerprint_inputs(manifest, bb, decode.mode, dtype)
@@ -176,12 +181,15 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
     images = sum(t["images"] for t in timings)
     summary.update(status="written", seconds=seconds, images_per_second=images / seconds if seconds else 0.0,
                    images=images, resumed_rows=sum(t["resumed_rows"] for t in timings), processes=dist.world,
-                   forward_seconds=timing["forward_seconds"])
+                   forward_seconds=timing["forward_seconds"], stages=timing["stages"])
     if dist.is_main:
         attrs = _cache_attrs(manifest, bb, weights, seed, fp, inputs, decode, device)
         attrs["extract"] = {k: summary[k] for k in ("seconds", "images", "images_per_second", "processes",
                                                     "resumed_rows")}
+        attrs["extract"]["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        t0 = time.perf_counter()
         summary.update(_assemble(out, store, manifest, bb.feature_dim, attrs, dtype, compression))
+        summary["stages"] = {**summary["stages"], "assemble": time.perf_counter() - t0}
         _print_summary(console, summary)
     dist.barrier()
     return summary
@@ -286,28 +294,43 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
     loader = make_loader(manifest, bb.spec, backend=decode.name, batch_size=batch_size, workers=workers,
                          pin_memory=device.startswith("cuda"), rows=rows, device=device)
     buffers = {c: store.buffer(c) for c in pending}
-    forward_seconds, images = 0.0, 0
+    # Where the time goes: waiting for decoded batches, host-to-device copy, forward, committing rows.
+    stage = {"decode_wait": 0.0, "host_to_device": 0.0, "forward": 0.0, "cache_write": 0.0}
+    images = 0
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     start = time.perf_counter()
     with image_progress(len(rows), "extract", enabled=progress and dist.is_main) as advance, torch.inference_mode():
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            t1 = time.perf_counter()
+            stage["decode_wait"] += t1 - t0
+            if batch is None:
+                break
             for row, reason in batch.failed:
                 buffers[row // store.chunk_rows].fail(row, reason)
             if len(batch.indices):
-                t0 = time.perf_counter()
                 x = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                sync()
+                t2 = time.perf_counter()
                 feats = model(x).float().cpu().numpy()
-                forward_seconds += time.perf_counter() - t0
+                t3 = time.perf_counter()
+                stage["host_to_device"] += t2 - t1
+                stage["forward"] += t3 - t2
                 for row, feat in zip(batch.indices.tolist(), feats):
                     buffers[row // store.chunk_rows].put(row, feat)
                 images += len(batch.indices)
+            t4 = time.perf_counter()
             for c in sorted({int(r) // store.chunk_rows for r in (*batch.indices, *(r for r, _ in batch.failed))}):
                 if buffers[c].complete:
                     store.save(buffers.pop(c))
+            stage["cache_write"] += time.perf_counter() - t4
             advance(len(batch.indices) + len(batch.failed))
     if buffers:
         raise RuntimeError(f"chunks never completed: {sorted(buffers)[:5]}")
-    return {"seconds": time.perf_counter() - start, "forward_seconds": forward_seconds, "images": images,
-            "resumed_rows": resumed}
+    return {"seconds": time.perf_counter() - start, "forward_seconds": stage["forward"], "images": images,
+            "resumed_rows": resumed, "stages": stage}
 
 
 def _assemble(out: Path, store: PartStore, manifest, feature_dim: int, attrs: dict, dtype: str,

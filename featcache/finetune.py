@@ -109,23 +109,6 @@ def augmentation(kind: str, hflip: bool):
     return v2.Compose(ops) if ops else None
 
 
-def stratified_subset(manifest, n: int | None, seed: int) -> np.ndarray:
-    """Rows of at most ``n`` images keeping each split x class share; all rows without ``n``."""
-    rows = np.arange(len(manifest))
-    if n is None or n >= len(manifest):
-        return rows
-    if n < 1:
-        raise UserError(f"--max-images must be at least 1, got {n}")
-    rng = np.random.default_rng(seed)
-    keys = [f"{s}/{lab}" for s, lab in zip(manifest.splits, manifest.labels)]
-    chosen = []
-    for key in sorted(set(keys)):
-        members = rows[np.asarray(keys) == key]
-        take = max(1, round(n * len(members) / len(manifest)))
-        chosen.extend(rng.choice(members, size=min(take, len(members)), replace=False).tolist())
-    return np.sort(np.asarray(chosen, dtype=np.int64))
-
-
 def _classifier_class():
     import torch
     import torch.nn as nn
@@ -136,7 +119,12 @@ def _classifier_class():
         def __init__(self, extractor: nn.Module, feature_dim: int, n_classes: int, frozen: bool):
             super().__init__()
             self.extractor = extractor
-            self.head = nn.Linear(feature_dim, n_classes)
+            # A frozen backbone gets a linear probe as MAE and DINO train one: a BatchNorm without
+            # affine parameters standardizes the features first (random-init and some pretrained
+            # features are far from unit scale, which a plain linear layer learns slowly).
+            layers = [nn.BatchNorm1d(feature_dim, affine=False)] if frozen else []
+            self.head = nn.Sequential(*layers, nn.Linear(feature_dim, n_classes))
+            self.n_classes = n_classes
             self.frozen = frozen
 
         def forward(self, images):
@@ -209,8 +197,7 @@ def torchvision_state_dict(model, entry) -> dict:
     so ``--weights best.pt`` works for extract (the head is ignored there) and for torchvision."""
     state = {k: v.detach().cpu() for k, v in model.extractor.body.state_dict().items()}
     prefix = entry.head_prefixes[0]
-    state[prefix + "weight"] = model.head.weight.detach().cpu()
-    state[prefix + "bias"] = model.head.bias.detach().cpu()
+    state.update({prefix + k: v.detach().cpu() for k, v in model.head.state_dict().items()})
     return state
 
 
@@ -277,11 +264,10 @@ def finetune(
         raise UserError("finetune decodes with pil or torchvision (augmentation runs in CPU workers); "
                         "use --backend auto, pil or torchvision")
 
-    manifest = scan(data, seed=seed, **(scan_options or {}))
+    manifest = scan(data, seed=seed, **(scan_options or {})).stratified_subset(max_images, seed)
     if "train" not in manifest.splits or "val" not in manifest.splits:
         raise UserError(f"{data} has no train split to train and validate on")
-    subset = stratified_subset(manifest, max_images, seed)
-    split_rows = {s: subset[np.asarray(manifest.splits)[subset] == s] for s in ("train", "val", "test")}
+    split_rows = {s: manifest.indices(s) for s in ("train", "val", "test")}
     bb = create_backbone(backbone, weights, seed=seed)
     lr = lr if lr is not None else (DEFAULT_LR_FROZEN if freeze_backbone else DEFAULT_LR_FULL)
     settings = Settings(str(manifest.root), manifest.digest(), backbone, bb.weights, epochs, lr, batch_size, amp,
@@ -493,7 +479,7 @@ def predict_rows(model, manifest, rows, spec, backend, batch_size, workers, devi
     from featcache.decode import make_loader
 
     model.eval()
-    K = model.head.out_features
+    K = model.n_classes
     probs = np.full((len(rows), K), 1.0 / K)
     position = {int(r): i for i, r in enumerate(rows)}
     loss_sum, n = 0.0, 0
@@ -521,13 +507,13 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
     """Best epoch's weights -> val and test metrics, plots, learning curve, run.json."""
     import torch
 
-    from featcache.fit import plot_run, run_metrics
+    from featcache.fit import plot_run, run_metrics, write_predictions
     from featcache.plots import plot_learning_curves
 
     best_ckpt = torch.load(out / "best.pt", map_location=device, weights_only=True)
     state = best_ckpt["model"]
     prefix = entry.head_prefixes[0]
-    model.head.load_state_dict({"weight": state[prefix + "weight"], "bias": state[prefix + "bias"]})
+    model.head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     model.extractor.body.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)})
     labels = np.asarray(manifest.labels)
     patients = np.asarray(manifest.patients, dtype=object)
@@ -550,16 +536,24 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
         n_train=len(split_rows["train"]), splits=splits, n_resamples=n_resamples, seed=seed,
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    paths = np.asarray(manifest.paths, dtype=object)
+    write_predictions(out / "predictions.csv", classes,
+                      {s: (paths[split_rows[s]], y, p) for s, (y, p, _) in splits.items()})
     plot_run(out, metrics, {s: (y, p) for s, (y, p, _) in splits.items()})
     plot_learning_curves(history, out / "learning_curve.png", title=f"{bb.name}, {mode} fine-tuning")
     run = {
         "complete": True,
+        "kind": "finetune",
         "strategy": "finetune-frozen" if settings.freeze_backbone else "finetune-full",
+        "backbone": bb.name,
+        "weights": bb.weights,
+        "data_root": settings.data,
         "settings": asdict(settings),
         "epochs_run": len(history),
         "best_epoch": best["epoch"] + 1,
         "wall_seconds": wall,
         "train_images_per_second": float(np.mean([h["images_per_second"] for h in history])),
+        "images_per_second": float(np.mean([h["images_per_second"] for h in history])),
         "peak_memory_mb": max(h["peak_memory_mb"] for h in history),
         "amp": amp_words,
     }

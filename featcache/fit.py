@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -175,8 +176,44 @@ def fit_head(
     out_dir.mkdir(parents=True, exist_ok=True)
     _save_head(out_dir / "head.pt", head, metrics, cache)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    paths = cache.read("paths")["paths"]
+    write_predictions(out_dir / "predictions.csv", classes,
+                      {s: (paths[cache.rows(s)], data[s][1], p) for s, p in probs.items()})
+    extract_facts = json.loads(cache.attrs.get("extract", "{}"))
+    run = {
+        "complete": True,
+        "kind": "fit-head",
+        "strategy": f"cached features + {heads}",
+        "backbone": metrics["backbone"],
+        "weights": metrics["weights"],
+        "data_root": cache.attrs.get("data_root"),
+        "cache": str(cache.path),
+        "extract_seconds": extract_facts.get("seconds"),
+        "extract_images_per_second": extract_facts.get("images_per_second"),
+        "fit_seconds": fit_seconds,
+        "wall_seconds": (extract_facts.get("seconds") or 0.0) + fit_seconds,
+        "images_per_second": extract_facts.get("images_per_second"),
+        "peak_memory_mb": max(extract_facts.get("peak_memory_mb") or 0.0,
+                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
+    (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     plot_run(out_dir, metrics, {s: (data[s][1], p) for s, p in probs.items()})
     return metrics
+
+
+def write_predictions(path: Path, classes, splits: dict) -> None:
+    """One CSV row per image: split, path, true class, each class's probability, predicted (argmax) class.
+
+    ``splits`` maps a split to (paths, labels, (N, K) probabilities).
+    """
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "path", "label", *(f"p_{c}" for c in classes)])
+        for split, (paths, labels, probs) in splits.items():
+            for p, y, row in zip(paths, labels, probs):
+                writer.writerow([split, p, classes[int(y)], *(f"{v:.6f}" for v in row)])
 
 
 def run_metrics(classes, rule, *, selected: dict, heads: list[dict], fit_seconds: float, source: dict, n_train: int,

@@ -17,7 +17,7 @@ import json
 import os
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,34 @@ class Manifest:
 
     def skipped_by_reason(self) -> dict[str, int]:
         return dict(Counter(reason for _, reason in self.skipped))
+
+    def subset(self, rows) -> "Manifest":
+        """The manifest of ``rows`` only (in their order), with its own digest."""
+        rows = [int(r) for r in rows]
+
+        def pick(values):
+            return tuple(values[r] for r in rows)
+
+        return replace(self, paths=pick(self.paths), labels=pick(self.labels), splits=pick(self.splits),
+                       patients=pick(self.patients), sizes=pick(self.sizes), mtimes_ns=pick(self.mtimes_ns))
+
+    def stratified_subset(self, n: int | None, seed: int = 0) -> "Manifest":
+        """At most ``n`` rows keeping every split x class share (seeded); the whole manifest without ``n``.
+
+        Splits are decided before sampling, so patients stay on their side.
+        """
+        if n is None or n >= len(self):
+            return self
+        if n < 1:
+            raise UserError(f"--max-images must be at least 1, got {n}")
+        rng = np.random.default_rng(seed)
+        keys = np.array([f"{s}/{lab}" for s, lab in zip(self.splits, self.labels)])
+        chosen = []
+        for key in sorted(set(keys.tolist())):
+            members = np.flatnonzero(keys == key)
+            take = max(1, int(n * len(members) / len(self)))  # floor: never more than n, so idempotent
+            chosen.extend(rng.choice(members, size=min(take, len(members)), replace=False).tolist())
+        return self.subset(sorted(chosen))
 
     def digest(self) -> str:
         """Hash of everything about the rows that can change a feature or a label."""

@@ -140,3 +140,72 @@ def plot_learning_curves(history: list[dict], path: Path, *, title: str) -> None
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_auroc_vs_time(rows: list[dict], path: Path) -> None:
+    """Test AUROC against wall seconds (log scale), labelled by run, coloured by strategy."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    strategies = sorted({r["strategy"] for r in rows})
+    colors = {s: plt.cm.tab10(i) for i, s in enumerate(strategies)}
+    for s in strategies:
+        pts = [r for r in rows if r["strategy"] == s and r["wall_seconds"] and r["test_auroc"] is not None]
+        ax.scatter([r["wall_seconds"] for r in pts], [r["test_auroc"] for r in pts], s=40, color=colors[s], label=s)
+        for r in pts:
+            ax.annotate(r["run"], (r["wall_seconds"], r["test_auroc"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time (s, log scale)")
+    ax.set_ylabel("test AUROC")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _thumb(root: str, rel: str, size: int = 160):
+    from PIL import Image
+
+    try:
+        with Image.open(Path(root) / rel) as im:
+            im = im.convert("L")
+            im.thumbnail((size, size))
+            return np.asarray(im)
+    except Exception:
+        return np.zeros((size, size), dtype=np.uint8)
+
+
+def plot_error_thumbnails(root: str, errors: dict, path: Path) -> None:
+    """One row per true class: its most confident wrong predictions, with the predicted class."""
+    plt = _pyplot()
+    rows = [(cls, items) for cls, items in errors.items() if items]
+    cols = max(len(items) for _, items in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 2.2 * len(rows)), dpi=110, squeeze=False)
+    for i, (cls, items) in enumerate(rows):
+        for j in range(cols):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j < len(items):
+                item = items[j]
+                ax.imshow(_thumb(root, item["path"]), cmap="gray")
+                ax.set_title(f"true {cls}\n-> {item['predicted']} {item['confidence']:.2f}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_pair_thumbnails(root: str, pairs: list[dict], path: Path) -> None:
+    """Image pairs side by side (one pair per column), with their similarity."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, len(pairs), figsize=(1.9 * len(pairs), 4.2), dpi=110, squeeze=False)
+    for j, pair in enumerate(pairs):
+        for i, key in enumerate(("a", "b")):
+            ax = axes[i][j]
+            ax.axis("off")
+            ax.imshow(_thumb(root, pair[key]), cmap="gray")
+            ax.set_title((f"{pair['splits']} {pair['cosine']:.3f}\n" if i == 0 else "") + Path(pair[key]).name,
+                         fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -52,8 +52,8 @@ def test_shipped_configs_are_valid(tmp_path):
     from featcache.config import load_table
 
     parser = build_parser()
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
-    assert configs
+    # Command-table configs (for --config); run configs are checked in test_report.
+    configs = [Path(__file__).resolve().parents[1] / "configs" / "kermany_resnet18.toml"]
     for path in configs:
         import tomllib
 

@@ -1,0 +1,201 @@
+"""Task E: why test performance disappoints, answered with measurements.
+
+Each function takes a cache, a run's history or its predictions and returns
+plain numbers (JSON-ready); :mod:`featcache.report` lays them out.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from featcache.cache import FeatureCache
+from featcache.metrics import auroc, binary_metrics, choose_threshold, positive_class_index
+
+DUPLICATE_COSINE = 0.98
+SHIFT_FOLDS = 5
+
+
+def class_balance(cache: FeatureCache) -> dict:
+    """Images per split and class, and each split's share of the positive (or each) class."""
+    data = cache.read("labels", "splits")
+    classes = cache.classes
+    out = {}
+    for split in cache.split_names():
+        counts = np.bincount(data["labels"][data["splits"] == split], minlength=len(classes))
+        out[split] = {c: int(n) for c, n in zip(classes, counts)}
+    return out
+
+
+def weighting_and_threshold(cache: FeatureCache, C: float = 0.1) -> list[dict]:
+    """What class weighting and the threshold rule change, on val and test (two classes only).
+
+    Four logistic heads (weighting none/balanced x threshold 0.5/Youden on val),
+    the same C; the test split only reports.
+    """
+    from featcache.heads import LogisticHead
+
+    classes = cache.classes
+    if len(classes) != 2 or "test" not in cache.split_names():
+        return []
+    positive = positive_class_index(classes)
+    X, y, _ = cache.arrays("train")
+    splits = {s: cache.arrays(s)[:2] for s in ("val", "test")}
+    rows = []
+    for weighting in ("none", "balanced"):
+        head = LogisticHead(C=C, class_weight=weighting).fit(X, y)
+        scores = {s: head.predict_proba(Xs)[:, positive] for s, (Xs, _) in splits.items()}
+        for rule in (0.5, "youden"):
+            thr = choose_threshold(splits["val"][1] == positive, scores["val"], rule)
+            row = {"class_weight": weighting, "threshold_rule": "0.5" if rule == 0.5 else rule, "threshold": thr}
+            for s, (_, ys) in splits.items():
+                m = binary_metrics(ys, scores[s], threshold=thr, classes=classes, positive=positive)
+                row.update({f"{s}_{k}": m[k] for k in ("sensitivity", "specificity", "balanced_accuracy", "accuracy")})
+            rows.append(row)
+    return rows
+
+
+def domain_shift(cache: FeatureCache, a: tuple[str, ...] = ("train", "val"), b: tuple[str, ...] = ("test",),
+                 seed: int = 0) -> dict | None:
+    """AUROC of a classifier telling split group ``b`` from ``a`` on the embeddings.
+
+    Cross-validated by patient groups; 0.5 means the embeddings cannot tell
+    them apart (no shift), 1.0 that every test image is recognisably test.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from featcache.heads import FeatureNorm
+
+    present = cache.split_names()
+    if not any(s in present for s in b) or not any(s in present for s in a):
+        return None
+    parts = [(cache.arrays(s), int(s in b)) for s in (*a, *b) if s in present]
+    X = np.concatenate([p[0][0] for p in parts])
+    domain = np.concatenate([np.full(len(p[0][0]), p[1]) for p in parts])
+    groups = np.concatenate([p[0][2] for p in parts])
+    folds = min(SHIFT_FOLDS, int(min(domain.sum(), len(domain) - domain.sum())))
+    if folds < 2:
+        return None
+    scores = []
+    for train_idx, test_idx in StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(X, domain, groups):
+        norm = FeatureNorm().fit(X[train_idx])
+        model = LogisticRegression(C=0.1, max_iter=500, solver="newton-cholesky")
+        model.fit(norm.transform(X[train_idx]), domain[train_idx])
+        scores.append(auroc(domain[test_idx], model.predict_proba(norm.transform(X[test_idx]))[:, 1]))
+    return {"auroc": float(np.mean(scores)), "folds": [float(v) for v in scores], "a": list(a), "b": list(b),
+            "n_a": int((domain == 0).sum()), "n_b": int(domain.sum())}
+
+
+def near_duplicates(cache: FeatureCache, *, threshold: float = DUPLICATE_COSINE, top: int = 12) -> dict:
+    """Image pairs in different splits whose embeddings nearly coincide (a leakage check).
+
+    Cosine similarity of embeddings standardized per dimension with train
+    statistics (raw ReLU features share a large positive offset and a few
+    dominant dimensions, which make every pair look alike). Reports pairs
+    above ``threshold`` per split pair and the closest ones; a human judges
+    those, byte-identical files are found by :func:`exact_duplicates`.
+    """
+    from featcache.heads import FeatureNorm
+
+    data = cache.read("features", "splits", "paths")
+    train = data["splits"] == "train"
+    X = FeatureNorm().fit(data["features"][train] if train.any() else data["features"]).transform(data["features"])
+    X /= np.linalg.norm(X, axis=1, keepdims=True) + 1e-12
+    present = [s for s in ("train", "val", "test") if s in set(data["splits"].tolist())]
+    counts, pairs, nearest = {}, [], {}
+    for i, s1 in enumerate(present):
+        for s2 in present[i + 1 :]:
+            rows1, rows2 = np.flatnonzero(data["splits"] == s1), np.flatnonzero(data["splits"] == s2)
+            n_above, best_for_2 = 0, np.full(len(rows2), -1.0)
+            for start in range(0, len(rows1), 2048):
+                block = X[rows1[start : start + 2048]] @ X[rows2].T
+                best_for_2 = np.maximum(best_for_2, block.max(axis=0))
+                n_above += int((block >= threshold).sum())
+                flat = block.ravel()
+                for k in np.argpartition(-flat, min(top, flat.size - 1))[:top]:  # the closest, above or not
+                    r, c = divmod(int(k), block.shape[1])
+                    pairs.append({"a": str(data["paths"][rows1[start + r]]), "b": str(data["paths"][rows2[c]]),
+                                  "splits": f"{s1}-{s2}", "cosine": float(block[r, c])})
+            counts[f"{s1}-{s2}"] = n_above
+            nearest[f"{s2} to {s1}"] = {q: float(np.quantile(best_for_2, q)) for q in (0.5, 0.9, 0.99, 1.0)}
+    pairs.sort(key=lambda p: -p["cosine"])
+    return {"threshold": threshold, "pairs_above": counts, "closest": pairs[:top], "nearest_quantiles": nearest}
+
+
+def exact_duplicates(root: str, paths, splits) -> list[list[str]]:
+    """Groups of byte-identical files that sit in different splits."""
+    by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for path, split in zip(paths, splits):
+        try:
+            with open(os.path.join(root, path), "rb") as f:
+                by_hash[hashlib.sha1(f.read()).hexdigest()].append((split, path))
+        except OSError:
+            continue
+    return [[p for _, p in group] for group in by_hash.values() if len({s for s, _ in group}) > 1]
+
+
+def overfitting(history: list[dict]) -> dict:
+    """Is the train-validation gap growing? Compares the loss gap at the best epoch with the last."""
+    if not history:
+        return {"flag": False, "reason": "no epochs"}
+    gaps = [h["val_loss"] - h["train_loss"] for h in history]
+    best = max(range(len(history)), key=lambda i: history[i]["val_auroc"])
+    rising_val = len(history) >= 3 and history[-1]["val_loss"] > history[-2]["val_loss"] > history[-3]["val_loss"]
+    grew = gaps[-1] - gaps[best] > 0.1
+    flag = bool(rising_val or grew)
+    if rising_val:
+        reason = "validation loss rose for the last two epochs while training went on"
+    elif grew:
+        reason = f"the val-train loss gap grew from {gaps[best]:.3f} (best epoch) to {gaps[-1]:.3f}"
+    else:
+        reason = f"no growing gap (val-train loss gap {gaps[-1]:.3f} at the last epoch)"
+    return {"flag": flag, "reason": reason, "gaps": gaps, "best_epoch": history[best]["epoch"],
+            "accuracy_gap_last": history[-1]["train_accuracy"] - history[-1]["val_accuracy"]}
+
+
+def read_predictions(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def worst_errors(predictions: list[dict], classes, *, split: str = "test", k: int = 6) -> dict[str, list[dict]]:
+    """Per true class, the ``k`` wrong predictions made with the most confidence."""
+    out = {}
+    for cls in classes:
+        wrong = []
+        for row in predictions:
+            if row["split"] != split or row["label"] != cls:
+                continue
+            probs = {c: float(row[f"p_{c}"]) for c in classes}
+            predicted = max(probs, key=probs.get)
+            if predicted != cls:
+                wrong.append({"path": row["path"], "predicted": predicted, "confidence": probs[predicted],
+                              "p_true": probs[cls]})
+        out[cls] = sorted(wrong, key=lambda r: -r["confidence"])[:k]
+    return out
+
+
+def augmentation_ablation(runs: list[dict]) -> list[dict]:
+    """Fine-tuning runs that differ by --augment, side by side (empty when there is nothing to compare)."""
+    groups = defaultdict(list)
+    for run in runs:
+        settings = run.get("run", {}).get("settings")
+        if run["kind"] == "finetune" and settings:
+            groups[(run["backbone"], settings["freeze_backbone"])].append(run)
+    rows = []
+    for (backbone, frozen), members in groups.items():
+        if len({m["run"]["settings"]["augment"] for m in members}) < 2:
+            continue
+        for m in sorted(members, key=lambda m: m["run"]["settings"]["augment"]):
+            test = m["metrics"].get("test", {})
+            rows.append({"backbone": backbone, "mode": "frozen" if frozen else "full",
+                         "augment": m["run"]["settings"]["augment"], "val_auroc": m["metrics"]["val"]["auroc"],
+                         "test_auroc": test.get("auroc"), "test_accuracy": test.get("accuracy"),
+                         "overfitting": m.get("overfitting", {}).get("flag")})
+    return rows

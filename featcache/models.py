@@ -1,0 +1,74 @@
+"""featcache models (Task A): what each backbone costs, from metadata and measured here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from featcache.backbones import REGISTRY, backbone_facts
+
+_PROBE = """
+import json, resource, sys, time
+import torch
+from featcache.backbones import create_backbone
+name, batch, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+bb = create_backbone(name, "none")
+model = bb.model.to(device, memory_format=torch.channels_last)
+x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
+x = x.contiguous(memory_format=torch.channels_last)
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+with torch.inference_mode():
+    model(x); sync()
+    best = 0.0
+    for _ in range(2):
+        start = time.perf_counter(); model(x); sync()
+        best = max(best, batch / (time.perf_counter() - start))
+peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(json.dumps({"images_per_s": best, "peak_memory_mb": peak}))
+"""
+
+
+def measure(name: str, batch_size: int, device: str) -> dict:
+    """Forward images/s and peak memory of one backbone, in a fresh process (so memory is its own)."""
+    result = subprocess.run([sys.executable, "-c", _PROBE, name, str(batch_size), device], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"measuring {name} on {device} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def model_table(*, measure_speed: bool = True, batch_size: int = 32, progress=None) -> list[dict]:
+    import torch
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for name in REGISTRY:
+        row = backbone_facts(name)
+        if measure_speed:
+            for device in devices:
+                if progress:
+                    progress(f"measuring {name} on {device} (batch {batch_size})")
+                row[device] = measure(name, batch_size, device)
+        rows.append(row)
+    return rows
+
+
+def render(rows: list[dict], batch_size: int):
+    from rich.table import Table
+
+    devices = [d for d in ("cpu", "cuda") if any(d in r for r in rows)]
+    table = Table(title=f"backbones (forward at batch {batch_size}, 224 px, measured here)", title_justify="left")
+    for col in ("backbone", "weights", "params (M)", "GFLOPs", "ImageNet top-1", "feature dim"):
+        table.add_column(col, justify="left" if col in ("backbone", "weights") else "right")
+    for d in devices:
+        table.add_column(f"{d} images/s", justify="right")
+        table.add_column(f"{d} peak MB", justify="right")
+    for r in rows:
+        cells = [r["name"], r["weights"], f"{r['params_m']:.1f}", f"{r['gflops']:.2f}", f"{r['imagenet_top1']:.1f}",
+                 str(r["feature_dim"])]
+        for d in devices:
+            cells += [f"{r[d]['images_per_s']:.1f}", f"{r[d]['peak_memory_mb']:.0f}"] if d in r else ["-", "-"]
+        table.add_row(*cells)
+    return table

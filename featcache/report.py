@@ -1,0 +1,345 @@
+"""featcache report: runs in, a Markdown and a self-contained HTML report out.
+
+The report is built as a list of blocks (headings, paragraphs, tables,
+images) and written twice: Markdown with PNG files beside it, and one HTML
+file with the same PNGs embedded, to mail or attach as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from featcache import __version__
+from featcache.errors import UserError
+
+STRATEGY_ORDER = {"fit-head": 0, "finetune": 1}
+
+
+def load_run(path: str | os.PathLike) -> dict:
+    """metrics.json, run.json (and history.json, predictions.csv when there) of one run folder."""
+    folder = Path(path)
+    if not (folder / "metrics.json").is_file():
+        raise UserError(f"{folder} is not a run folder (no metrics.json); give folders written by fit-head or "
+                        "finetune")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    history = json.loads((folder / "history.json").read_text()) if (folder / "history.json").is_file() else []
+    kind = run.get("kind") or ("finetune" if history else "fit-head")
+    return {"name": folder.name, "folder": folder, "metrics": metrics, "run": run, "history": history,
+            "kind": kind, "backbone": metrics.get("backbone"),
+            "strategy": run.get("strategy") or kind,
+            "predictions": folder / "predictions.csv" if (folder / "predictions.csv").is_file() else None}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _ci(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    ci = metrics.get("ci", {}).get(key)
+    if value is None:
+        return "-"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+
+
+def task_d_rows(runs: list[dict]) -> list[dict]:
+    rows = []
+    for r in runs:
+        test = r["metrics"].get("test", {})
+        rows.append({
+            "run": r["name"], "backbone": r["backbone"], "strategy": r["strategy"],
+            "weights": r["metrics"].get("weights"),
+            "test_accuracy": test.get("accuracy"), "test_auroc": test.get("auroc"),
+            "test_auroc_text": _ci(test, "auroc"),
+            "sensitivity": test.get("sensitivity"), "specificity": test.get("specificity"), "f1": test.get("f1"),
+            "wall_seconds": r["run"].get("wall_seconds"), "images_per_second": r["run"].get("images_per_second"),
+            "peak_memory_mb": r["run"].get("peak_memory_mb"), "val_auroc": r["metrics"]["val"]["auroc"],
+            "n_train": r["metrics"].get("n_train"), "n_test": test.get("n"),
+        })
+    return rows
+
+
+def verdict(rows: list[dict]) -> str:
+    """A short paragraph, generated from the numbers, on which strategy wins on which axis."""
+    scored = [r for r in rows if r["test_auroc"] is not None]
+    if not scored:
+        return "No run has a test split, so no strategy can be compared on held-out data."
+    best = max(scored, key=lambda r: r["test_auroc"])
+    parts = [f"The highest test AUROC is {best['test_auroc']:.3f}, from {best['run']} ({best['strategy']}, "
+             f"{best['backbone']})."]
+    timed = [r for r in scored if r["wall_seconds"]]
+    if timed:
+        fastest = min(timed, key=lambda r: r["wall_seconds"])
+        parts.append(f"The fastest is {fastest['run']} at {fastest['wall_seconds']:.0f} s "
+                     f"(test AUROC {fastest['test_auroc']:.3f}).")
+        if fastest is not best and best["wall_seconds"]:
+            parts.append(f"The best run took {best['wall_seconds'] / fastest['wall_seconds']:.1f}x the fastest "
+                         f"one's time for {best['test_auroc'] - fastest['test_auroc']:+.3f} AUROC.")
+    cached = [r for r in timed if r["strategy"].startswith("cached features")]
+    tuned = [r for r in timed if r["strategy"].startswith("finetune")]
+    if cached and tuned:
+        c = max(cached, key=lambda r: r["test_auroc"])
+        t = max(tuned, key=lambda r: r["test_auroc"])
+        ratio = t["wall_seconds"] / c["wall_seconds"] if c["wall_seconds"] else float("nan")
+        accuracy = ("fine-tuning wins on AUROC" if t["test_auroc"] > c["test_auroc"] + 0.005 else
+                    "the cached features match or beat fine-tuning on AUROC")
+        speed = ("the two took about the same time" if 0.9 <= ratio <= 1.1 else
+                 f"the cache is {ratio:.1f}x faster" if ratio > 1 else f"fine-tuning took {1 / ratio:.1f}x less time")
+        parts.append(f"Best fixed feature extractor ({c['run']}): AUROC {c['test_auroc']:.3f} in "
+                     f"{c['wall_seconds']:.0f} s; best fine-tuning ({t['run']}): {t['test_auroc']:.3f} in "
+                     f"{t['wall_seconds']:.0f} s. On this data {accuracy} and {speed}; every further head on "
+                     "the cache costs seconds, not another pass over the images.")
+        if c["n_train"] and t["n_train"] and max(c["n_train"], t["n_train"]) > 1.2 * min(c["n_train"], t["n_train"]):
+            parts.append(f"Note that they trained on different numbers of images ({c['n_train']:,} and "
+                         f"{t['n_train']:,}); compare their times with that in mind.")
+    low_spec = [r for r in scored if r["specificity"] is not None and r["specificity"] < 0.7]
+    if low_spec:
+        parts.append(f"{len(low_spec)} of {len(scored)} runs keep test specificity below 0.70 at their threshold: "
+                     "they call many NORMAL images PNEUMONIA (see the threshold and class-balance analysis below).")
+    return " ".join(parts)
+
+
+class _Doc:
+    def __init__(self):
+        self.blocks: list[tuple] = []
+
+    def h(self, level: int, text: str):
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str):
+        self.blocks.append(("p", text))
+
+    def table(self, headers: list[str], rows: list[list]):
+        self.blocks.append(("table", headers, [[_fmt(c) for c in row] for row in rows]))
+
+    def img(self, path: Path, caption: str):
+        self.blocks.append(("img", Path(path), caption))
+
+    def markdown(self, out: Path) -> str:
+        lines = []
+        for block in self.blocks:
+            if block[0] == "h":
+                lines += ["#" * block[1] + " " + block[2], ""]
+            elif block[0] == "p":
+                lines += [block[1], ""]
+            elif block[0] == "table":
+                headers, rows = block[1], block[2]
+                lines.append("| " + " | ".join(headers) + " |")
+                lines.append("|" + "---|" * len(headers))
+                lines += ["| " + " | ".join(row) + " |" for row in rows]
+                lines.append("")
+            else:
+                lines += [f"![{block[2]}]({os.path.relpath(block[1], out)})", f"*{block[2]}*", ""]
+        return "\n".join(lines)
+
+    def html(self, title: str) -> str:
+        body = []
+        for block in self.blocks:
+            if block[0] == "h":
+                body.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
+            elif block[0] == "p":
+                body.append(f"<p>{html.escape(block[1])}</p>")
+            elif block[0] == "table":
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
+                rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                               for row in block[2])
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            else:
+                data = base64.b64encode(block[1].read_bytes()).decode()
+                body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(block[2])}">'
+                            f"<figcaption>{html.escape(block[2])}</figcaption></figure>")
+        style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+                 "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+                 "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+                 "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+                 "img{max-width:100%}figcaption{color:#555;font-size:0.85em}")
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+
+
+def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "featcache report",
+                 analyses: bool = True) -> dict:
+    """Write report.md, report.html and the plots into ``out``; returns the numbers shown."""
+    from featcache import analysis
+    from featcache.plots import plot_auroc_vs_time
+
+    if not run_dirs:
+        raise UserError("give at least one run folder")
+    runs = sorted((load_run(d) for d in run_dirs), key=lambda r: (STRATEGY_ORDER.get(r["kind"], 9), r["name"]))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc, facts = _Doc(), {"runs": [r["name"] for r in runs]}
+    doc.h(1, title)
+    roots = sorted({r["run"].get("data_root") for r in runs if r["run"].get("data_root")})
+    doc.p(f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by featcache {__version__} from "
+          f"{len(runs)} runs; data: {', '.join(roots) or 'not recorded'}. Every number below is measured; "
+          "choices were made on the validation split and the test split was touched once per run.")
+
+    rows = task_d_rows(runs)
+    facts["task_d"] = rows
+    doc.h(2, "Task D: fine-tuning against a fixed feature extractor")
+    doc.table(["run", "backbone", "strategy", "train images", "test accuracy", "test AUROC [95% CI]",
+               "sensitivity", "specificity", "F1", "wall s", "images/s", "peak MB"],
+              [[r["run"], r["backbone"], r["strategy"], r["n_train"], r["test_accuracy"], r["test_auroc_text"],
+                r["sensitivity"], r["specificity"], r["f1"], _num(r["wall_seconds"], 0),
+                _num(r["images_per_second"], 1), _num(r["peak_memory_mb"], 0)] for r in rows])
+    facts["verdict"] = verdict(rows)
+    doc.p(facts["verdict"])
+    doc.p("Wall time of a cached-feature run is its extraction plus its head fit; the extraction is paid once per "
+          "backbone, and every further head costs only the fit. images/s is extraction speed for cached runs and "
+          "training speed for fine-tuning.")
+    if any(r["wall_seconds"] and r["test_auroc"] is not None for r in rows):
+        plot_auroc_vs_time(rows, out / "auroc_vs_time.png")
+        doc.img(out / "auroc_vs_time.png", "test AUROC against wall time, one point per run")
+    _backbone_costs(doc, runs)
+
+    doc.h(2, "Task E: why test performance disappoints")
+    _learning_curves(doc, runs, out, facts)
+    ablation = analysis.augmentation_ablation(runs)
+    facts["augmentation"] = ablation
+    if ablation:
+        doc.h(3, "Augmentation ablation")
+        doc.table(["backbone", "mode", "augment", "val AUROC", "test AUROC", "test accuracy", "overfitting"],
+                  [[a["backbone"], a["mode"], a["augment"], a["val_auroc"], a["test_auroc"], a["test_accuracy"],
+                    "yes" if a["overfitting"] else "no"] for a in ablation])
+    cached = [r for r in runs if r["kind"] == "fit-head" and r["run"].get("cache")]
+    if analyses and cached:
+        _cache_analyses(doc, cached[0], out, facts)
+    elif analyses:
+        doc.p("Class balance, train/test shift and leakage checks read a feature cache: add a fit-head run.")
+    _worst_errors(doc, runs, out, facts)
+
+    (out / "report.md").write_text(doc.markdown(out))
+    (out / "report.html").write_text(doc.html(title))
+    (out / "report.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
+    return facts
+
+
+def _num(value, digits: int):
+    return None if value is None else round(float(value), digits) if digits else int(round(float(value)))
+
+
+def _backbone_costs(doc: _Doc, runs: list[dict]) -> None:
+    from featcache.backbones import REGISTRY, backbone_facts
+
+    names = sorted({r["backbone"] for r in runs if r["backbone"] in REGISTRY})
+    if not names:
+        return
+    doc.h(3, "Backbones used")
+    doc.table(["backbone", "parameters (M)", "GFLOPs", "ImageNet top-1", "feature dim"],
+              [[f["name"], f["params_m"], f["gflops"], f["imagenet_top1"], f["feature_dim"]]
+               for f in (backbone_facts(n) for n in names)])
+
+
+def _learning_curves(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> None:
+    from featcache import analysis
+
+    tuned = [r for r in runs if r["history"]]
+    facts["overfitting"] = {}
+    if not tuned:
+        doc.p("No fine-tuning run, so no learning curves.")
+        return
+    doc.h(3, "Learning curves and overfitting")
+    rows = []
+    for r in tuned:
+        verdict = analysis.overfitting(r["history"])
+        r["overfitting"] = verdict
+        facts["overfitting"][r["name"]] = verdict
+        last = r["history"][-1]
+        rows.append([r["name"], len(r["history"]), verdict["best_epoch"], last["train_accuracy"],
+                     last["val_accuracy"], last["train_loss"], last["val_loss"],
+                     ("OVERFITTING: " if verdict["flag"] else "") + verdict["reason"]])
+        curve = r["folder"] / "learning_curve.png"
+        if curve.is_file():
+            target = out / f"learning_curve_{r['name']}.png"
+            target.write_bytes(curve.read_bytes())
+            doc.img(target, f"{r['name']}: train and validation per epoch")
+    doc.table(["run", "epochs", "best epoch", "train acc", "val acc", "train loss", "val loss", "verdict"], rows)
+
+
+def _cache_analyses(doc: _Doc, run: dict, out: Path, facts: dict) -> None:
+    from featcache import analysis
+    from featcache.cache import FeatureCache
+    from featcache.plots import plot_pair_thumbnails
+
+    cache = FeatureCache.open(run["run"]["cache"])
+    classes = cache.classes
+    balance = analysis.class_balance(cache)
+    facts["class_balance"] = balance
+    doc.h(3, "Class balance, class weighting and the threshold")
+    doc.table(["split", *classes, "total", *(f"% {c}" for c in classes)],
+              [[s, *(counts[c] for c in classes), sum(counts.values()),
+                *(f"{100 * counts[c] / max(sum(counts.values()), 1):.1f}%" for c in classes)]
+               for s, counts in balance.items()])
+    effects = analysis.weighting_and_threshold(cache, C=run["metrics"]["selected"].get("C") or 0.1)
+    facts["weighting_threshold"] = effects
+    if effects:
+        doc.table(["class weight", "threshold", "value", "val sens.", "val spec.", "test sens.", "test spec.",
+                   "test bal. acc."],
+                  [[e["class_weight"], e["threshold_rule"], e["threshold"], e["val_sensitivity"],
+                    e["val_specificity"], e["test_sensitivity"], e["test_specificity"],
+                    e["test_balanced_accuracy"]] for e in effects])
+        base = effects[0]
+        best = max(effects, key=lambda e: e["test_balanced_accuracy"])
+        doc.p(f"With {run['backbone']} features, a plain head at threshold 0.5 gives test specificity "
+              f"{base['test_specificity']:.3f} against validation {base['val_specificity']:.3f}: the model leans "
+              f"to the majority class of train. {'Balanced' if best['class_weight'] == 'balanced' else 'No'} class "
+              f"weighting with the "
+              f"{best['threshold_rule']} threshold (chosen on validation) moves test balanced accuracy from "
+              f"{base['test_balanced_accuracy']:.3f} to {best['test_balanced_accuracy']:.3f}.")
+    shift = analysis.domain_shift(cache)
+    facts["domain_shift"] = shift
+    if shift:
+        doc.h(3, "Train/test shift")
+        level = ("no measurable shift" if shift["auroc"] < 0.55 else "a mild shift" if shift["auroc"] < 0.7
+                 else "a strong shift")
+        doc.p(f"A classifier trained to tell test images from train+val images on the {run['backbone']} "
+              f"embeddings reaches AUROC {shift['auroc']:.3f} (5-fold, grouped by patient; 0.5 means it cannot "
+              f"tell them apart): {level}. Differences between train and test acquisition are one reason "
+              "validation numbers overstate test numbers.")
+    dup = analysis.near_duplicates(cache)
+    exact = analysis.exact_duplicates(cache.attrs.get("data_root", ""), cache.read("paths")["paths"],
+                                      cache.read("splits")["splits"])
+    facts["near_duplicates"] = dup
+    facts["exact_duplicates"] = exact
+    doc.h(3, "Leakage: duplicates across splits")
+    doc.p(f"Byte-identical files in different splits: {len(exact)}. Image pairs across splits whose standardized "
+          f"embeddings have cosine similarity of at least {dup['threshold']}: "
+          + ", ".join(f"{k} {v:,}" for k, v in dup["pairs_above"].items())
+          + ". Patients never straddle train and validation (the split is grouped by patient). The closest "
+            "cross-split pairs are shown for a human to judge.")
+    if dup["closest"]:
+        root = cache.attrs.get("data_root", "")
+        plot_pair_thumbnails(root, dup["closest"][:6], out / "closest_pairs.png")
+        doc.img(out / "closest_pairs.png", "closest cross-split pairs by embedding (cosine above each pair)")
+
+
+def _worst_errors(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> None:
+    from featcache import analysis
+    from featcache.plots import plot_error_thumbnails
+
+    scored = [r for r in runs if r["predictions"] and r["metrics"].get("test", {}).get("auroc") is not None]
+    if not scored:
+        return
+    best = max(scored, key=lambda r: r["metrics"]["test"]["auroc"])
+    root = best["run"].get("data_root")
+    errors = analysis.worst_errors(analysis.read_predictions(best["predictions"]), best["metrics"]["classes"])
+    facts["worst_errors"] = {"run": best["name"], "errors": errors}
+    doc.h(3, f"Worst test errors of {best['name']}")
+    doc.p("Per true class, the wrong predictions made with the most confidence; look for labelling errors, "
+          "devices, text markers or cropping that the model may be keying on.")
+    if root and any(errors.values()):
+        plot_error_thumbnails(root, errors, out / "worst_errors.png")
+        doc.img(out / "worst_errors.png", "most confident test errors, one row per true class")

@@ -1,0 +1,130 @@
+"""featcache run CONFIG.toml: every step of a comparison, then the report.
+
+A config names the data and lists runs of two kinds::
+
+    title = "..."
+    data = "chest_xray"          # relative paths are read from the working directory
+    out = "runs/homework"
+    weights = "imagenet"         # or "none", or a state_dict path
+    max_images = 600             # optional: a stratified subset, the same images for every run
+
+    [[fixed]]                    # Task C: features cached once, heads trained on the cache
+    backbone = "resnet50"
+    heads = "sweep"
+
+    [[finetune]]                 # Task B: one AMP training loop
+    backbone = "resnet18"
+    epochs = 10
+    freeze_backbone = false
+
+Every step is resumable (caches and fine-tuning runs pick up where they
+stopped), so rerunning a config after a crash or an edit redoes only what
+changed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from featcache.errors import UserError
+
+TOP_KEYS = {"title": str, "data": str, "out": str, "weights": str, "max_images": int, "seed": int, "backend": str,
+            "device": str, "batch_size": int, "bootstrap": int, "label_from_name": list}
+FIXED_KEYS = {"backbone": str, "heads": str, "class_weight": str, "threshold": str, "C": float, "epochs": int,
+              "sampler": str}
+FINETUNE_KEYS = {"backbone": str, "epochs": int, "lr": float, "batch_size": int, "amp": str,
+                 "freeze_backbone": bool, "augment": str, "hflip": bool, "class_weight": str, "early_stop": int,
+                 "compile": bool, "threshold": str}
+
+
+def _check(table: dict, allowed: dict, where: str) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise UserError(f"{where}: unknown setting {', '.join(unknown)} (known: {', '.join(sorted(allowed))})")
+    for key, kind in allowed.items():
+        if key in table and not isinstance(table[key], kind) and not (kind is float and isinstance(table[key], int)):
+            raise UserError(f"{where}: {key} must be a {kind.__name__}, got {table[key]!r}")
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The config as a dict, checked: unknown keys and wrong types are user errors."""
+    from featcache.config import read_toml
+
+    file = Path(path)
+    config = read_toml(file)
+    runs = {"fixed": config.pop("fixed", []), "finetune": config.pop("finetune", [])}
+    _check(config, TOP_KEYS, str(file))
+    for kind, allowed in (("fixed", FIXED_KEYS), ("finetune", FINETUNE_KEYS)):
+        if not isinstance(runs[kind], list):
+            raise UserError(f"{file}: write [[{kind}]] tables, one per run")
+        for i, table in enumerate(runs[kind]):
+            _check(table, allowed, f"{file} [[{kind}]] #{i + 1}")
+            if "backbone" not in table:
+                raise UserError(f"{file} [[{kind}]] #{i + 1}: backbone is required")
+    if not runs["fixed"] and not runs["finetune"]:
+        raise UserError(f"{file} lists no runs: add [[fixed]] or [[finetune]] tables")
+    if "data" not in config:
+        raise UserError(f"{file}: data (the chest X-ray folder) is required")
+    return {**config, **runs}
+
+
+def _weights_tag(weights: str) -> str:
+    return weights if weights in ("imagenet", "none") else Path(weights).stem
+
+
+def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str | None = None,
+               out: str | None = None) -> dict:
+    """Run every step of the config at ``path``; returns the report's numbers."""
+    from featcache.backbones import get_entry
+    from featcache.console import get_console
+    from featcache.extract import extract
+    from featcache.finetune import finetune
+    from featcache.fit import fit_head
+    from featcache.report import build_report
+
+    config = read_config(path)
+    for table in (*config["fixed"], *config["finetune"]):
+        get_entry(table["backbone"])  # every name is checked before the first long step
+    console = get_console()
+    data = data or config["data"]
+    weights = weights or config.get("weights", "imagenet")
+    out = Path(out or config.get("out", "runs/" + Path(path).stem))
+    seed = config.get("seed", 0)
+    common = {"seed": seed}
+    scan_options = {"label_from_name": config.get("label_from_name")}
+    run_dirs = []
+    for i, fixed in enumerate(config["fixed"]):
+        backbone = fixed["backbone"]
+        cache = out / "caches" / f"{backbone}-{_weights_tag(weights)}.h5"
+        console.rule(f"[bold]fixed feature extractor {i + 1}/{len(config['fixed'])}: {backbone}")
+        extract(data, cache, backbone=backbone, weights=weights, batch_size=config.get("batch_size", 32),
+                backend=config.get("backend", "auto"), device=config.get("device", "auto"),
+                max_images=config.get("max_images"), scan_options=scan_options, **common)
+        heads = fixed.get("heads", "sweep")
+        run_dir = out / "runs" / f"{backbone}-{heads}"
+        metrics = fit_head(cache, run_dir, heads=heads, C=fixed.get("C"), class_weight=fixed.get("class_weight"),
+                           threshold=fixed.get("threshold", 0.5), epochs=fixed.get("epochs", 20),
+                           sampler=fixed.get("sampler", "shuffle"), device=config.get("device", "auto"),
+                           n_resamples=config.get("bootstrap", 1000), seed=seed)
+        console.print(f"{run_dir.name}: val AUROC {metrics['val']['auroc']:.3f}, test AUROC "
+                      f"{metrics.get('test', {}).get('auroc') or float('nan'):.3f}")
+        run_dirs.append(run_dir)
+    for i, tune in enumerate(config["finetune"]):
+        backbone = tune["backbone"]
+        mode = "frozen" if tune.get("freeze_backbone") else "full"
+        augment = tune.get("augment", "light")
+        run_dir = out / "runs" / f"{backbone}-finetune-{mode}-{augment}"
+        console.rule(f"[bold]fine-tuning {i + 1}/{len(config['finetune'])}: {backbone}, {mode}, augment {augment}")
+        options = {k: v for k, v in tune.items() if k not in ("backbone",)}
+        options.setdefault("batch_size", config.get("batch_size", 32))
+        finetune(data, run_dir, backbone=backbone, weights=weights, max_images=config.get("max_images"),
+                 device=config.get("device", "auto"), n_resamples=config.get("bootstrap", 1000),
+                 scan_options=scan_options, **options, **common)
+        run_dirs.append(run_dir)
+    console.rule("[bold]report")
+    facts = build_report([str(d) for d in run_dirs], out / "report",
+                         title=config.get("title", f"featcache: {Path(path).stem}"))
+    console.print(facts["verdict"])
+    console.print(f"report: {out / 'report' / 'report.html'} (and report.md)")
+    return facts

@@ -1,0 +1,156 @@
+"""Tasks A, D and E: models table, bench, report and the config runner."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from featcache.cli import main
+from featcache.demo import DEMO_DATA
+from featcache.errors import UserError
+from featcache.extract import extract
+from featcache.fit import fit_head
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fixture_runs(tmp_path_factory):
+    """Two real fit-head runs on the demo subset and two fine-tuning runs written by hand."""
+    root = tmp_path_factory.mktemp("runs")
+    cache = root / "r18.h5"
+    extract(DEMO_DATA, cache, weights="none", workers=0, progress=False)
+    fit_head(cache, root / "r18-logistic", n_resamples=100)
+    fit_head(cache, root / "r18-sweep", heads="sweep", n_resamples=100)
+    base = json.loads((root / "r18-logistic" / "metrics.json").read_text())
+    for name, augment, test_auroc, val_losses in (("ft-light", "light", 0.8123, [0.52, 0.38, 0.25]),
+                                                  ("ft-none", "none", 0.7456, [0.5, 0.6, 0.8])):
+        folder = root / name
+        folder.mkdir()
+        metrics = json.loads(json.dumps(base))
+        metrics["test"]["auroc"] = test_auroc
+        metrics["test"].pop("ci")
+        metrics["selected"] = {"head": "finetune", "name": f"finetune_full_lr_0.0003_aug_{augment}"}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        history = [{"epoch": e + 1, "train_loss": 0.5 - 0.15 * e, "train_accuracy": 0.8 + 0.05 * e,
+                    "val_loss": v, "val_auroc": 0.9 - 0.01 * e * (augment == "none"), "val_accuracy": 0.8,
+                    "images_per_second": 20.0, "epoch_seconds": 30.0, "peak_memory_mb": 1500.0}
+                   for e, v in enumerate(val_losses)]
+        (folder / "history.json").write_text(json.dumps(history))
+        (folder / "run.json").write_text(json.dumps({
+            "complete": True, "kind": "finetune", "strategy": "finetune-full", "backbone": "resnet18",
+            "data_root": str(DEMO_DATA), "wall_seconds": 95.0, "images_per_second": 20.0, "peak_memory_mb": 1500.0,
+            "settings": {"augment": augment, "freeze_backbone": False}}))
+    return root
+
+
+def test_report_sections_and_numbers(fixture_runs, tmp_path, capsys):
+    runs = [str(fixture_runs / n) for n in ("r18-logistic", "r18-sweep", "ft-light", "ft-none")]
+    assert main(["report", *runs, "--out", str(tmp_path / "report"), "--title", "fixture report"]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    for heading in ("# fixture report", "## Task D", "### Backbones used", "## Task E",
+                    "### Learning curves and overfitting", "### Augmentation ablation",
+                    "### Class balance, class weighting and the threshold", "### Train/test shift",
+                    "### Leakage: duplicates across splits", "### Worst test errors"):
+        assert heading in md, heading
+    facts = json.loads((tmp_path / "report" / "report.json").read_text())
+    logistic = json.loads((fixture_runs / "r18-logistic" / "metrics.json").read_text())
+    row = next(r for r in facts["task_d"] if r["run"] == "r18-logistic")
+    assert row["test_auroc"] == pytest.approx(logistic["test"]["auroc"])
+    ci = logistic["test"]["ci"]["auroc"]
+    assert f"{logistic['test']['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" in md
+    assert "| ft-light | resnet18 | finetune-full |" in md and "0.812" in md
+    assert facts["overfitting"]["ft-none"]["flag"] and not facts["overfitting"]["ft-light"]["flag"]
+    assert [a["augment"] for a in facts["augmentation"]] == ["light", "none"]
+    assert facts["class_balance"]["test"] == {"NORMAL": 40, "PNEUMONIA": 60}
+    assert 0.0 <= facts["domain_shift"]["auroc"] <= 1.0 and len(facts["domain_shift"]["folds"]) == 5
+    assert facts["exact_duplicates"] == []
+    assert len(facts["weighting_threshold"]) == 4
+    best = max(facts["task_d"], key=lambda r: r["test_auroc"])
+    assert f"The highest test AUROC is {best['test_auroc']:.3f}, from {best['run']}" in facts["verdict"]
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3 and 'src="http' not in html
+    for png in ("auroc_vs_time.png", "worst_errors.png", "closest_pairs.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_refuses_folders_that_are_not_runs(tmp_path):
+    with pytest.raises(UserError, match="not a run folder"):
+        from featcache.report import build_report
+
+        build_report([str(tmp_path)], tmp_path / "out")
+
+
+def test_models_metadata_and_one_measurement():
+    from featcache.models import measure, model_table
+
+    rows = {r["name"]: r for r in model_table(measure_speed=False)}
+    assert set(rows) == {"resnet18", "vgg16", "resnet50", "mobilenet_v2"}
+    assert rows["resnet18"]["params_m"] == pytest.approx(11.69, abs=0.01)
+    assert rows["vgg16"]["gflops"] == pytest.approx(15.47, abs=0.01)
+    assert rows["resnet50"]["imagenet_top1"] == pytest.approx(80.858, abs=0.01)
+    assert rows["mobilenet_v2"]["feature_dim"] == 1280
+    speed = measure("mobilenet_v2", 4, "cpu")
+    assert speed["images_per_s"] > 0 and speed["peak_memory_mb"] > 100
+
+
+def test_bench_prints_the_fraction_and_the_ratios(tmp_path, capsys):
+    assert main(["bench", str(DEMO_DATA), "--max-images", "100", "--epochs", "1", "--json",
+                 str(tmp_path / "bench.json")]) == 0
+    shown = capsys.readouterr().out
+    assert "extract / forward-only" in shown and "tutorial time / featcache time" in shown
+    assert "naive ImageFolder" in shown
+    facts = json.loads((tmp_path / "bench.json").read_text())
+    assert 0 < facts["extract_fraction_of_forward"] < 2
+    rows = facts["compare"]["rows"]
+    assert len(rows) == 3 and all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 for r in rows.values())
+    assert set(facts["extract"]["stages"]) == {"decode_wait", "host_to_device", "forward", "cache_write", "assemble"}
+
+
+def test_run_config_mistakes(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('data = "x"\n[[fixed]]\nbackbone = "resnet18"\nheadz = "sweep"\n')
+    with pytest.raises(UserError, match=r"unknown setting headz"):
+        from featcache.run import run_config
+
+        run_config(bad)
+    bad.write_text('data = "x"\n')
+    with pytest.raises(UserError, match="lists no runs"):
+        run_config(bad)
+    bad.write_text('data = "x"\n[[finetune]]\nbackbone = "resnet99"\n')
+    assert main(["run", str(bad)]) == 2
+
+
+def test_shipped_configs_read(tmp_path):
+    from featcache.run import read_config
+
+    for path in sorted((REPO / "configs").glob("*.toml")):
+        if path.name == "kermany_resnet18.toml":
+            continue  # command tables for --config, not a run config
+        config = read_config(path)
+        assert config["fixed"] or config["finetune"]
+
+
+def test_small_config_runs_end_to_end(shared_data, tmp_path):
+    """`featcache run configs/small.toml --weights none`: every report section filled with measured numbers."""
+    config = tmp_path / "small.toml"
+    text = (REPO / "configs" / "small.toml").read_text().replace('"../shared/data/chest_xray_224"',
+                                                                  json.dumps(str(shared_data)))
+    config.write_text(text)
+    assert main(["run", str(config), "--weights", "none", "--out", str(tmp_path / "small")]) == 0
+    md = (tmp_path / "small" / "report" / "report.md").read_text()
+    facts = json.loads((tmp_path / "small" / "report" / "report.json").read_text())
+    assert len(facts["task_d"]) == 4 and all(r["test_auroc"] is not None and r["wall_seconds"] > 0
+                                             for r in facts["task_d"])
+    assert {r["strategy"] for r in facts["task_d"]} == {"cached features + sweep", "finetune-frozen",
+                                                        "finetune-full"}
+    assert len(facts["augmentation"]) == 2 and facts["domain_shift"]["auroc"] > 0.5
+    assert set(facts["overfitting"]) == {"resnet18-finetune-frozen-light", "resnet18-finetune-full-light",
+                                         "resnet18-finetune-full-none"}
+    assert sum(len(v) for v in facts["worst_errors"]["errors"].values()) > 0
+    for heading in ("## Task D", "### Augmentation ablation", "### Train/test shift", "### Worst test errors"):
+        assert heading in md
+    shutil.rmtree(tmp_path / "small" / "caches")
