@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from featcache.errors import UserError
 
@@ -92,7 +92,7 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
     import torch
 
     from featcache.backbones import create_backbone
-    from featcache.decode import default_workers, resolve_backend
+    from featcache.decode import resolve_backend
     from featcache.extract import extract, resolve_device
     from featcache.manifest import scan
 
@@ -103,34 +103,37 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
     device = resolve_device("auto")
     decode = resolve_backend("auto", device)
     bb = create_backbone(backbone, "none", seed=seed)
-    workers = default_workers()
     facts = {"data": manifest.root, "images": len(manifest), "backbone": backbone, "device": device,
              "decode": decode.mode, "threads": torch.get_num_threads(), "epochs": epochs}
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="featcache-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    if "decode" in stages and decode.name != "dali":
-        facts["decode_images_per_s"] = decode_only(manifest, bb.spec, decode.name, workers=os.cpu_count() or 1)
-    if "forward" in stages or "extract" in stages:
-        facts["forward_images_per_s"] = forward_only(bb, manifest, n_images=min(256, len(manifest)),
-                                                     batch_size=batch_size, device=device)
-    cache = work / f"{backbone}.h5"
-    if "extract" in stages or "fit-head" in stages:
-        summary = extract(data, cache, backbone=backbone, weights="none", batch_size=batch_size, seed=seed,
-                          max_images=max_images, overwrite=True, progress=sys.stdout.isatty())
-        facts["extract"] = {k: summary[k] for k in ("images_per_second", "seconds", "stages")}
-        if "forward_images_per_s" in facts:
-            facts["extract_fraction_of_forward"] = summary["images_per_second"] / facts["forward_images_per_s"]
-    if "fit-head" in stages:
-        from featcache.fit import fit_head
+    try:
+        if "decode" in stages and decode.name != "dali":
+            facts["decode_images_per_s"] = decode_only(manifest, bb.spec, decode.name, workers=os.cpu_count() or 1)
+        if "forward" in stages or "extract" in stages:
+            facts["forward_images_per_s"] = forward_only(bb, manifest, n_images=min(256, len(manifest)),
+                                                         batch_size=batch_size, device=device)
+        cache = work / f"{backbone}.h5"
+        if "extract" in stages or "fit-head" in stages:
+            summary = extract(data, cache, backbone=backbone, weights="none", batch_size=batch_size, seed=seed,
+                              max_images=max_images, overwrite=True, progress=sys.stdout.isatty())
+            facts["extract"] = {k: summary[k] for k in ("images_per_second", "seconds", "stages")}
+            if "forward_images_per_s" in facts:
+                facts["extract_fraction_of_forward"] = summary["images_per_second"] / facts["forward_images_per_s"]
+        if "fit-head" in stages:
+            from featcache.fit import fit_head
 
-        metrics = fit_head(cache, work / "sweep", heads="sweep", n_resamples=0, seed=seed)
-        facts["fit_head"] = {"heads": metrics["n_heads"], "seconds": metrics["fit_seconds"],
-                             "test_auroc": metrics.get("test", {}).get("auroc")}
-    if "finetune-step" in stages:
-        facts["finetune_step"] = _train_steps(backbone, device, batch_size)
-    if "compare" in stages:
-        facts["compare"] = _compare(data, work, backbone=backbone, max_images=max_images, epochs=epochs,
-                                    batch_size=batch_size, seed=seed)
+            metrics = fit_head(cache, work / "sweep", heads="sweep", n_resamples=0, seed=seed)
+            facts["fit_head"] = {"heads": metrics["n_heads"], "seconds": metrics["fit_seconds"],
+                                 "test_auroc": metrics.get("test", {}).get("auroc")}
+        if "finetune-step" in stages:
+            facts["finetune_step"] = _train_steps(backbone, device, batch_size)
+        if "compare" in stages:
+            facts["compare"] = _compare(data, work, backbone=backbone, max_images=max_images, epochs=epochs,
+                                        batch_size=batch_size, seed=seed)
+    finally:
+        if not keep:  # caches and runs of a benchmark are scratch unless asked for
+            shutil.rmtree(work, ignore_errors=True)
     return facts
 
 

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="(default auto: cuda when present)")
     p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: half the cores)")
     p.add_argument("--dtype", default="float32", metavar="float32|float16", help="stored feature type")
+    p.add_argument("--hw-decoder-load", type=float, default=None, metavar="F",
+                   help="DALI on A100/H100-class GPUs: share of JPEGs for the hardware decoder (default 0.65)")
     p.add_argument("--compression", default="none", metavar="none|gzip|lzf", help="HDF5 compression of features")
     p.add_argument("--overwrite", action="store_true", help="replace a cache made from different inputs")
     p.add_argument("--wait", action="store_true", help="queue behind another extract writing the same cache "
@@ -277,6 +279,7 @@ def _extract_kwargs(args) -> dict:
     return dict(backbone=args.backbone, weights=args.weights, batch_size=args.batch_size, backend=args.backend,
                 device=args.device, workers=args.workers, seed=args.seed, overwrite=args.overwrite, dtype=args.dtype,
                 compression=args.compression, chunk_rows=args.chunk_rows, wait=args.wait, max_images=args.max_images,
+                hw_decoder_load=args.hw_decoder_load,
                 progress=not args.no_progress)
 
 
@@ -498,7 +501,7 @@ def _cmd_predict(args) -> int:
     console = get_console()
     console.print(table)
     failed = sum(1 for r in rows if r["error"])
-    more = f" (first 20 shown)" if len(rows) > 20 else ""
+    more = " (first 20 shown)" if len(rows) > 20 else ""
     console.print(f"{len(rows)} images{more}, {failed} could not be decoded; CSV written to {out}")
     return 0
 

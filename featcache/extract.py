@@ -91,6 +91,7 @@ def extract(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     wait: bool = False,
     max_images: int | None = None,
+    hw_decoder_load: float | None = None,
     manifest=None,
     scan_options: dict | None = None,
     progress: bool = True,
@@ -108,6 +109,8 @@ def extract(
 
     out = Path(out)
     validate_options(out, backbone, dtype, compression, chunk_rows)
+    if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
+        raise UserError(f"--hw-decoder-load must be between 0 and 1, got {hw_decoder_load}")
     dist = dist or distributed.from_env()
     console = get_console() if dist.is_main else quiet_console()
     lock, refusal = None, None
@@ -122,7 +125,7 @@ def extract(
         return _extract_locked(data, out, backbone=backbone, weights=weights, batch_size=batch_size,
                                backend=backend, device=device, workers=workers, seed=seed, overwrite=overwrite,
                                dtype=dtype, compression=compression, chunk_rows=chunk_rows, manifest=manifest,
-                               max_images=max_images,
+                               max_images=max_images, hw_decoder_load=hw_decoder_load,
                                scan_options=scan_options, progress=progress, dist=dist, console=console,
                                refusal=refusal)
     finally:
@@ -131,8 +134,8 @@ def extract(
 
 
 def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, device, workers, seed, overwrite,
-                    dtype, compression, chunk_rows, manifest, max_images, scan_options, progress, dist, console,
-                    refusal):
+                    dtype, compression, chunk_rows, manifest, max_images, hw_decoder_load, scan_options, progress,
+                    dist, console, refusal):
     from featcache.backbones import create_backbone
     from featcache.decode import resolve_backend
     from featcache.manifest import scan
@@ -174,7 +177,8 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
                   + (f"; {dist.world} processes" if dist.active else ""))
     start = time.perf_counter()
     timing = _extract_chunks(bb, manifest, store, dist, decode=decode, device=device,
-                             batch_size=batch_size, workers=workers, progress=progress, console=console)
+                             hw_decoder_load=hw_decoder_load, batch_size=batch_size, workers=workers,
+                             progress=progress, console=console)
     timings = dist.gather(timing)
     dist.barrier()
     seconds = time.perf_counter() - start
@@ -278,7 +282,7 @@ def _cache_attrs(manifest, bb, weights, seed, fp, inputs, decode, device) -> dic
 
 
 def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, batch_size, workers, progress,
-                    console) -> dict:
+                    console, hw_decoder_load=None) -> dict:
     """This rank's missing chunks (every world-th chunk, from its rank on), committed one by one."""
     import torch
 
@@ -292,7 +296,8 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
     rows = np.concatenate([np.arange(*store.chunk_range(c)) for c in pending]) if pending else np.empty(0, np.int64)
     model = bb.model.to(device, memory_format=torch.channels_last)
     loader = make_loader(manifest, bb.spec, backend=decode.name, batch_size=batch_size, workers=workers,
-                         pin_memory=device.startswith("cuda"), rows=rows, device=device)
+                         pin_memory=device.startswith("cuda"), rows=rows, device=device,
+                         hw_decoder_load=hw_decoder_load)
     buffers = {c: store.buffer(c) for c in pending}
     # Where the time goes: waiting for decoded batches, host-to-device copy, forward, committing rows.
     stage = {"decode_wait": 0.0, "host_to_device": 0.0, "forward": 0.0, "cache_write": 0.0}

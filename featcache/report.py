@@ -14,7 +14,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 
 from featcache import __version__
 from featcache.errors import UserError

@@ -7,7 +7,7 @@ import pytest
 
 from featcache.errors import UserError
 from featcache.manifest import _patient_id, _compile_patient_regex, carve_patients, scan
-from helpers import kermany_names, make_dataset, write_image
+from helpers import kermany_names, make_dataset
 
 
 @pytest.mark.parametrize(
