@@ -15,33 +15,10 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "chest_xray_224"
-
-
-def forward_only(backbone, manifest, *, n_images: int, batch_size: int, repeats: int = 3) -> float:
-    """Best of ``repeats`` passes over ``n_images`` preloaded images, images/s."""
-    import torch
-
-    from featcache.decode.cpu import load_torchvision as load_image
-
-    rows = range(min(n_images, len(manifest)))
-    images = torch.stack([load_image(os.path.join(manifest.root, manifest.paths[i]), backbone.spec) for i in rows])
-    batches = [images[i : i + batch_size].contiguous(memory_format=torch.channels_last)
-               for i in range(0, len(images), batch_size)]
-    model = backbone.model.to(memory_format=torch.channels_last)
-    best = 0.0
-    with torch.inference_mode():
-        model(batches[0])  # warm-up: allocator, oneDNN kernels
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for batch in batches:
-                model(batch)
-            best = max(best, len(images) / (time.perf_counter() - start))
-    return best
 
 
 def main(argv=None) -> int:
@@ -60,6 +37,7 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     from featcache.backbones import create_backbone
+    from featcache.bench import forward_only
     from featcache.console import get_console
     from featcache.decode import default_workers
     from featcache.extract import extract
