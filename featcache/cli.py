@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threshold", default="0.5", metavar="0.5|youden|f1", help="as for fit-head")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
-    p.add_argument("--backend", default="auto", metavar="auto|pil|torchvision")
+    p.add_argument("--backend", default="auto", metavar="auto|dali|pil|torchvision",
+                   help="decode and augment with DALI (on the GPU with a GPU; auto there), PIL or torchvision")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="CI resamples for the final metrics")
     p.add_argument("--overwrite", action="store_true", help="replace a run with other settings in RUN_DIR")

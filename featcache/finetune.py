@@ -27,7 +27,6 @@ import numpy as np
 from featcache.errors import UserError
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-AUGMENTS = ("none", "light", "strong")
 DEFAULT_LR_FULL = 3e-4
 DEFAULT_LR_FROZEN = 1e-3
 WEIGHT_DECAY = 1e-4
@@ -89,26 +88,6 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
-def augmentation(kind: str, hflip: bool):
-    """uint8 (3, H, W) -> uint8 (3, H, W), suited to chest X-rays: small rotations, shifts and
-    scalings, brightness and contrast; never a vertical flip; a horizontal flip only with ``hflip``
-    (it moves the heart to the other side)."""
-    from torchvision.transforms import v2
-
-    if kind not in AUGMENTS:
-        raise UserError(f"--augment takes {', '.join(AUGMENTS)}, got {kind!r}")
-    ops = []
-    if kind == "light":
-        ops += [v2.RandomAffine(degrees=5, translate=(0.04, 0.04), scale=(0.95, 1.05)),
-                v2.ColorJitter(brightness=0.1, contrast=0.1)]
-    elif kind == "strong":
-        ops += [v2.RandomAffine(degrees=12, translate=(0.08, 0.08), scale=(0.88, 1.12), shear=4),
-                v2.ColorJitter(brightness=0.25, contrast=0.25)]
-    if hflip:
-        ops.append(v2.RandomHorizontalFlip())
-    return v2.Compose(ops) if ops else None
-
-
 def _classifier_class():
     import torch
     import torch.nn as nn
@@ -141,39 +120,6 @@ def _classifier_class():
             return self
 
     return Classifier
-
-
-class _TrainImages:
-    """Augmented training images: (row, uint8 image or None, label, failure reason)."""
-
-    def __init__(self, manifest, rows, spec, load, transform):
-        self.root, self.paths, self.labels = manifest.root, manifest.paths, manifest.labels
-        self.rows, self.spec, self.load, self.transform = rows, spec, load, transform
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        from featcache.decode.cpu import decode_failure_reason
-
-        row = int(self.rows[i])
-        try:
-            image = self.load(os.path.join(self.root, self.paths[row]), self.spec)
-            if self.transform is not None:
-                image = self.transform(image)
-            return row, image, self.labels[row], None
-        except Exception as exc:
-            return row, None, self.labels[row], decode_failure_reason(exc)
-
-
-def _collate_train(items):
-    import torch
-
-    good = [it for it in items if it[1] is not None]
-    failed = [(row, reason) for row, image, _, reason in items if image is None]
-    if not good:
-        return None, None, failed
-    return torch.stack([it[1] for it in good]), torch.tensor([it[2] for it in good]), failed
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -252,17 +198,16 @@ def finetune(
     if lr is not None and lr <= 0:
         raise UserError(f"--lr must be positive, got {lr}")
     rule = parse_threshold(threshold)
-    transform = augmentation(augment, hflip)
+    from featcache.decode.augment import augment_params
+
+    aug = augment_params(augment, hflip)
     dist = dist or distributed.from_env()
     console = get_console() if dist.is_main else quiet_console()
     device = resolve_device(device)
     if device == "cuda" and dist.active:
         device = f"cuda:{dist.local_rank}"
     amp_dtype, use_scaler, amp_words = resolve_amp(amp, device)
-    decode = resolve_backend(backend, "cpu")  # training decodes in CPU workers, where augmentation runs
-    if decode.name == "dali":
-        raise UserError("finetune decodes with pil or torchvision (augmentation runs in CPU workers); "
-                        "use --backend auto, pil or torchvision")
+    decode = resolve_backend(backend, device)  # DALI (augmenting on the GPU) on a GPU, PIL workers on a CPU
 
     manifest = scan(data, seed=seed, **(scan_options or {})).stratified_subset(max_images, seed)
     if "train" not in manifest.splits or "val" not in manifest.splits:
@@ -319,9 +264,6 @@ def finetune(
     console.print(f"[bold]{backbone}[/] ({bb.weights_note}), {mode}; {len(split_rows['train']):,} train / "
                   f"{len(split_rows['val']):,} val images; lr {lr:g}, batch {batch_size}, AMP {amp_words}, "
                   f"augment {augment}; {device}" + (f", {dist.world} processes" if dist.active else ""))
-    from featcache.decode.cpu import LOADERS
-
-    train_set = _TrainImages(manifest, split_rows["train"], bb.spec, LOADERS[decode.name], transform)
     from featcache.decode import default_workers
 
     workers = default_workers() if workers is None else workers
@@ -335,10 +277,10 @@ def finetune(
         if early_stop and history and (epoch - 1) - best["epoch"] >= early_stop:
             break  # a resumed run that had already stopped early
         t0 = time.perf_counter()
-        train = _train_epoch(train_model, model, train_set, optimizer, scheduler, scaler, criterion, epoch=epoch,
-                             seed=seed, batch_size=batch_size, workers=workers, device=device,
-                             device_type=device_type, amp_dtype=amp_dtype, dist=dist,
-                             progress=progress and dist.is_main, epochs=epochs)
+        train = _train_epoch(train_model, model, manifest, split_rows["train"], bb.spec, decode.name, aug,
+                             optimizer, scheduler, scaler, criterion, epoch=epoch, seed=seed, batch_size=batch_size,
+                             workers=workers, device=device, device_type=device_type, amp_dtype=amp_dtype,
+                             dist=dist, progress=progress and dist.is_main, epochs=epochs)
         train_seconds = time.perf_counter() - t0
         val_probs, val_loss = predict_rows(model, manifest, split_rows["val"], bb.spec, decode.name, batch_size,
                                            workers, device, device_type, amp_dtype, criterion)
@@ -425,35 +367,34 @@ def _prepare_run_dir(out: Path, settings: Settings, overwrite: bool, dist, conso
     return decision
 
 
-def _train_epoch(train_model, model, dataset, optimizer, scheduler, scaler, criterion, *, epoch, seed, batch_size,
-                 workers, device, device_type, amp_dtype, dist, progress, epochs) -> dict:
+def _train_epoch(train_model, model, manifest, rows, spec, backend, aug, optimizer, scheduler, scaler, criterion, *,
+                 epoch, seed, batch_size, workers, device, device_type, amp_dtype, dist, progress, epochs) -> dict:
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+    from featcache.decode import make_loader
     from featcache.progress import image_progress
 
     # The same shuffle and augmentations after a resume: every epoch's randomness comes from its own seed.
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    torch.manual_seed(seed * 100_003 + epoch)
-    if dist.active:
-        sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
-    else:
-        sampler = RandomSampler(dataset, generator=generator)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=_collate_train, generator=generator, pin_memory=device_type == "cuda",
-                        persistent_workers=False)
+    epoch_seed = seed * 100_003 + epoch
+    generator = torch.Generator().manual_seed(epoch_seed)
+    torch.manual_seed(epoch_seed)
+    order = np.asarray(rows)[torch.randperm(len(rows), generator=generator).numpy()]
+    if dist.active:  # equal shares (the first rows repeat to fill), as DistributedSampler pads
+        share = math.ceil(len(order) / dist.world)
+        order = np.resize(order, share * dist.world)[dist.rank :: dist.world]
+    loader = make_loader(manifest, spec, backend=backend, batch_size=batch_size, workers=workers, rows=order,
+                         pin_memory=device_type == "cuda", device=device, augment=aug, seed=epoch_seed)
+    labels_of = np.asarray(manifest.labels)
     model.train()
-    total_loss, correct, seen, failed = 0.0, 0, 0, []
-    total = len(sampler) if dist.active else len(dataset)
-    with image_progress(total, f"epoch {epoch + 1}/{epochs}", enabled=progress) as advance:
-        for images, labels, bad in loader:
-            failed += [row for row, _ in bad]
-            if images is None:
-                advance(len(bad))
+    total_loss, correct, seen, failed = 0.0, 0, 0, 0
+    with image_progress(len(order), f"epoch {epoch + 1}/{epochs}", enabled=progress) as advance:
+        for batch in loader:
+            failed += len(batch.failed)
+            if not len(batch.indices):
+                advance(len(batch.failed))
                 continue
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device, non_blocking=True)
+            images = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            labels = torch.as_tensor(labels_of[batch.indices], device=device)
             with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = train_model(images)
             loss = criterion(logits.float(), labels)
@@ -466,9 +407,8 @@ def _train_epoch(train_model, model, dataset, optimizer, scheduler, scaler, crit
             total_loss += float(loss.detach()) * n
             correct += int((logits.argmax(dim=1) == labels).sum())
             seen += n
-            advance(n + len(bad))
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen,
-            "failed": len(failed)}
+            advance(n + len(batch.failed))
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen, "failed": failed}
 
 
 def predict_rows(model, manifest, rows, spec, backend, batch_size, workers, device, device_type, amp_dtype,
@@ -486,7 +426,7 @@ def predict_rows(model, manifest, rows, spec, backend, batch_size, workers, devi
     labels = np.asarray(manifest.labels)
     with torch.inference_mode():
         for batch in make_loader(manifest, spec, backend=backend, batch_size=batch_size, workers=workers,
-                                 rows=rows):
+                                 rows=rows, device=device):
             if not len(batch.indices):
                 continue
             x = batch.images.to(device).contiguous(memory_format=torch.channels_last)

@@ -139,3 +139,24 @@ def test_dali_mixed_matches_cpu_on_a_gpu(tmp_path):
     cpu, _ = decode_all(full, "dali")
     for path, image in cpu.items():
         assert (gpu[path].float() - image.float()).abs().mean() < 3.0
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_training_augmentation_is_seeded_and_changes_the_crop(backend):
+    from featcache.decode.augment import augment_params
+
+    manifest = scan(DEMO_DATA)
+    rows = np.arange(6)
+    aug = augment_params("strong", hflip=True)
+
+    def first_batch(seed):
+        torch.manual_seed(seed)  # CPU workers draw from torch's generator
+        return next(iter(make_loader(manifest, SPEC, backend=backend, batch_size=6, workers=0, rows=rows,
+                                     augment=aug, seed=seed))).images
+
+    plain = next(iter(make_loader(manifest, SPEC, backend=backend, batch_size=6, workers=0, rows=rows))).images
+    a, b, c = first_batch(1), first_batch(1), first_batch(2)
+    assert a.shape == plain.shape == (6, 3, 224, 224) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a.float() - plain.float()).abs().mean() > 5.0
+    assert augment_params("none") is None

@@ -119,3 +119,10 @@ def test_quick_real_finetune_reaches_val_auroc_080(shared_data, tmp_path):
     assert metrics["val"]["auroc"] >= 0.80
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert len(history) == 2 and metrics["n_train"] > 1000
+
+
+def test_dali_decodes_and_augments_training_batches(tmp_path):
+    metrics = finetune(DEMO_DATA, tmp_path / "dali", backend="dali", augment="strong", **QUICK)
+    assert metrics["test"]["n"] > 0
+    history = json.loads((tmp_path / "dali" / "history.json").read_text())
+    assert history[0]["skipped"] == 0 and history[0]["images_per_second"] > 0

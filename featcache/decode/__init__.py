@@ -88,8 +88,12 @@ def resolve_backend(backend: str, device: str, previous: str | None = None) -> D
 
 def make_loader(manifest, spec, *, backend: str = "torchvision", batch_size: int = 32, workers: int | None = None,
                 rows=None, pin_memory: bool = False, device: str = "cpu", shard_id: int = 0, num_shards: int = 1,
-                hw_decoder_load: float | None = None):
+                hw_decoder_load: float | None = None, augment=None, seed: int = 0):
     """Iterable of :class:`Batch` over ``rows`` (default: every manifest row), in order.
+
+    ``augment`` (:class:`featcache.decode.augment.Augment`) applies training
+    augmentations to the centre crops, random per image: seeded by ``seed``
+    for DALI, by torch's generator (seed it before iterating) for CPU workers.
 
     ``shard_id``/``num_shards`` keep one contiguous share of those rows, as
     DALI's readers shard (featcache's own distributed extraction shards by
@@ -107,10 +111,11 @@ def make_loader(manifest, spec, *, backend: str = "torchvision", batch_size: int
         from featcache.decode.cpu import CpuLoader
 
         return CpuLoader(manifest, spec, rows, backend=backend, batch_size=batch_size, workers=workers,
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, augment=augment)
     if backend == "dali":
         from featcache.decode.dali import DEFAULT_HW_DECODER_LOAD, DaliLoader
 
         return DaliLoader(manifest, spec, rows, batch_size=batch_size, device=device,
-                          hw_decoder_load=DEFAULT_HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load)
+                          hw_decoder_load=DEFAULT_HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load,
+                          augment=augment, seed=seed)
     raise UserError(f"unknown decode backend {backend!r}")

@@ -115,8 +115,9 @@ LOADERS = {"torchvision": load_torchvision, "pil": load_pil}
 
 
 class _ManifestImages(Dataset):
-    def __init__(self, root: str, paths, rows: np.ndarray, spec, load):
+    def __init__(self, root: str, paths, rows: np.ndarray, spec, load, transform=None):
         self.root, self.paths, self.rows, self.spec, self.load = root, paths, rows, spec, load
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -124,7 +125,8 @@ class _ManifestImages(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         try:
-            return row, self.load(os.path.join(self.root, self.paths[row]), self.spec), None
+            image = self.load(os.path.join(self.root, self.paths[row]), self.spec)
+            return row, image if self.transform is None else self.transform(image), None
         except Exception as exc:  # any bad file becomes a skipped row, never a dead run
             return row, None, decode_failure_reason(exc)
 
@@ -148,8 +150,11 @@ def _worker_init(_):
 
 class CpuLoader:
     def __init__(self, manifest, spec, rows: np.ndarray, *, backend: str, batch_size: int, workers: int,
-                 pin_memory: bool):
-        self.dataset = _ManifestImages(manifest.root, list(manifest.paths), rows, spec, LOADERS[backend])
+                 pin_memory: bool, augment=None):
+        from featcache.decode.augment import torchvision_transform
+
+        self.dataset = _ManifestImages(manifest.root, list(manifest.paths), rows, spec, LOADERS[backend],
+                                       torchvision_transform(augment))
         self.batch_size = batch_size
         self.workers = workers
         self.pin_memory = pin_memory

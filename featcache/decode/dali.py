@@ -43,8 +43,39 @@ def _interp(name: str):
             "nearest": types.INTERP_NN}.get(name, types.INTERP_LINEAR)
 
 
+def _augmentation(images, aug, side: int):
+    """DALI operators for :class:`featcache.decode.augment.Augment` on HWC crops of ``side`` pixels."""
+    from nvidia.dali import fn, types
+
+    center = [side / 2.0, side / 2.0]
+    transforms = []
+    if aug.degrees:
+        transforms.append(fn.transforms.rotation(angle=fn.random.uniform(range=[-aug.degrees, aug.degrees]),
+                                                 center=center))
+    if aug.scale != (1.0, 1.0):
+        s = fn.random.uniform(range=list(aug.scale))
+        transforms.append(fn.transforms.scale(scale=fn.stack(s, s), center=center))
+    if aug.shear:
+        transforms.append(fn.transforms.shear(angles=fn.random.uniform(range=[-aug.shear, aug.shear], shape=[2]),
+                                              center=center))
+    if aug.translate:
+        limit = aug.translate * side
+        transforms.append(fn.transforms.translation(offset=fn.random.uniform(range=[-limit, limit], shape=[2])))
+    if transforms:
+        matrix = transforms[0] if len(transforms) == 1 else fn.transforms.combine(*transforms)
+        images = fn.warp_affine(images, matrix=matrix, fill_value=0, inverse_map=False,
+                                interp_type=types.INTERP_LINEAR)
+    if aug.brightness or aug.contrast:
+        images = fn.brightness_contrast(images,
+                                        brightness=fn.random.uniform(range=[1 - aug.brightness, 1 + aug.brightness]),
+                                        contrast=fn.random.uniform(range=[1 - aug.contrast, 1 + aug.contrast]))
+    if aug.hflip:
+        images = fn.flip(images, horizontal=fn.random.coin_flip())
+    return images
+
+
 def _pipeline(files: list[str], rows: list[int], spec, *, batch_size: int, device_id: int | None, threads: int,
-              hw_decoder_load: float, seed: int = 0):
+              hw_decoder_load: float, seed: int = 0, augment=None):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -61,8 +92,12 @@ def _pipeline(files: list[str], rows: list[int], spec, *, batch_size: int, devic
             images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
         images = fn.resize(images, resize_shorter=spec.resize, interp_type=_interp(spec.interpolation),
                            antialias=True)
-        images = fn.crop_mirror_normalize(images, crop=(spec.crop, spec.crop), dtype=types.UINT8,
-                                          output_layout="CHW")
+        if augment is None:
+            images = fn.crop_mirror_normalize(images, crop=(spec.crop, spec.crop), dtype=types.UINT8,
+                                              output_layout="CHW")
+        else:  # augment the centre crop, as the CPU backends do, then lay it out CHW
+            images = fn.crop(images, crop=(spec.crop, spec.crop))
+            images = fn.transpose(_augmentation(images, augment, spec.crop), perm=[2, 0, 1])
         return images, labels
 
     p = pipe()
@@ -84,7 +119,8 @@ def _to_torch(tensor_list, device: str) -> torch.Tensor:
 
 class DaliLoader:
     def __init__(self, manifest, spec, rows: np.ndarray, *, batch_size: int, device: str = "cpu",
-                 threads: int | None = None, hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD):
+                 threads: int | None = None, hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD, augment=None,
+                 seed: int = 0):
         self.root = manifest.root
         self.paths = manifest.paths
         self.rows = [int(r) for r in rows]
@@ -95,6 +131,8 @@ class DaliLoader:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.threads = threads or max(1, min(8, cores))
         self.hw_decoder_load = hw_decoder_load
+        self.augment = augment
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -102,7 +140,8 @@ class DaliLoader:
     def _build(self, rows: list[int], batch_size: int):
         files = [os.path.join(self.root, self.paths[r]) for r in rows]
         return _pipeline(files, rows, self.spec, batch_size=batch_size, device_id=self.device_id,
-                         threads=self.threads, hw_decoder_load=self.hw_decoder_load)
+                         threads=self.threads, hw_decoder_load=self.hw_decoder_load, seed=self.seed,
+                         augment=self.augment)
 
     def __iter__(self):
         pending = self.rows

@@ -1,0 +1,58 @@
+"""Training augmentations for chest X-rays, one description for every decode backend.
+
+Small rotations, shifts and scalings, brightness and contrast; never a
+vertical flip; a horizontal flip only when asked (it moves the heart to the
+other side). Applied to the decoded, centre-cropped image, by torchvision v2
+transforms in CPU workers or by DALI operators (on the GPU with a GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from featcache.errors import UserError
+
+AUGMENTS = ("none", "light", "strong")
+
+
+@dataclass(frozen=True)
+class Augment:
+    degrees: float
+    translate: float  # fraction of the side
+    scale: tuple[float, float]
+    shear: float
+    brightness: float
+    contrast: float
+    hflip: bool
+
+
+PRESETS = {
+    "light": dict(degrees=5, translate=0.04, scale=(0.95, 1.05), shear=0, brightness=0.1, contrast=0.1),
+    "strong": dict(degrees=12, translate=0.08, scale=(0.88, 1.12), shear=4, brightness=0.25, contrast=0.25),
+}
+
+
+def augment_params(kind: str, hflip: bool = False) -> Augment | None:
+    """The augmentation of ``--augment kind`` (None for none without a flip)."""
+    if kind not in AUGMENTS:
+        raise UserError(f"--augment takes {', '.join(AUGMENTS)}, got {kind!r}")
+    if kind == "none":
+        return Augment(0, 0, (1.0, 1.0), 0, 0, 0, True) if hflip else None
+    return Augment(**PRESETS[kind], hflip=hflip)
+
+
+def torchvision_transform(aug: Augment | None):
+    """uint8 (3, H, W) -> uint8 (3, H, W) with torchvision v2."""
+    if aug is None:
+        return None
+    from torchvision.transforms import v2
+
+    ops = []
+    if aug.degrees or aug.translate or aug.scale != (1.0, 1.0) or aug.shear:
+        ops.append(v2.RandomAffine(degrees=aug.degrees, translate=(aug.translate, aug.translate), scale=aug.scale,
+                                   shear=aug.shear or None))
+    if aug.brightness or aug.contrast:
+        ops.append(v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast))
+    if aug.hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops)
