@@ -140,7 +140,8 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
 def _train_steps(backbone: str, device: str, batch_size: int) -> dict:
     import torch
 
-    from featcache.finetune import _classifier_class, resolve_amp
+    from featcache.amp import resolve_amp
+    from featcache.finetune import _classifier_class
     from featcache.backbones import create_backbone
 
     out = {}

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="(default auto: cuda when present)")
     p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: half the cores)")
     p.add_argument("--dtype", default="float32", metavar="float32|float16", help="stored feature type")
+    p.add_argument("--amp", default="off", metavar="off|auto|bf16|fp16",
+                   help="run the backbone under autocast: about 2x faster on CPUs with native bf16 and on GPUs; "
+                        "features differ slightly, so it is part of the cache fingerprint (default off)")
     p.add_argument("--hw-decoder-load", type=float, default=None, metavar="F",
                    help="DALI on A100/H100-class GPUs: share of JPEGs for the hardware decoder (default 0.65)")
     p.add_argument("--compression", default="none", metavar="none|gzip|lzf", help="HDF5 compression of features")
@@ -280,7 +283,7 @@ def _extract_kwargs(args) -> dict:
     return dict(backbone=args.backbone, weights=args.weights, batch_size=args.batch_size, backend=args.backend,
                 device=args.device, workers=args.workers, seed=args.seed, overwrite=args.overwrite, dtype=args.dtype,
                 compression=args.compression, chunk_rows=args.chunk_rows, wait=args.wait, max_images=args.max_images,
-                hw_decoder_load=args.hw_decoder_load,
+                hw_decoder_load=args.hw_decoder_load, amp=args.amp,
                 progress=not args.no_progress)
 
 
@@ -311,7 +314,8 @@ def _launch_extract(args) -> int:
     from featcache.console import get_console
     from featcache.decode import resolve_backend
     from featcache.extract import (PARENT_LOCK_ENV, fingerprint, fingerprint_inputs, previous_decode,
-                                   resolve_device, take_lock, validate_options, _existing_cache_matches)
+                                   resolve_device, resolve_inference_amp, take_lock, validate_options,
+                                   _existing_cache_matches)
     from featcache.manifest import scan
 
     console = get_console()
@@ -320,8 +324,9 @@ def _launch_extract(args) -> int:
     manifest = scan(args.data, seed=args.seed, **_scan_options(args)).stratified_subset(args.max_images, args.seed)
     _print_manifest(manifest)
     bb = create_backbone(args.backbone, args.weights, seed=args.seed)
-    decode = resolve_backend(args.backend, resolve_device(args.device), previous_decode(out))
-    inputs = fingerprint_inputs(manifest, bb, decode.mode, args.dtype)
+    device = resolve_device(args.device)
+    decode = resolve_backend(args.backend, device, previous_decode(out))
+    inputs = fingerprint_inputs(manifest, bb, decode.mode, args.dtype, resolve_inference_amp(args.amp, device)[1])
     lock = take_lock(out, args.wait, console)
     try:
         if _existing_cache_matches(out, fingerprint(inputs), inputs, args.overwrite, console):

@@ -59,9 +59,13 @@ def validate_options(out: Path, backbone: str, dtype: str, compression: str, chu
     get_entry(backbone)
 
 
-def fingerprint_inputs(manifest, backbone, decode_mode: str, dtype: str) -> dict:
+def fingerprint_inputs(manifest, backbone, decode_mode: str, dtype: str, precision: str | None = None) -> dict:
     """Everything that determines the cached features and their rows, JSON-normalized
-    (tuples become lists) so it compares equal to the copy stored in the cache."""
+    (tuples become lists) so it compares equal to the copy stored in the cache.
+
+    ``precision`` (the autocast dtype) appears only when the forward ran in
+    reduced precision, so fp32 caches keep their fingerprint.
+    """
     return json.loads(json.dumps({
         "format_version": FORMAT_VERSION,
         "backbone": backbone.name,
@@ -71,6 +75,7 @@ def fingerprint_inputs(manifest, backbone, decode_mode: str, dtype: str) -> dict
         "dtype": dtype,
         "classes": list(manifest.classes),
         "manifest": manifest.digest(),
+        **({"precision": precision} if precision else {}),
     }))
 
 
@@ -92,6 +97,7 @@ def extract(
     wait: bool = False,
     max_images: int | None = None,
     hw_decoder_load: float | None = None,
+    amp: str = "off",
     manifest=None,
     scan_options: dict | None = None,
     progress: bool = True,
@@ -125,7 +131,7 @@ def extract(
         return _extract_locked(data, out, backbone=backbone, weights=weights, batch_size=batch_size,
                                backend=backend, device=device, workers=workers, seed=seed, overwrite=overwrite,
                                dtype=dtype, compression=compression, chunk_rows=chunk_rows, manifest=manifest,
-                               max_images=max_images, hw_decoder_load=hw_decoder_load,
+                               max_images=max_images, hw_decoder_load=hw_decoder_load, amp=amp,
                                scan_options=scan_options, progress=progress, dist=dist, console=console,
                                refusal=refusal)
     finally:
@@ -134,8 +140,8 @@ def extract(
 
 
 def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, device, workers, seed, overwrite,
-                    dtype, compression, chunk_rows, manifest, max_images, hw_decoder_load, scan_options, progress,
-                    dist, console, refusal):
+                    dtype, compression, chunk_rows, manifest, max_images, hw_decoder_load, amp, scan_options,
+                    progress, dist, console, refusal):
     from featcache.backbones import create_backbone
     from featcache.decode import resolve_backend
     from featcache.manifest import scan
@@ -148,7 +154,8 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
     manifest = manifest.stratified_subset(max_images, seed)
     bb = create_backbone(backbone, weights, seed=seed)
     decode = resolve_backend(backend, device, previous=previous_decode(out))
-    inputs = fingerprint_inputs(manifest, bb, decode.mode, dtype)
+    amp_dtype, precision, amp_words = resolve_inference_amp(amp, device)
+    inputs = fingerprint_inputs(manifest, bb, decode.mode, dtype, precision)
     fp = fingerprint(inputs)
     if len(set(dist.gather(fp))) > 1:
         raise UserError("the ranks of this run see different inputs (data, weights or flags differ between nodes)")
@@ -173,12 +180,12 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
         return {**summary, "status": "up to date"}
     tone = "bold yellow" if weights == "none" else "bold"
     console.print(f"backbone [bold]{bb.name}[/] ({bb.feature_dim}-d), weights: [{tone}]{bb.weights_note}[/]")
-    console.print(f"decode: [bold]{decode.mode}[/] ({decode.reason}); device: [bold]{device}[/]"
-                  + (f"; {dist.world} processes" if dist.active else ""))
+    console.print(f"decode: [bold]{decode.mode}[/] ({decode.reason}); device: [bold]{device}[/]; "
+                  f"precision: {amp_words}" + (f"; {dist.world} processes" if dist.active else ""))
     start = time.perf_counter()
     timing = _extract_chunks(bb, manifest, store, dist, decode=decode, device=device,
                              hw_decoder_load=hw_decoder_load, batch_size=batch_size, workers=workers,
-                             progress=progress, console=console)
+                             progress=progress, console=console, amp_dtype=amp_dtype)
     timings = dist.gather(timing)
     dist.barrier()
     seconds = time.perf_counter() - start
@@ -253,6 +260,17 @@ def _existing_cache_matches(out: Path, fp: str, inputs: dict, overwrite: bool, c
     )
 
 
+def resolve_inference_amp(amp: str, device: str):
+    """(autocast dtype or None, its name for the fingerprint or None, words) for extraction."""
+    from featcache.amp import resolve_amp
+
+    dtype, _, words = resolve_amp(amp, device)
+    if dtype is None:
+        return None, None, "fp32"
+    name = "bf16" if "bf16" in words else "fp16"
+    return dtype, name, words.replace(" with loss scaling", "")
+
+
 def previous_decode(out: Path) -> str | None:
     """The decode mode of the cache already at ``out``, if there is a readable one."""
     try:
@@ -282,7 +300,7 @@ def _cache_attrs(manifest, bb, weights, seed, fp, inputs, decode, device) -> dic
 
 
 def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, batch_size, workers, progress,
-                    console, hw_decoder_load=None) -> dict:
+                    console, hw_decoder_load=None, amp_dtype=None) -> dict:
     """This rank's missing chunks (every world-th chunk, from its rank on), committed one by one."""
     import torch
 
@@ -319,7 +337,9 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
                 x = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 sync()
                 t2 = time.perf_counter()
-                feats = model(x).float().cpu().numpy()
+                with torch.autocast(device.split(":")[0], dtype=amp_dtype or torch.float32,
+                                    enabled=amp_dtype is not None):
+                    feats = model(x).float().cpu().numpy()
                 t3 = time.perf_counter()
                 stage["host_to_device"] += t2 - t1
                 stage["forward"] += t3 - t2

@@ -26,7 +26,6 @@ import numpy as np
 
 from featcache.errors import UserError
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
 DEFAULT_LR_FULL = 3e-4
 DEFAULT_LR_FROZEN = 1e-3
 WEIGHT_DECAY = 1e-4
@@ -54,38 +53,6 @@ class Settings:
     seed: int
     threshold: str
     world: int
-
-
-def resolve_amp(amp: str, device: str):
-    """(autocast dtype or None, use a GradScaler, words) for ``amp`` on ``device``."""
-    import torch
-
-    if amp not in AMP_MODES:
-        raise UserError(f"--amp takes {', '.join(AMP_MODES)}, got {amp!r}")
-    cuda = device.startswith("cuda")
-    if amp == "off":
-        return None, False, "off (fp32)"
-    if amp == "fp16":
-        if not cuda:
-            raise UserError("--amp fp16 needs a CUDA GPU (loss scaling); on CPU use --amp bf16 or off")
-        return torch.float16, True, "fp16 autocast with loss scaling"
-    bf16_ok = torch.cuda.is_bf16_supported() if cuda else _cpu_has_bf16()
-    if amp == "bf16":
-        return torch.bfloat16, False, "bf16 autocast" + ("" if bf16_ok else " (emulated: slow on this CPU)")
-    if bf16_ok:
-        return torch.bfloat16, False, "auto: bf16 autocast (supported here)"
-    if cuda:
-        return torch.float16, True, "auto: fp16 autocast with loss scaling (no bf16 on this GPU)"
-    return None, False, "auto: fp32 (this CPU has no native bf16)"
-
-
-def _cpu_has_bf16() -> bool:
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # the probe is private API; without it, assume no
-        return False
 
 
 def _classifier_class():
@@ -184,6 +151,7 @@ def finetune(
     from featcache.decode import resolve_backend
     from featcache.extract import resolve_device
     from featcache.manifest import scan
+    from featcache.amp import resolve_amp
     from featcache.metrics import parse_threshold
 
     entry = get_entry(backbone)

@@ -153,3 +153,15 @@ def test_float16_features(small_dataset, tmp_path):
     xf, labels, patients = full.arrays("train")
     assert xh.dtype == np.float32 and np.allclose(xh, xf, rtol=2e-3, atol=2e-3)
     assert len(labels) == len(patients) == len(xf)
+
+
+def test_bf16_autocast_extraction_is_close_and_keyed(small_dataset, tmp_path):
+    _extract(small_dataset, tmp_path / "bf16.h5", amp="bf16")
+    _extract(small_dataset, tmp_path / "fp32.h5")
+    low, full = FeatureCache.open(tmp_path / "bf16.h5"), FeatureCache.open(tmp_path / "fp32.h5")
+    assert low.fingerprint_inputs["precision"] == "bf16" and "precision" not in full.fingerprint_inputs
+    a, b = low.read("features")["features"], full.read("features")["features"]
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() > 0.99
+    with pytest.raises(UserError, match="--amp fp16 needs a CUDA GPU"):
+        _extract(small_dataset, tmp_path / "fp16.h5", amp="fp16")
