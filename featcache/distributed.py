@@ -1,8 +1,9 @@
-"""Distributed extraction under torchrun: ranks, coordination, and the ``--nproc`` launcher.
+"""Distributed runs under torchrun: ranks, coordination, and the ``--nproc`` launcher.
 
-featcache needs only small messages between ranks (a go/no-go decision,
-fingerprints, row counts, barriers), so the process group is always gloo,
-also on GPU nodes; the heavy data never crosses it.
+Extraction needs only small messages between ranks (a go/no-go decision,
+fingerprints, row counts, barriers), so its process group is gloo, also on
+GPU nodes; the features never cross it. Fine-tuning all-reduces gradients,
+so on GPUs it asks for NCCL.
 """
 
 from __future__ import annotations
@@ -64,15 +65,22 @@ class Dist:
                 td.destroy_process_group()
 
 
-def from_env() -> Dist:
-    """The torchrun environment (RANK, WORLD_SIZE, ...), with gloo initialized; one process otherwise."""
+def from_env(backend: str = "gloo") -> Dist:
+    """The torchrun environment (RANK, WORLD_SIZE, ...), with a process group initialized; one process otherwise.
+
+    ``backend="nccl"`` binds each rank to its GPU (LOCAL_RANK) first, as NCCL needs.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     import torch.distributed as td
 
     if not td.is_initialized():
-        td.init_process_group("gloo")
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        td.init_process_group(backend)
     return Dist(rank=td.get_rank(), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                 local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 

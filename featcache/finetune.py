@@ -169,7 +169,9 @@ def finetune(
     from featcache.decode.augment import augment_params
 
     aug = augment_params(augment, hflip)
-    dist = dist or distributed.from_env()
+    if dist is None:
+        gpu = device != "cpu" and torch.cuda.is_available()
+        dist = distributed.from_env("nccl" if gpu and torch.distributed.is_nccl_available() else "gloo")
     console = get_console() if dist.is_main else quiet_console()
     device = resolve_device(device)
     if device == "cuda" and dist.active:
