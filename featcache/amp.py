@@ -35,6 +35,20 @@ def resolve_amp(amp: str, device: str):
     return None, False, "auto: fp32 (this CPU has no native bf16)"
 
 
+def autocast(device: str, dtype):
+    """The autocast context for ``dtype`` (None: plain fp32) on ``device`` ("cpu", "cuda", "cuda:1")."""
+    import torch
+
+    return torch.autocast(device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def precision_name(dtype) -> str | None:
+    """"bf16" or "fp16" for an autocast dtype, None for fp32."""
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+
+
 def _cpu_has_bf16() -> bool:
     import torch
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.amp import autocast
 from featcache.cache import (
     COMPRESSIONS,
     FORMAT_VERSION,
@@ -262,13 +263,12 @@ def _existing_cache_matches(out: Path, fp: str, inputs: dict, overwrite: bool, c
 
 def resolve_inference_amp(amp: str, device: str):
     """(autocast dtype or None, its name for the fingerprint or None, words) for extraction."""
-    from featcache.amp import resolve_amp
+    from featcache.amp import precision_name, resolve_amp
 
     dtype, _, words = resolve_amp(amp, device)
     if dtype is None:
         return None, None, "fp32"
-    name = "bf16" if "bf16" in words else "fp16"
-    return dtype, name, words.replace(" with loss scaling", "")
+    return dtype, precision_name(dtype), words.replace(" with loss scaling", "")
 
 
 def previous_decode(out: Path) -> str | None:
@@ -337,8 +337,7 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
                 x = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 sync()
                 t2 = time.perf_counter()
-                with torch.autocast(device.split(":")[0], dtype=amp_dtype or torch.float32,
-                                    enabled=amp_dtype is not None):
+                with autocast(device, amp_dtype):
                     feats = model(x).float().cpu().numpy()
                 t3 = time.perf_counter()
                 stage["host_to_device"] += t2 - t1

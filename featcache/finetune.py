@@ -7,7 +7,7 @@ compare key for key. The frozen mode is the classic transfer-learning
 tutorial's "fixed feature extractor": its backbone runs forward on every
 image every epoch, which is the cost featcache's cache removes.
 
-Mixed precision has one code path: ``torch.autocast(..., enabled=...)`` and
+Mixed precision has one code path: ``featcache.amp.autocast`` and
 ``GradScaler(enabled=fp16)``, bf16 on CPU and GPU where supported, fp16 with
 loss scaling on CUDA.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.amp import autocast
 from featcache.errors import UserError
 
 DEFAULT_LR_FULL = 3e-4
@@ -365,7 +366,7 @@ def _train_epoch(train_model, model, manifest, rows, spec, backend, aug, optimiz
                 continue
             images = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             labels = torch.as_tensor(labels_of[batch.indices], device=device)
-            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device_type, amp_dtype):
                 logits = train_model(images)
             loss = criterion(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -400,7 +401,7 @@ def predict_rows(model, manifest, rows, spec, backend, batch_size, workers, devi
             if not len(batch.indices):
                 continue
             x = batch.images.to(device).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device_type, amp_dtype):
                 logits = model(x).float()
             if criterion is not None:
                 y = torch.as_tensor(labels[batch.indices], device=device)
