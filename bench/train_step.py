@@ -2,9 +2,10 @@
 
     python bench/train_step.py [--backbones resnet18 mobilenet_v2] [--steps 6] [--batch-size 32] [--json OUT]
 
-Each configuration runs the same step finetune runs (channels_last, autocast
-when bf16, AdamW, cross-entropy) on one preloaded uint8 batch, so decoding is
-left out and the figures compare the model side only. On a GPU it times cuda
+Each configuration times ``featcache.bench.train_step_images_per_s``: the step
+finetune runs (channels_last, autocast when bf16, AdamW, cross-entropy) on one
+preloaded uint8 batch, so decoding is left out and the figures compare the
+model side only. On a GPU it times cuda
 as well; there fp16 joins the list.
 """
 
@@ -13,43 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
-
-
-def steps_per_second(backbone: str, *, frozen: bool, amp_dtype, device: str, batch_size: int, steps: int) -> float:
-    import torch
-
-    from featcache.backbones import create_backbone
-    from featcache.finetune import _classifier_class
-
-    bb = create_backbone(backbone, "none")
-    model = _classifier_class()(bb.model.requires_grad_(not frozen), bb.feature_dim, 2, frozen)
-    model = model.to(device, memory_format=torch.channels_last).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    scaler = torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16)
-    images = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, 2, (batch_size,), device=device)
-
-    def step():
-        with torch.autocast(device, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(images)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    step()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch_size / (time.perf_counter() - start)
 
 
 def main(argv=None) -> int:
@@ -63,6 +28,7 @@ def main(argv=None) -> int:
     import torch
     from rich.table import Table
 
+    from featcache.bench import train_step_images_per_s
     from featcache.console import get_console
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -73,8 +39,8 @@ def main(argv=None) -> int:
         for backbone in args.backbones:
             for frozen in (False, True):
                 for name, dtype in precisions:
-                    rate = steps_per_second(backbone, frozen=frozen, amp_dtype=dtype, device=device,
-                                            batch_size=args.batch_size, steps=args.steps)
+                    rate = train_step_images_per_s(backbone, frozen=frozen, amp_dtype=dtype, device=device,
+                                                   batch_size=args.batch_size, steps=args.steps)
                     rows.append({"device": device, "backbone": backbone, "mode": "frozen" if frozen else "full",
                                  "precision": name, "images_per_s": rate})
     table = Table(title=f"training images/s, batch {args.batch_size} ({torch.get_num_threads()} CPU threads)",

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 
+from featcache.amp import autocast
 from featcache.errors import UserError
 
 STAGES = ("decode", "forward", "extract", "fit-head", "finetune-step", "compare")
@@ -137,36 +138,50 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
     return facts
 
 
-def _train_steps(backbone: str, device: str, batch_size: int) -> dict:
+def train_step_images_per_s(backbone: str, *, frozen: bool, amp_dtype, device: str, batch_size: int,
+                            steps: int) -> float:
+    """Training images/s of finetune's step (channels_last, autocast, GradScaler for fp16, AdamW,
+    cross-entropy) on one preloaded uint8 batch of random-init ``backbone``, after one warm-up step."""
     import torch
 
-    from featcache.amp import resolve_amp
-    from featcache.finetune import _classifier_class
     from featcache.backbones import create_backbone
+    from featcache.finetune import _classifier_class
 
-    out = {}
-    amp_dtype, _, words = resolve_amp("auto", device)
-    for frozen in (False, True):
-        bb = create_backbone(backbone, "none")
-        model = _classifier_class()(bb.model.requires_grad_(not frozen), bb.feature_dim, 2, frozen)
-        model = model.to(device, memory_format=torch.channels_last).train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        x = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8, device=device)
-        y = torch.randint(0, 2, (batch_size,), device=device)
-        device_type = device.split(":")[0]
+    bb = create_backbone(backbone, "none")
+    model = _classifier_class()(bb.model.requires_grad_(not frozen), bb.feature_dim, 2, frozen)
+    model = model.to(device, memory_format=torch.channels_last).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=amp_dtype == torch.float16)
+    images = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 2, (batch_size,), device=device)
 
-        def step():
-            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    def step():
+        with autocast(device, amp_dtype):
+            logits = model(images)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
         step()
-        start = time.perf_counter()
-        for _ in range(3):
-            step()
-        out["frozen" if frozen else "full"] = 3 * batch_size / (time.perf_counter() - start)
+    sync()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def _train_steps(backbone: str, device: str, batch_size: int) -> dict:
+    from featcache.amp import resolve_amp
+
+    amp_dtype, _, words = resolve_amp("auto", device)
+    out = {("frozen" if frozen else "full"): train_step_images_per_s(backbone, frozen=frozen, amp_dtype=amp_dtype,
+                                                                     device=device, batch_size=batch_size, steps=3)
+           for frozen in (False, True)}
     out["amp"] = words
     return out
 
