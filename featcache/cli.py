@@ -40,6 +40,9 @@ def _add_scan_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-from-name", nargs="+", default=None, metavar="REGEX=CLASS",
                    help="label files by name instead of folder: the first REGEX found in the file name gives "
                         "the class; preset kermany-3class = _bacteria_=BACTERIA _virus_=VIRUS")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seeds the carved validation split only, so --seed can change without moving it "
+                        "(default %(default)s)")
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -50,7 +53,8 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 def _add_seed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0,
-                   help="seeds the validation split and random init with --weights none (default 0)")
+                   help="seeds random init (--weights none), shuffling and subsets; the validation split has "
+                        "--split-seed (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1,
                    help="local worker processes, launched with torchrun (one per GPU on a GPU node)")
     p.add_argument("--max-images", type=int, default=None, metavar="N",
-                   help="a stratified subset of N images (as finetune --max-images, same seed: same images)")
+                   help="a stratified subset of N train images; val and test stay whole (as finetune "
+                        "--max-images, same seed: same images)")
+    p.add_argument("--subsample-all", action="store_true",
+                   help="--max-images subsamples every split, val and test too (quick benchmarks)")
     p.add_argument("--chunk-rows", type=int, default=1024,
                    help="rows committed together; a crash loses at most one chunk per process (default 1024)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -151,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
                    help="stop after this many epochs without a better validation AUROC")
     p.add_argument("--max-images", type=int, default=None, metavar="N",
-                   help="a stratified subset of N images (every split and class in proportion), for quick runs")
+                   help="a stratified subset of N train images (classes in proportion); val and test stay whole")
+    p.add_argument("--subsample-all", action="store_true",
+                   help="--max-images subsamples every split, val and test too (quick benchmarks)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threshold", default="0.5", metavar="0.5|youden|f1", help="as for fit-head")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
@@ -257,7 +266,7 @@ def _require(args, *names: str) -> None:
 def _scan_options(args) -> dict:
     rules = [args.label_from_name] if isinstance(args.label_from_name, str) else args.label_from_name
     return {"val_fraction": args.val_fraction, "min_val": args.min_val, "patient_regex": args.patient_regex,
-            "label_from_name": rules}
+            "label_from_name": rules, "split_seed": args.split_seed}
 
 
 def _print_manifest(manifest) -> None:
@@ -271,7 +280,7 @@ def _cmd_scan(args) -> int:
     from featcache.manifest import scan
 
     _require(args, "data")
-    manifest = scan(args.data, seed=args.seed, **_scan_options(args))
+    manifest = scan(args.data, **_scan_options(args))
     _print_manifest(manifest)
     if args.out:
         manifest.save(args.out)
@@ -283,6 +292,7 @@ def _extract_kwargs(args) -> dict:
     return dict(backbone=args.backbone, weights=args.weights, batch_size=args.batch_size, backend=args.backend,
                 device=args.device, workers=args.workers, seed=args.seed, overwrite=args.overwrite, dtype=args.dtype,
                 compression=args.compression, chunk_rows=args.chunk_rows, wait=args.wait, max_images=args.max_images,
+                subsample_all=args.subsample_all,
                 hw_decoder_load=args.hw_decoder_load, amp=args.amp,
                 progress=not args.no_progress)
 
@@ -295,7 +305,8 @@ def _cmd_extract(args) -> int:
     _require(args, "data", "out")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_extract(args)
-    manifest = scan(args.data, seed=args.seed, **_scan_options(args)).stratified_subset(args.max_images, args.seed)
+    manifest = scan(args.data, **_scan_options(args)).limit(args.max_images, args.seed,
+                                                           subsample_all=args.subsample_all)
     if os.environ.get("RANK", "0") == "0":
         _print_manifest(manifest)
     from featcache.extract import extract
@@ -321,7 +332,8 @@ def _launch_extract(args) -> int:
     console = get_console()
     out = Path(args.out)
     validate_options(out, args.backbone, args.dtype, args.compression, args.chunk_rows)
-    manifest = scan(args.data, seed=args.seed, **_scan_options(args)).stratified_subset(args.max_images, args.seed)
+    manifest = scan(args.data, **_scan_options(args)).limit(args.max_images, args.seed,
+                                                           subsample_all=args.subsample_all)
     _print_manifest(manifest)
     bb = create_backbone(args.backbone, args.weights, seed=args.seed)
     device = resolve_device(args.device)
@@ -395,14 +407,15 @@ def _cmd_finetune(args) -> int:
         get_entry(args.backbone)  # the commonest mistakes fail here, once, before the launch
         from featcache.manifest import scan
 
-        scan(args.data, seed=args.seed, **_scan_options(args))
+        scan(args.data, **_scan_options(args))
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
     from featcache.finetune import finetune
 
     metrics = finetune(args.data, args.out, backbone=args.backbone, weights=args.weights, epochs=args.epochs,
                        lr=args.lr, batch_size=args.batch_size, amp=args.amp, freeze_backbone=args.freeze_backbone,
                        augment=args.augment, hflip=args.hflip, class_weight=args.class_weight,
-                       early_stop=args.early_stop, max_images=args.max_images, compile=args.compile,
+                       early_stop=args.early_stop, max_images=args.max_images, subsample_all=args.subsample_all,
+                       compile=args.compile,
                        seed=args.seed, threshold=args.threshold, device=args.device, backend=args.backend,
                        workers=args.workers, overwrite=args.overwrite, scan_options=_scan_options(args),
                        n_resamples=args.bootstrap, progress=not args.no_progress)

@@ -97,6 +97,7 @@ def extract(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     wait: bool = False,
     max_images: int | None = None,
+    subsample_all: bool = False,
     hw_decoder_load: float | None = None,
     amp: str = "off",
     manifest=None,
@@ -132,8 +133,8 @@ def extract(
         return _extract_locked(data, out, backbone=backbone, weights=weights, batch_size=batch_size,
                                backend=backend, device=device, workers=workers, seed=seed, overwrite=overwrite,
                                dtype=dtype, compression=compression, chunk_rows=chunk_rows, manifest=manifest,
-                               max_images=max_images, hw_decoder_load=hw_decoder_load, amp=amp,
-                               scan_options=scan_options, progress=progress, dist=dist, console=console,
+                               max_images=max_images, subsample_all=subsample_all,
+                               hw_decoder_load=hw_decoder_load, amp=amp, scan_options=scan_options, progress=progress, dist=dist, console=console,
                                refusal=refusal)
     finally:
         if lock:
@@ -141,8 +142,8 @@ def extract(
 
 
 def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, device, workers, seed, overwrite,
-                    dtype, compression, chunk_rows, manifest, max_images, hw_decoder_load, amp, scan_options,
-                    progress, dist, console, refusal):
+                    dtype, compression, chunk_rows, manifest, max_images, subsample_all, hw_decoder_load, amp,
+                    scan_options, progress, dist, console, refusal):
     from featcache.backbones import create_backbone
     from featcache.decode import resolve_backend
     from featcache.manifest import scan
@@ -151,8 +152,8 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
     if device == "cuda" and dist.active:
         device = f"cuda:{dist.local_rank}"
     if manifest is None:
-        manifest = scan(data, seed=seed, **(scan_options or {}))
-    manifest = manifest.stratified_subset(max_images, seed)
+        manifest = scan(data, **(scan_options or {}))
+    manifest = manifest.limit(max_images, seed, subsample_all=subsample_all)
     bb = create_backbone(backbone, weights, seed=seed)
     decode = resolve_backend(backend, device, previous=previous_decode(out))
     amp_dtype, precision, amp_words = resolve_inference_amp(amp, device)

@@ -50,6 +50,7 @@ class Settings:
     class_weight: str
     early_stop: int | None
     max_images: int | None
+    subsample_all: bool
     compile: bool
     seed: int
     threshold: str
@@ -131,6 +132,7 @@ def finetune(
     class_weight: str = "none",
     early_stop: int | None = None,
     max_images: int | None = None,
+    subsample_all: bool = False,
     compile: bool = False,
     seed: int = 0,
     threshold: str | float = 0.5,
@@ -180,14 +182,14 @@ def finetune(
     amp_dtype, use_scaler, amp_words = resolve_amp(amp, device)
     decode = resolve_backend(backend, device)  # DALI (augmenting on the GPU) on a GPU, PIL workers on a CPU
 
-    manifest = scan(data, seed=seed, **(scan_options or {})).stratified_subset(max_images, seed)
+    manifest = scan(data, **(scan_options or {})).limit(max_images, seed, subsample_all=subsample_all)
     if "train" not in manifest.splits or "val" not in manifest.splits:
         raise UserError(f"{data} has no train split to train and validate on")
     split_rows = {s: manifest.indices(s) for s in ("train", "val", "test")}
     bb = create_backbone(backbone, weights, seed=seed)
     lr = lr if lr is not None else (DEFAULT_LR_FROZEN if freeze_backbone else DEFAULT_LR_FULL)
     settings = Settings(str(manifest.root), manifest.digest(), backbone, bb.weights, epochs, lr, batch_size, amp,
-                        freeze_backbone, augment, hflip, class_weight, early_stop, max_images, compile, seed,
+                        freeze_backbone, augment, hflip, class_weight, early_stop, max_images, subsample_all, compile, seed,
                         str(threshold), dist.world)
     out = Path(out)
     state = _prepare_run_dir(out, settings, overwrite, dist, console)

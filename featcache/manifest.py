@@ -111,23 +111,32 @@ class Manifest:
         return replace(self, paths=pick(self.paths), labels=pick(self.labels), splits=pick(self.splits),
                        patients=pick(self.patients), sizes=pick(self.sizes), mtimes_ns=pick(self.mtimes_ns))
 
-    def stratified_subset(self, n: int | None, seed: int = 0) -> "Manifest":
-        """At most ``n`` rows keeping every split x class share (seeded); the whole manifest without ``n``.
+    def stratified_subset(self, n: int | None, seed: int = 0, *, splits: tuple[str, ...] | None = None) -> "Manifest":
+        """At most ``n`` rows of ``splits`` (every split when None), keeping each split x class share (seeded).
 
+        Rows of other splits are all kept; without ``n`` the manifest is returned whole.
         Splits are decided before sampling, so patients stay on their side.
         """
-        if n is None or n >= len(self):
+        if n is None:
             return self
         if n < 1:
             raise UserError(f"--max-images must be at least 1, got {n}")
+        pool = np.array([splits is None or s in splits for s in self.splits])
+        if n >= int(pool.sum()):
+            return self
         rng = np.random.default_rng(seed)
         keys = np.array([f"{s}/{lab}" for s, lab in zip(self.splits, self.labels)])
-        chosen = []
-        for key in sorted(set(keys.tolist())):
-            members = np.flatnonzero(keys == key)
-            take = max(1, int(n * len(members) / len(self)))  # floor: never more than n, so idempotent
+        chosen = np.flatnonzero(~pool).tolist()
+        for key in sorted(set(keys[pool].tolist())):
+            members = np.flatnonzero((keys == key) & pool)
+            take = max(1, int(n * len(members) / pool.sum()))  # floor: never more than n, so idempotent
             chosen.extend(rng.choice(members, size=min(take, len(members)), replace=False).tolist())
         return self.subset(sorted(chosen))
+
+    def limit(self, max_images: int | None, seed: int = 0, *, subsample_all: bool = False) -> "Manifest":
+        """``--max-images``: a stratified subset of the train images; val and test stay whole
+        (every number reported on them stays comparable), unless ``subsample_all``."""
+        return self.stratified_subset(max_images, seed, splits=None if subsample_all else ("train",))
 
     def digest(self) -> str:
         """Hash of everything about the rows that can change a feature or a label."""
@@ -165,7 +174,7 @@ def scan(
     *,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     min_val: int = DEFAULT_MIN_VAL,
-    seed: int = 0,
+    split_seed: int = 0,
     patient_regex: str | None = None,
     label_from_name: list[str] | None = None,
 ) -> Manifest:
@@ -173,8 +182,9 @@ def scan(
 
     When there is a train split and no ``val`` folder (or one with fewer than
     ``min_val`` images, like Kaggle's 16), a stratified, patient-grouped
-    validation split of ``val_fraction`` is carved out of train, seeded, so no
-    patient has images on both sides.
+    validation split of ``val_fraction`` is carved out of train, seeded by
+    ``split_seed`` (and nothing else, so changing a run's ``--seed`` never
+    moves the split), and no patient has images on both sides.
     """
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
@@ -212,7 +222,7 @@ def scan(
 
     if rules:
         classes = _relabel(rows, classes, rules, list(split_dirs))
-    validation = _assign_validation(rows, min_val=min_val, fraction=val_fraction, seed=seed)
+    validation = _assign_validation(rows, min_val=min_val, fraction=val_fraction, seed=split_seed)
     rows.sort(key=lambda r: (SPLIT_ORDER[r[2]], r[1], r[0]))
     paths, labels, splits, patients, sizes, mtimes = (tuple(col) for col in zip(*rows))
     return Manifest(

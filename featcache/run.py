@@ -6,7 +6,9 @@ A config names the data and lists runs of two kinds::
     data = "chest_xray"          # relative paths are read from the working directory
     out = "runs/homework"
     weights = "imagenet"         # or "none", or a state_dict path
-    max_images = 600             # optional: a stratified subset, the same images for every run
+    max_images = 600             # optional: a stratified subset of train, the same images for every run
+    subsample_all = false        # true: max_images subsamples val and test too (quick looks only)
+    split_seed = 0               # seeds the carved validation split (seed seeds init and shuffles)
 
     [[fixed]]                    # Task C: features cached once, heads trained on the cache
     backbone = "resnet50"
@@ -29,8 +31,9 @@ from pathlib import Path
 
 from featcache.errors import UserError
 
-TOP_KEYS = {"title": str, "data": str, "out": str, "weights": str, "max_images": int, "seed": int, "backend": str,
-            "device": str, "batch_size": int, "bootstrap": int, "label_from_name": list}
+TOP_KEYS = {"title": str, "data": str, "out": str, "weights": str, "max_images": int, "subsample_all": bool,
+            "seed": int, "split_seed": int, "backend": str, "device": str, "batch_size": int, "bootstrap": int,
+            "label_from_name": list}
 FIXED_KEYS = {"backbone": str, "heads": str, "class_weight": str, "threshold": str, "C": float, "epochs": int,
               "sampler": str}
 FINETUNE_KEYS = {"backbone": str, "epochs": int, "lr": float, "batch_size": int, "amp": str,
@@ -91,8 +94,9 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
     weights = weights or config.get("weights", "imagenet")
     out = Path(out or config.get("out", "runs/" + Path(path).stem))
     seed = config.get("seed", 0)
-    common = {"seed": seed}
-    scan_options = {"label_from_name": config.get("label_from_name")}
+    common = {"seed": seed, "max_images": config.get("max_images"),
+              "subsample_all": config.get("subsample_all", False)}
+    scan_options = {"label_from_name": config.get("label_from_name"), "split_seed": config.get("split_seed", 0)}
     run_dirs = []
     for i, fixed in enumerate(config["fixed"]):
         backbone = fixed["backbone"]
@@ -100,7 +104,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
         console.rule(f"[bold]fixed feature extractor {i + 1}/{len(config['fixed'])}: {backbone}")
         extract(data, cache, backbone=backbone, weights=weights, batch_size=config.get("batch_size", 32),
                 backend=config.get("backend", "auto"), device=config.get("device", "auto"),
-                max_images=config.get("max_images"), scan_options=scan_options, **common)
+                scan_options=scan_options, **common)
         heads = fixed.get("heads", "sweep")
         run_dir = out / "runs" / f"{backbone}-{heads}"
         metrics = fit_head(cache, run_dir, heads=heads, C=fixed.get("C"), class_weight=fixed.get("class_weight"),
@@ -118,7 +122,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
         console.rule(f"[bold]fine-tuning {i + 1}/{len(config['finetune'])}: {backbone}, {mode}, augment {augment}")
         options = {k: v for k, v in tune.items() if k not in ("backbone",)}
         options.setdefault("batch_size", config.get("batch_size", 32))
-        finetune(data, run_dir, backbone=backbone, weights=weights, max_images=config.get("max_images"),
+        finetune(data, run_dir, backbone=backbone, weights=weights,
                  device=config.get("device", "auto"), n_resamples=config.get("bootstrap", 1000),
                  scan_options=scan_options, **options, **common)
         run_dirs.append(run_dir)

@@ -61,7 +61,7 @@ def describe_validation(manifest) -> str:
         folded = f", after folding the {v['folded_val_images']}-image val/ folder into train" if v.get(
             "folded_val_images") else ""
         return (f"validation: {v['images']:,} images carved from train by patient "
-                f"({v['fraction']:.0%} per class, seed {v['seed']}{folded}); no patient is on both sides")
+                f"({v['fraction']:.0%} per class, split seed {v['seed']}{folded}); no patient is on both sides")
     if v.get("source") == "folder":
         return f"validation: the val/ folder ({v['images']:,} images)"
     return "validation: none (no train split to carve it from)"

@@ -66,7 +66,7 @@ def test_rows_are_ordered_by_split_class_path(small_dataset):
 def test_validation_is_patient_grouped_stratified_and_seeded(tmp_path):
     root = make_dataset(tmp_path / "d", {"train": kermany_names("", 40, 60, per_patient=3),
                                          "test": kermany_names("", 3, 3, per_patient=1)}, size=(8, 8))
-    m = scan(root, val_fraction=0.2, seed=3)
+    m = scan(root, val_fraction=0.2, split_seed=3)
     assert m.validation["source"] == "carved from train"
     train_p = {p for p, s in zip(m.patients, m.splits) if s == "train"}
     val_p = {p for p, s in zip(m.patients, m.splits) if s == "val"}
@@ -76,8 +76,8 @@ def test_validation_is_patient_grouped_stratified_and_seeded(tmp_path):
         share = counts["val"][label] / (counts["val"][label] + counts["train"][label])
         assert 0.18 <= share <= 0.24  # 20 % of each class, to the nearest whole patient (3 images)
     val_paths = m.paths[m.indices("val")[0]:]
-    assert scan(root, val_fraction=0.2, seed=3).paths == m.paths
-    assert scan(root, val_fraction=0.2, seed=4).paths[m.indices("val")[0]:] != val_paths
+    assert scan(root, val_fraction=0.2, split_seed=3).paths == m.paths
+    assert scan(root, val_fraction=0.2, split_seed=4).paths[m.indices("val")[0]:] != val_paths
     # Person numbers restart in test: ids are scoped by split folder.
     assert all(p.startswith("test/") for p, s in zip(m.patients, m.splits) if s == "test")
     assert all(p.startswith("train/") for p, s in zip(m.patients, m.splits) if s in ("train", "val"))
@@ -191,3 +191,37 @@ def test_label_from_name_mistakes(tmp_path):
         scan(root, label_from_name=[".=ALL"])
     with pytest.raises(UserError, match=r"test/ has no VIRUS"):
         scan(root, label_from_name=["person[2-4]_virus=VIRUS"])
+
+
+def test_seed_leaves_the_validation_split_where_split_seed_puts_it(tmp_path, capsys):
+    import json
+
+    from featcache.cli import main
+
+    root = make_dataset(tmp_path / "d", {"train": kermany_names("", 30, 30, per_patient=2)}, size=(8, 8))
+
+    def val_paths(*flags):
+        out = tmp_path / f"m{len(list(tmp_path.glob('m*.json')))}.json"
+        assert main(["scan", str(root), "--out", str(out), *flags]) == 0
+        m = json.loads(out.read_text())
+        return {r["path"] for r in m["rows"] if r["split"] == "val"}
+
+    default = val_paths()
+    assert val_paths("--seed", "5") == default  # init and shuffling seed: the split does not move
+    assert val_paths("--split-seed", "5") != default
+
+
+def test_max_images_subsamples_train_only_unless_asked(tmp_path):
+    root = make_dataset(tmp_path / "d", {"train": kermany_names("", 40, 60, per_patient=2),
+                                         "test": kermany_names("NORMAL2-", 10, 15, per_patient=1)}, size=(8, 8))
+    m = scan(root, val_fraction=0.2)
+    before = m.counts()
+    small = m.limit(30, seed=1)
+    after = small.counts()
+    assert after["val"] == before["val"] and after["test"] == before["test"]
+    assert sum(after["train"]) <= 30 and after["train"][0] < after["train"][1]  # classes in proportion
+    assert small.limit(30, seed=1).paths == small.paths  # idempotent: extract may apply it again
+    everything = m.limit(30, seed=1, subsample_all=True)
+    assert len(everything) <= 30 and sum(everything.counts()["test"]) < sum(before["test"])
+    with pytest.raises(UserError, match="--max-images"):
+        m.limit(0)
