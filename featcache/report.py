@@ -70,44 +70,78 @@ def task_d_rows(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def verdict(rows: list[dict]) -> str:
-    """A short paragraph, generated from the numbers, on which strategy wins on which axis."""
-    scored = [r for r in rows if r["test_auroc"] is not None]
-    if not scored:
-        return "No run has a test split, so no strategy can be compared on held-out data."
-    best = max(scored, key=lambda r: r["test_auroc"])
-    parts = [f"The highest test AUROC is {best['test_auroc']:.3f}, from {best['run']} ({best['strategy']}, "
-             f"{best['backbone']})."]
-    timed = [r for r in scored if r["wall_seconds"]]
+def _choose(candidates: list[dict], by: str) -> dict | None:
+    """The candidate with the highest ``by`` (a validation figure); ties go to the first in report order."""
+    scored = [c for c in candidates if c.get(by) is not None]
+    return max(scored, key=lambda c: c[by]) if scored else None
+
+
+def choose_runs(rows: list[dict]) -> dict:
+    """Which run the report puts forward, overall and per strategy, each chosen by validation AUROC.
+
+    Nothing here reads a test figure: permuting the test labels leaves every choice as it is.
+    """
+    choices = {}
+    groups = {"best_run": rows,
+              "best_fixed_feature_run": [r for r in rows if r["strategy"].startswith("cached features")],
+              "best_finetune_run": [r for r in rows if r["strategy"].startswith("finetune")]}
+    for name, members in groups.items():
+        chosen = _choose(members, "val_auroc")
+        if chosen is not None:
+            choices[name] = {"chosen": chosen["run"], "by": "val_auroc", "value": chosen["val_auroc"]}
+    return choices
+
+
+def verdict(rows: list[dict], choices: dict) -> str:
+    """A short paragraph, generated from the numbers, on which strategy wins on which axis.
+
+    "Best" always means best on validation; the test figures of those runs are then reported as they are.
+    """
+    by_name = {r["run"]: r for r in rows}
+    if "best_run" not in choices:
+        return "No run has a validation AUROC, so no run can be put forward."
+    best = by_name[choices["best_run"]["chosen"]]
+    test_words = (f"its test AUROC is {best['test_auroc']:.3f}" if best["test_auroc"] is not None
+                  else "it has no test split")
+    parts = [f"By validation AUROC the best run is {best['run']} ({best['strategy']}, {best['backbone']}, val "
+             f"AUROC {best['val_auroc']:.3f}); {test_words}."]
+    timed = [r for r in rows if r["wall_seconds"]]
     if timed:
         fastest = min(timed, key=lambda r: r["wall_seconds"])
-        parts.append(f"The fastest is {fastest['run']} at {fastest['wall_seconds']:.0f} s "
-                     f"(test AUROC {fastest['test_auroc']:.3f}).")
+        parts.append(f"The fastest is {fastest['run']} at {fastest['wall_seconds']:.0f} s (val AUROC "
+                     f"{fastest['val_auroc']:.3f}).")
         if fastest is not best and best["wall_seconds"]:
             parts.append(f"The best run took {best['wall_seconds'] / fastest['wall_seconds']:.1f}x the fastest "
-                         f"one's time for {best['test_auroc'] - fastest['test_auroc']:+.3f} AUROC.")
-    cached = [r for r in timed if r["strategy"].startswith("cached features")]
-    tuned = [r for r in timed if r["strategy"].startswith("finetune")]
-    if cached and tuned:
-        c = max(cached, key=lambda r: r["test_auroc"])
-        t = max(tuned, key=lambda r: r["test_auroc"])
-        ratio = t["wall_seconds"] / c["wall_seconds"] if c["wall_seconds"] else float("nan")
-        accuracy = ("fine-tuning wins on AUROC" if t["test_auroc"] > c["test_auroc"] + 0.005 else
-                    "the cached features match or beat fine-tuning on AUROC")
-        speed = ("the two took about the same time" if 0.9 <= ratio <= 1.1 else
-                 f"the cache is {ratio:.1f}x faster" if ratio > 1 else f"fine-tuning took {1 / ratio:.1f}x less time")
-        parts.append(f"Best fixed feature extractor ({c['run']}): AUROC {c['test_auroc']:.3f} in "
-                     f"{c['wall_seconds']:.0f} s; best fine-tuning ({t['run']}): {t['test_auroc']:.3f} in "
-                     f"{t['wall_seconds']:.0f} s. On this data {accuracy} and {speed}; every further head on "
-                     "the cache costs seconds, not another pass over the images.")
-        if c["n_train"] and t["n_train"] and max(c["n_train"], t["n_train"]) > 1.2 * min(c["n_train"], t["n_train"]):
-            parts.append(f"Note that they trained on different numbers of images ({c['n_train']:,} and "
-                         f"{t['n_train']:,}); compare their times with that in mind.")
-    low_spec = [r for r in scored if r["specificity"] is not None and r["specificity"] < 0.7]
+                         f"one's time for {best['val_auroc'] - fastest['val_auroc']:+.3f} val AUROC.")
+    if "best_fixed_feature_run" in choices and "best_finetune_run" in choices:
+        c = by_name[choices["best_fixed_feature_run"]["chosen"]]
+        t = by_name[choices["best_finetune_run"]["chosen"]]
+        parts.append(_cached_vs_tuned(c, t))
+    scored = [r for r in rows if r["specificity"] is not None]
+    low_spec = [r for r in scored if r["specificity"] < 0.7]
     if low_spec:
         parts.append(f"{len(low_spec)} of {len(scored)} runs keep test specificity below 0.70 at their threshold: "
                      "they call many NORMAL images PNEUMONIA (see the threshold and class-balance analysis below).")
     return " ".join(parts)
+
+
+def _cached_vs_tuned(c: dict, t: dict) -> str:
+    """The best fixed-feature run against the best fine-tuning run (both chosen on validation)."""
+    def test(r):
+        return "no test split" if r["test_auroc"] is None else f"test AUROC {r['test_auroc']:.3f}"
+
+    text = (f"Best fixed feature extractor by validation ({c['run']}): val AUROC {c['val_auroc']:.3f}, {test(c)}; "
+            f"best fine-tuning ({t['run']}): val AUROC {t['val_auroc']:.3f}, {test(t)}.")
+    if c["wall_seconds"] and t["wall_seconds"]:
+        ratio = t["wall_seconds"] / c["wall_seconds"]
+        speed = ("the two took about the same time" if 0.9 <= ratio <= 1.1 else
+                 f"the cache was {ratio:.1f}x faster" if ratio > 1 else f"fine-tuning took {1 / ratio:.1f}x less time")
+        text += (f" They took {c['wall_seconds']:.0f} s and {t['wall_seconds']:.0f} s: {speed}; every further head "
+                 "on the cache costs seconds, not another pass over the images.")
+    if c["n_train"] and t["n_train"] and max(c["n_train"], t["n_train"]) > 1.2 * min(c["n_train"], t["n_train"]):
+        text += (f" Note that they trained on different numbers of images ({c['n_train']:,} and "
+                 f"{t['n_train']:,}); compare their times with that in mind.")
+    return text
 
 
 class _Doc:
@@ -194,7 +228,8 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
               [[r["run"], r["backbone"], r["strategy"], r["n_train"], r["test_accuracy"], r["test_auroc_text"],
                 r["sensitivity"], r["specificity"], r["f1"], _num(r["wall_seconds"], 0),
                 _num(r["images_per_second"], 1), _num(r["peak_memory_mb"], 0)] for r in rows])
-    facts["verdict"] = verdict(rows)
+    facts["choices"] = choose_runs(rows)
+    facts["verdict"] = verdict(rows, facts["choices"])
     doc.p(facts["verdict"])
     doc.p("Wall time of a cached-feature run is its extraction plus its head fit; the extraction is paid once per "
           "backbone, and every further head costs only the fit. images/s is extraction speed for cached runs and "
@@ -285,19 +320,23 @@ def _cache_analyses(doc: _Doc, run: dict, out: Path, facts: dict) -> None:
     effects = analysis.weighting_and_threshold(cache, C=run["metrics"]["selected"].get("C") or 0.1)
     facts["weighting_threshold"] = effects
     if effects:
-        doc.table(["class weight", "threshold", "value", "val sens.", "val spec.", "test sens.", "test spec.",
-                   "test bal. acc."],
+        doc.table(["class weight", "threshold", "value", "val sens.", "val spec.", "val bal. acc.", "test sens.",
+                   "test spec.", "test bal. acc."],
                   [[e["class_weight"], e["threshold_rule"], e["threshold"], e["val_sensitivity"],
-                    e["val_specificity"], e["test_sensitivity"], e["test_specificity"],
+                    e["val_specificity"], e["val_balanced_accuracy"], e["test_sensitivity"], e["test_specificity"],
                     e["test_balanced_accuracy"]] for e in effects])
         base = effects[0]
-        best = max(effects, key=lambda e: e["test_balanced_accuracy"])
+        chosen = _choose(effects, "val_balanced_accuracy")
+        facts["choices"]["class_weight_and_threshold"] = {
+            "chosen": f"class weight {chosen['class_weight']}, threshold {chosen['threshold_rule']}",
+            "by": "val_balanced_accuracy", "value": chosen["val_balanced_accuracy"]}
         doc.p(f"With {run['backbone']} features, a plain head at threshold 0.5 gives test specificity "
               f"{base['test_specificity']:.3f} against validation {base['val_specificity']:.3f}: the model leans "
-              f"to the majority class of train. {'Balanced' if best['class_weight'] == 'balanced' else 'No'} class "
-              f"weighting with the "
-              f"{best['threshold_rule']} threshold (chosen on validation) moves test balanced accuracy from "
-              f"{base['test_balanced_accuracy']:.3f} to {best['test_balanced_accuracy']:.3f}.")
+              f"to the majority class of train. Chosen by validation balanced accuracy "
+              f"({chosen['val_balanced_accuracy']:.3f}), {chosen['class_weight']} class weighting with the "
+              f"{chosen['threshold_rule']} threshold gives test balanced accuracy "
+              f"{chosen['test_balanced_accuracy']:.3f}, against {base['test_balanced_accuracy']:.3f} for the "
+              "plain head.")
     shift = analysis.domain_shift(cache)
     facts["domain_shift"] = shift
     if shift:
@@ -332,7 +371,9 @@ def _worst_errors(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> None:
     scored = [r for r in runs if r["predictions"] and r["metrics"].get("test", {}).get("auroc") is not None]
     if not scored:
         return
-    best = max(scored, key=lambda r: r["metrics"]["test"]["auroc"])
+    best = max(scored, key=lambda r: r["metrics"]["val"]["auroc"])  # chosen on validation, as every choice here
+    facts["choices"]["worst_errors_run"] = {"chosen": best["name"], "by": "val_auroc",
+                                            "value": best["metrics"]["val"]["auroc"]}
     root = best["run"].get("data_root")
     errors = analysis.worst_errors(analysis.read_predictions(best["predictions"]), best["metrics"]["classes"])
     facts["worst_errors"] = {"run": best["name"], "errors": errors}

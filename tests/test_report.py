@@ -17,21 +17,18 @@ from featcache.fit import fit_head
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def fixture_runs(tmp_path_factory):
-    """Two real fit-head runs on the demo subset and two fine-tuning runs written by hand."""
-    root = tmp_path_factory.mktemp("runs")
-    cache = root / "r18.h5"
-    extract(DEMO_DATA, cache, weights="none", workers=0, progress=False)
+def _write_runs(root: Path, cache: Path, finetune_test_aurocs: dict) -> Path:
+    """Two real fit-head runs on ``cache`` and two fine-tuning runs written by hand, in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
     fit_head(cache, root / "r18-logistic", n_resamples=100)
     fit_head(cache, root / "r18-sweep", heads="sweep", n_resamples=100)
     base = json.loads((root / "r18-logistic" / "metrics.json").read_text())
-    for name, augment, test_auroc, val_losses in (("ft-light", "light", 0.8123, [0.52, 0.38, 0.25]),
-                                                  ("ft-none", "none", 0.7456, [0.5, 0.6, 0.8])):
+    for name, augment, val_losses in (("ft-light", "light", [0.52, 0.38, 0.25]), ("ft-none", "none", [0.5, 0.6, 0.8])):
         folder = root / name
         folder.mkdir()
         metrics = json.loads(json.dumps(base))
-        metrics["test"]["auroc"] = test_auroc
+        metrics["test"]["auroc"] = finetune_test_aurocs[name]
+        metrics["val"]["auroc"] = {"ft-light": 0.91, "ft-none": 0.88}[name]
         metrics["test"].pop("ci")
         metrics["selected"] = {"head": "finetune", "name": f"finetune_full_lr_0.0003_aug_{augment}"}
         (folder / "metrics.json").write_text(json.dumps(metrics))
@@ -45,6 +42,54 @@ def fixture_runs(tmp_path_factory):
             "data_root": str(DEMO_DATA), "wall_seconds": 95.0, "images_per_second": 20.0, "peak_memory_mb": 1500.0,
             "settings": {"augment": augment, "freeze_backbone": False}}))
     return root
+
+
+@pytest.fixture(scope="module")
+def fixture_runs(tmp_path_factory):
+    """Two real fit-head runs on the demo subset and two fine-tuning runs written by hand."""
+    root = tmp_path_factory.mktemp("runs")
+    cache = root / "r18.h5"
+    extract(DEMO_DATA, cache, weights="none", workers=0, progress=False)
+    return _write_runs(root, cache, {"ft-light": 0.8123, "ft-none": 0.7456})
+
+
+@pytest.fixture(scope="module")
+def permuted_runs(fixture_runs, tmp_path_factory):
+    """The same runs, but every test label permuted (the fine-tuning runs' test figures changed to match)."""
+    import h5py
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("permuted")
+    cache = root / "r18.h5"
+    shutil.copy(fixture_runs / "r18.h5", cache)
+    with h5py.File(cache, "r+") as f:
+        test = np.flatnonzero(f["splits"].asstr()[:] == "test")
+        labels = f["labels"][:]
+        labels[test] = np.random.default_rng(0).permutation(labels[test])
+        f["labels"][:] = labels
+    # A test-driven choice would flip: ft-none now has the higher test AUROC, ft-light the higher val AUROC.
+    return _write_runs(root / "runs", cache, {"ft-light": 0.41, "ft-none": 0.97})
+
+
+def test_report_choices_are_blind_to_the_test_labels(fixture_runs, permuted_runs, tmp_path):
+    from featcache.report import build_report
+
+    names = ("r18-logistic", "r18-sweep", "ft-light", "ft-none")
+    a = build_report([str(fixture_runs / n) for n in names], tmp_path / "a")
+    b = build_report([str(permuted_runs / n) for n in names], tmp_path / "b")
+    assert set(a["choices"]) >= {"best_run", "best_fixed_feature_run", "best_finetune_run",
+                                 "class_weight_and_threshold", "worst_errors_run"}
+    assert a["choices"] == b["choices"]
+    assert a["choices"]["best_finetune_run"]["chosen"] == "ft-light"
+    assert [r["test_auroc"] for r in a["task_d"]] != [r["test_auroc"] for r in b["task_d"]]  # the test did change
+    assert [r["val_auroc"] for r in a["task_d"]] == [r["val_auroc"] for r in b["task_d"]]
+    for ea, eb in zip(a["weighting_threshold"], b["weighting_threshold"]):
+        assert {k: v for k, v in ea.items() if not k.startswith("test_")} == \
+               {k: v for k, v in eb.items() if not k.startswith("test_")}
+    on_disk = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert on_disk["choices"] == b["choices"]
+    chosen = b["choices"]["class_weight_and_threshold"]["chosen"]
+    assert "Chosen by validation balanced accuracy" in (tmp_path / "b" / "report.md").read_text() and chosen
 
 
 def test_report_sections_and_numbers(fixture_runs, tmp_path, capsys):
@@ -69,8 +114,9 @@ def test_report_sections_and_numbers(fixture_runs, tmp_path, capsys):
     assert 0.0 <= facts["domain_shift"]["auroc"] <= 1.0 and len(facts["domain_shift"]["folds"]) == 5
     assert facts["exact_duplicates"] == []
     assert len(facts["weighting_threshold"]) == 4
-    best = max(facts["task_d"], key=lambda r: r["test_auroc"])
-    assert f"The highest test AUROC is {best['test_auroc']:.3f}, from {best['run']}" in facts["verdict"]
+    best = max(facts["task_d"], key=lambda r: r["val_auroc"])
+    assert f"By validation AUROC the best run is {best['run']}" in facts["verdict"]
+    assert f"its test AUROC is {best['test_auroc']:.3f}" in facts["verdict"]
     html = (tmp_path / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3 and 'src="http' not in html
     for png in ("auroc_vs_time.png", "worst_errors.png", "closest_pairs.png"):
