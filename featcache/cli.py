@@ -144,15 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--backbone", default="resnet18", help=f"one of: {_backbone_names()} (default %(default)s)")
     p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-4; 1e-3 when frozen)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--recipe", default="featcache", metavar="featcache|tutorial",
+                   help="featcache: AdamW + cosine (frozen mode: BatchNorm statistics fixed, features standardized "
+                        "by a BatchNorm1d); tutorial: the PyTorch transfer-learning tutorial's fixed feature "
+                        "extractor (SGD momentum 0.9, StepLR 7/0.1 per epoch, batch 4, RandomResizedCrop + flip, "
+                        "BatchNorm in train mode, best epoch by val accuracy, 25 epochs) (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="(default 10; 25 with --recipe tutorial)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default 3e-4; 1e-3 when frozen or with --recipe tutorial)")
+    p.add_argument("--batch-size", type=int, default=None, help="(default 32; 4 with --recipe tutorial)")
     p.add_argument("--amp", default="auto", metavar="auto|bf16|fp16|off",
                    help="mixed precision (auto: bf16 where supported, fp16 with loss scaling on older GPUs)")
     p.add_argument("--freeze-backbone", action="store_true",
                    help="train only a new head; the backbone still runs forward every epoch")
-    p.add_argument("--augment", default="light", metavar="none|light|strong",
-                   help="small rotations, shifts, scalings, brightness/contrast; no flips (default light)")
+    p.add_argument("--augment", default=None, metavar="none|light|strong|tutorial",
+                   help="small rotations, shifts, scalings, brightness/contrast; no flips (default light); "
+                        "tutorial: RandomResizedCrop + horizontal flip (the default with --recipe tutorial)")
     p.add_argument("--hflip", action="store_true", help="also flip horizontally (moves the heart: off by default)")
     p.add_argument("--class-weight", default="none", metavar="none|balanced")
     p.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
@@ -414,8 +421,8 @@ def _cmd_finetune(args) -> int:
     metrics = finetune(args.data, args.out, backbone=args.backbone, weights=args.weights, epochs=args.epochs,
                        lr=args.lr, batch_size=args.batch_size, amp=args.amp, freeze_backbone=args.freeze_backbone,
                        augment=args.augment, hflip=args.hflip, class_weight=args.class_weight,
-                       early_stop=args.early_stop, max_images=args.max_images, subsample_all=args.subsample_all,
-                       compile=args.compile,
+                       early_stop=args.early_stop, recipe=args.recipe, max_images=args.max_images,
+                       subsample_all=args.subsample_all, compile=args.compile,
                        seed=args.seed, threshold=args.threshold, device=args.device, backend=args.backend,
                        workers=args.workers, overwrite=args.overwrite, scan_options=_scan_options(args),
                        n_resamples=args.bootstrap, progress=not args.no_progress)
@@ -571,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         sys.stderr.write(f"featcache {args.command}: error: {exc}\n")
+        from featcache.distributed import note_user_error
+
+        note_user_error(str(exc))
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"featcache {args.command}: interrupted\n")

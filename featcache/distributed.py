@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 from featcache.errors import UserError
@@ -46,6 +47,19 @@ class Dist:
         box = [obj]
         td.broadcast_object_list(box, src=0)
         return box[0]
+
+    def sync_buffers(self, module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+        DDP broadcasts buffers before each forward, so after an epoch's last step
+        each rank still holds statistics updated on its own last batch.
+        """
+        if not self.active:
+            return
+        import torch.distributed as td
+
+        for buffer in module.buffers():
+            td.broadcast(buffer.data, src=0)
 
     def gather(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
@@ -85,18 +99,39 @@ def from_env(backend: str = "gloo") -> Dist:
                 local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+# A worker that stops on a user mistake writes its message here, so the launcher
+# can tell "fix your input" (exit 2) from a crash (torchrun's own non-zero status).
+USER_ERROR_FILE_ENV = "FEATCACHE_USER_ERROR_FILE"
+
+
+def note_user_error(message: str) -> None:
+    """Called by a worker's CLI when it exits on a UserError; a no-op outside ``launch``."""
+    path = os.environ.get(USER_ERROR_FILE_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(message.replace("\n", " ") + "\n")
+
+
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``featcache ARGV`` as ``nproc`` local torchrun workers; their exit status."""
+    """Run ``featcache ARGV`` as ``nproc`` local torchrun workers; their exit status.
+
+    2 only when a worker stopped on a user mistake; a crashed worker keeps torchrun's
+    status, so a bug or a killed process is never reported as bad input.
+    """
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "featcache", *argv]
     # torchrun sets OMP_NUM_THREADS=1 (and warns) unless told otherwise; split the cores instead.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores // nproc)))}
-    completed = subprocess.run(cmd, env=env)
-    # A rank that exits 2 (a user mistake) makes torchrun exit 1; report it as 2.
-    return 2 if completed.returncode == 1 else completed.returncode
+    with tempfile.NamedTemporaryFile("r", prefix="featcache-user-error-", suffix=".txt") as note:
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores // nproc))),
+               USER_ERROR_FILE_ENV: note.name}
+        completed = subprocess.run(cmd, env=env)
+        user_mistake = bool(note.read().strip())
+    if completed.returncode == 0:
+        return 0
+    return 2 if user_mistake else completed.returncode
 
 
 def strip_nproc(argv: list[str]) -> list[str]:

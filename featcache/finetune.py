@@ -30,6 +30,13 @@ from featcache.errors import UserError
 DEFAULT_LR_FULL = 3e-4
 DEFAULT_LR_FROZEN = 1e-3
 WEIGHT_DECAY = 1e-4
+DEFAULTS = {"epochs": 10, "batch_size": 32, "augment": "light"}
+RECIPES = ("featcache", "tutorial")
+# The PyTorch transfer-learning tutorial's "ConvNet as fixed feature extractor", as its authors wrote it:
+# SGD on the new layer, StepLR per epoch, batch 4, RandomResizedCrop + flip, BatchNorm statistics updating
+# in train mode, the epoch with the best validation accuracy kept.
+TUTORIAL = {"epochs": 25, "batch_size": 4, "augment": "tutorial", "lr": 1e-3, "momentum": 0.9, "step_size": 7,
+            "gamma": 0.1}
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class Settings:
     hflip: bool
     class_weight: str
     early_stop: int | None
+    recipe: str
     max_images: int | None
     subsample_all: bool
     compile: bool
@@ -64,16 +72,19 @@ def _classifier_class():
     class Classifier(nn.Module):
         """A backbone's features into a new linear layer; the frozen mode runs the backbone without grad."""
 
-        def __init__(self, extractor: nn.Module, feature_dim: int, n_classes: int, frozen: bool):
+        def __init__(self, extractor: nn.Module, feature_dim: int, n_classes: int, frozen: bool,
+                     tutorial: bool = False):
             super().__init__()
             self.extractor = extractor
             # A frozen backbone gets a linear probe as MAE and DINO train one: a BatchNorm without
             # affine parameters standardizes the features first (random-init and some pretrained
             # features are far from unit scale, which a plain linear layer learns slowly).
-            layers = [nn.BatchNorm1d(feature_dim, affine=False)] if frozen else []
+            # The tutorial's recipe has a bare linear layer.
+            layers = [nn.BatchNorm1d(feature_dim, affine=False)] if frozen and not tutorial else []
             self.head = nn.Sequential(*layers, nn.Linear(feature_dim, n_classes))
             self.n_classes = n_classes
             self.frozen = frozen
+            self.tutorial = tutorial
 
         def forward(self, images):
             if self.frozen:
@@ -84,7 +95,9 @@ def _classifier_class():
 
         def train(self, mode: bool = True):
             super().train(mode)
-            if self.frozen:  # frozen BatchNorm statistics too: a fixed feature extractor
+            # featcache's frozen mode freezes BatchNorm statistics too (a fixed feature extractor); the
+            # tutorial calls model.train(), so its frozen backbone's running statistics still move.
+            if self.frozen and not self.tutorial:
                 self.extractor.eval()
             return self
 
@@ -122,15 +135,16 @@ def finetune(
     *,
     backbone: str = "resnet18",
     weights: str = "imagenet",
-    epochs: int = 10,
+    epochs: int | None = None,
     lr: float | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     amp: str = "auto",
     freeze_backbone: bool = False,
-    augment: str = "light",
+    augment: str | None = None,
     hflip: bool = False,
     class_weight: str = "none",
     early_stop: int | None = None,
+    recipe: str = "featcache",
     max_images: int | None = None,
     subsample_all: bool = False,
     compile: bool = False,
@@ -158,6 +172,14 @@ def finetune(
     from featcache.metrics import parse_threshold
 
     entry = get_entry(backbone)
+    if recipe not in RECIPES:
+        raise UserError(f"--recipe takes {' or '.join(RECIPES)}, got {recipe!r}")
+    tutorial = recipe == "tutorial"
+    defaults = {**DEFAULTS, **(TUTORIAL if tutorial else {})}
+    epochs = defaults["epochs"] if epochs is None else epochs
+    batch_size = defaults["batch_size"] if batch_size is None else batch_size
+    augment = defaults["augment"] if augment is None else augment
+    freeze_backbone = freeze_backbone or tutorial  # the tutorial's recipe is a fixed feature extractor
     if epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {epochs}")
     if batch_size < 1:
@@ -187,9 +209,11 @@ def finetune(
         raise UserError(f"{data} has no train split to train and validate on")
     split_rows = {s: manifest.indices(s) for s in ("train", "val", "test")}
     bb = create_backbone(backbone, weights, seed=seed)
-    lr = lr if lr is not None else (DEFAULT_LR_FROZEN if freeze_backbone else DEFAULT_LR_FULL)
+    lr = lr if lr is not None else (TUTORIAL["lr"] if tutorial else DEFAULT_LR_FROZEN if freeze_backbone
+                                    else DEFAULT_LR_FULL)
     settings = Settings(str(manifest.root), manifest.digest(), backbone, bb.weights, epochs, lr, batch_size, amp,
-                        freeze_backbone, augment, hflip, class_weight, early_stop, max_images, subsample_all, compile, seed,
+                        freeze_backbone, augment, hflip, class_weight, early_stop, recipe, max_images, subsample_all,
+                        compile, seed,
                         str(threshold), dist.world)
     out = Path(out)
     state = _prepare_run_dir(out, settings, overwrite, dist, console)
@@ -201,12 +225,18 @@ def finetune(
     Classifier = _classifier_class()
     torch.manual_seed(seed)
     extractor = bb.model.requires_grad_(not freeze_backbone)
-    model = Classifier(extractor, bb.feature_dim, len(classes), freeze_backbone).to(
+    model = Classifier(extractor, bb.feature_dim, len(classes), freeze_backbone, tutorial).to(
         device, memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
-    steps_per_epoch = math.ceil(len(split_rows["train"]) / (batch_size * dist.world))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    if tutorial:  # SGD with momentum, lr divided by 10 every 7 epochs (stepped once per epoch)
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=TUTORIAL["momentum"])
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=TUTORIAL["step_size"],
+                                                    gamma=TUTORIAL["gamma"])
+    else:  # AdamW with a cosine decay stepped every batch
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+        steps_per_epoch = math.ceil(len(split_rows["train"]) / (batch_size * dist.world))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    chosen_by = "val_accuracy" if tutorial else "val_auroc"
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=use_scaler)
     labels_train = np.asarray(manifest.labels)[split_rows["train"]]
     weight = None
@@ -251,14 +281,19 @@ def finetune(
             break  # a resumed run that had already stopped early
         t0 = time.perf_counter()
         train = _train_epoch(train_model, model, manifest, split_rows["train"], bb.spec, decode.name, aug,
-                             optimizer, scheduler, scaler, criterion, epoch=epoch, seed=seed, batch_size=batch_size,
+                             optimizer, None if tutorial else scheduler, scaler, criterion, epoch=epoch, seed=seed, batch_size=batch_size,
                              workers=workers, device=device, device_type=device_type, amp_dtype=amp_dtype,
                              dist=dist, progress=progress and dist.is_main, epochs=epochs)
         train_seconds = time.perf_counter() - t0
+        if tutorial:
+            scheduler.step()
+        dist.sync_buffers(model)
         val_probs, val_loss = predict_rows(model, manifest, split_rows["val"], bb.spec, decode.name, batch_size,
                                            workers, device, device_type, amp_dtype, criterion)
         y_val = np.asarray(manifest.labels)[split_rows["val"]]
         val_auroc = selection_score(y_val, val_probs, positive)
+        # Every rank saw 1/world of the training images in the same wall time: throughput is their sum.
+        images, slowest = np.sum(dist.gather(train["images"])), max(dist.gather(train_seconds))
         record = {
             "epoch": epoch + 1,
             "train_loss": train["loss"],
@@ -266,17 +301,21 @@ def finetune(
             "val_loss": val_loss,
             "val_auroc": val_auroc,
             "val_accuracy": float(np.mean(val_probs.argmax(axis=1) == y_val)),
-            "images_per_second": train["images"] / train_seconds if train_seconds else 0.0,
+            "images_per_second": float(images / slowest) if slowest else 0.0,
             "epoch_seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
             "peak_memory_mb": _peak_memory_mb(device),
             "lr": optimizer.param_groups[0]["lr"],
             "skipped": train["failed"],
         }
+        # Rank 0's record decides "improved" and "stop" for every rank, so no rank can stop an epoch
+        # earlier than another (which would hang the next all-reduce) or keep other "best" weights.
+        record = dist.broadcast(record)
+        val_auroc = record["val_auroc"]
         history.append(record)
-        improved = val_auroc > best["auroc"]
+        improved = record[chosen_by] > best.get("score", best["auroc"])
         if improved:
-            best = {"auroc": val_auroc, "epoch": epoch}
+            best = {"auroc": val_auroc, "score": record[chosen_by], "epoch": epoch}
         if dist.is_main:
             if improved:
                 _atomic_save({"model": torchvision_state_dict(model, entry),
@@ -293,17 +332,29 @@ def finetune(
                       f"{record['epoch_seconds']:.0f} s, peak {record['peak_memory_mb']:.0f} MB"
                       + (" [green]best[/]" if improved else ""))
         if early_stop and epoch - best["epoch"] >= early_stop:
-            console.print(f"early stop: no better val AUROC for {early_stop} epochs")
+            console.print(f"early stop: no better {chosen_by.replace('_', ' ')} for {early_stop} epochs")
             break
     dist.barrier()
+    rank_facts = dist.gather({"epochs_run": len(history), "weights_sha256": _weights_digest(model)})
     metrics = None
     if dist.is_main:
         metrics = _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule, history, best,
                           decode.name, batch_size, workers, device, device_type, amp_dtype, criterion,
                           n_resamples, seed, fit_seconds=sum(h["epoch_seconds"] for h in history),
-                          wall=time.perf_counter() - wall_start, amp_words=amp_words)
+                          wall=time.perf_counter() - wall_start, amp_words=amp_words, rank_facts=rank_facts)
     dist.barrier()
     return metrics
+
+
+def _weights_digest(model) -> str:
+    """SHA-256 of every parameter and buffer, in state_dict order (equal across DDP ranks in sync)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _prepare_run_dir(out: Path, settings: Settings, overwrite: bool, dist, console) -> str:
@@ -375,7 +426,8 @@ def _train_epoch(train_model, model, manifest, rows, spec, backend, aug, optimiz
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            if scheduler is not None:  # per-batch schedules; the tutorial's StepLR moves per epoch
+                scheduler.step()
             n = len(labels)
             total_loss += float(loss.detach()) * n
             correct += int((logits.argmax(dim=1) == labels).sum())
@@ -416,7 +468,7 @@ def predict_rows(model, manifest, rows, spec, backend, batch_size, workers, devi
 
 def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule, history, best, backend,
             batch_size, workers, device, device_type, amp_dtype, criterion, n_resamples, seed, *, fit_seconds,
-            wall, amp_words) -> dict:
+            wall, amp_words, rank_facts) -> dict:
     """Best epoch's weights -> val and test metrics, plots, learning curve, run.json."""
     import torch
 
@@ -438,9 +490,12 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
                                     amp_dtype)
             splits[split] = (labels[rows], probs, patients[rows])
     mode = "frozen" if settings.freeze_backbone else "full"
-    name = f"finetune_{mode}_lr_{settings.lr:g}_aug_{settings.augment}"
-    selected = {"head": "finetune", "name": name, "mode": mode, "epoch": best["epoch"] + 1, "lr": settings.lr,
-                "augment": settings.augment, "class_weight": settings.class_weight, "amp": amp_words}
+    tutorial = settings.recipe == "tutorial"
+    name = f"finetune_{mode}_lr_{settings.lr:g}_aug_{settings.augment}" + ("_recipe_tutorial" if tutorial else "")
+    selected = {"head": "finetune", "name": name, "mode": mode, "recipe": settings.recipe,
+                "epoch": best["epoch"] + 1, "epoch_chosen_by": "val_accuracy" if tutorial else "val_auroc",
+                "lr": settings.lr, "augment": settings.augment, "class_weight": settings.class_weight,
+                "amp": amp_words}
     metrics = run_metrics(
         classes, rule, selected=selected,
         heads=[{"name": name, "mode": mode, "lr": settings.lr, "val_auroc": best["auroc"]}],
@@ -457,7 +512,8 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
     run = {
         "complete": True,
         "kind": "finetune",
-        "strategy": "finetune-frozen" if settings.freeze_backbone else "finetune-full",
+        "strategy": ("finetune-tutorial-recipe" if tutorial else
+                     "finetune-frozen" if settings.freeze_backbone else "finetune-full"),
         "backbone": bb.name,
         "weights": bb.weights,
         "data_root": settings.data,
@@ -469,6 +525,8 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
         "images_per_second": float(np.mean([h["images_per_second"] for h in history])),
         "peak_memory_mb": max(h["peak_memory_mb"] for h in history),
         "amp": amp_words,
+        # One entry per process: the epochs each ran and a digest of its final weights (DDP keeps them equal).
+        "ranks": rank_facts,
     }
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     return metrics

@@ -38,7 +38,7 @@ FIXED_KEYS = {"backbone": str, "heads": str, "class_weight": str, "threshold": s
               "sampler": str}
 FINETUNE_KEYS = {"backbone": str, "epochs": int, "lr": float, "batch_size": int, "amp": str,
                  "freeze_backbone": bool, "augment": str, "hflip": bool, "class_weight": str, "early_stop": int,
-                 "compile": bool, "threshold": str}
+                 "compile": bool, "threshold": str, "recipe": str}
 
 
 def _check(table: dict, allowed: dict, where: str) -> None:
@@ -116,12 +116,14 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
         run_dirs.append(run_dir)
     for i, tune in enumerate(config["finetune"]):
         backbone = tune["backbone"]
-        mode = "frozen" if tune.get("freeze_backbone") else "full"
-        augment = tune.get("augment", "light")
-        run_dir = out / "runs" / f"{backbone}-finetune-{mode}-{augment}"
+        mode = "frozen" if tune.get("freeze_backbone") or tune.get("recipe") == "tutorial" else "full"
+        augment = tune.get("augment", "tutorial" if tune.get("recipe") == "tutorial" else "light")
+        recipe = "-tutorial-recipe" if tune.get("recipe") == "tutorial" else ""
+        run_dir = out / "runs" / f"{backbone}-finetune-{mode}-{augment}{recipe}"
         console.rule(f"[bold]fine-tuning {i + 1}/{len(config['finetune'])}: {backbone}, {mode}, augment {augment}")
         options = {k: v for k, v in tune.items() if k not in ("backbone",)}
-        options.setdefault("batch_size", config.get("batch_size", 32))
+        if tune.get("recipe") != "tutorial":  # the tutorial's recipe keeps its own batch of 4
+            options.setdefault("batch_size", config.get("batch_size", 32))
         finetune(data, run_dir, backbone=backbone, weights=weights,
                  device=config.get("device", "auto"), n_resamples=config.get("bootstrap", 1000),
                  scan_options=scan_options, **options, **common)

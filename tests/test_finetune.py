@@ -102,23 +102,97 @@ def test_bf16_autocast_runs_on_cpu_and_the_checkpoint_feeds_extract(tmp_path):
 
 def test_two_process_ddp_on_cpu(tmp_path):
     result = subprocess.run([sys.executable, "-m", "featcache", "finetune", str(DEMO_DATA), "--out",
-                             str(tmp_path / "ddp"), "--weights", "none", "--epochs", "1", "--batch-size", "8",
-                             "--max-images", "60", "--amp", "off", "--bootstrap", "20", "--workers", "0",
-                             "--no-progress", "--nproc", "2"], capture_output=True, text=True, timeout=600)
+                             str(tmp_path / "ddp"), "--weights", "none", "--epochs", "3", "--early-stop", "1",
+                             "--batch-size", "8", "--max-images", "40", "--subsample-all", "--amp", "off",
+                             "--bootstrap", "20", "--workers", "0", "--no-progress", "--nproc", "2"],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert run["complete"] and run["settings"]["world"] == 2
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["test"]["n"] > 0
+    # Rank 0 decides "improved" and "stop": both ranks ran the same epochs and hold identical weights,
+    # BatchNorm running statistics included.
+    ranks = run["ranks"]
+    assert len(ranks) == 2
+    assert ranks[0]["epochs_run"] == ranks[1]["epochs_run"] == run["epochs_run"]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+
+
+def test_launcher_reports_exit_2_only_for_a_user_mistake(monkeypatch):
+    from featcache import distributed
+
+    def fake_run(cmd, env):
+        if "--bad-input" in cmd:  # the worker's CLI notes its UserError, then torchrun exits 1
+            monkeypatch.setenv(distributed.USER_ERROR_FILE_ENV, env[distributed.USER_ERROR_FILE_ENV])
+            distributed.note_user_error("--backbone resnet19 is not a backbone")
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(distributed.subprocess, "run", fake_run)
+    assert distributed.launch(2, ["finetune", "--bad-input"]) == 2
+    assert distributed.launch(2, ["finetune", "crashes"]) == 1  # a crashed worker is not a user mistake
+
+
+def _permuted_test_copy(src, dst):
+    """A copy of ``src`` whose test images are dealt to the class folders at random (counts kept)."""
+    import random
+    import shutil
+
+    shutil.copytree(src, dst)
+    files = sorted((dst / "test").glob("*/*"))
+    classes = [f.parent.name for f in files]
+    random.Random(0).shuffle(classes)
+    for f, cls in zip(files, classes):
+        if f.parent.name != cls:
+            f.rename(dst / "test" / cls / ("moved-" + f.name))
+    return dst
+
+
+def test_finetune_choices_are_blind_to_the_test_labels(tmp_path):
+    permuted = _permuted_test_copy(DEMO_DATA, tmp_path / "permuted")
+    options = {**QUICK, "epochs": 3, "early_stop": 1, "threshold": "youden", "freeze_backbone": True}
+    a = finetune(DEMO_DATA, tmp_path / "a", **options)
+    b = finetune(permuted, tmp_path / "b", **options)
+    assert a["test"]["auroc"] != b["test"]["auroc"]  # the test labels did change
+    assert a["selected"] == b["selected"] and a["threshold"] == b["threshold"]  # best epoch, threshold
+    assert a["val"] == b["val"]
+    ha = json.loads((tmp_path / "a" / "history.json").read_text())
+    hb = json.loads((tmp_path / "b" / "history.json").read_text())
+    keep = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_auroc", "val_accuracy")
+    assert [{k: h[k] for k in keep} for h in ha] == [{k: h[k] for k in keep} for h in hb]  # the same early stop
+
+
+def test_tutorial_recipe_in_featcaches_loop(tmp_path):
+    from featcache.backbones import create_backbone
+
+    metrics = finetune(DEMO_DATA, tmp_path / "tut", recipe="tutorial",
+                       **{**QUICK, "epochs": 2, "batch_size": None, "max_images": 40})
+    run = json.loads((tmp_path / "tut" / "run.json").read_text())
+    settings = run["settings"]
+    assert (settings["recipe"], settings["batch_size"], settings["lr"], settings["augment"],
+            settings["freeze_backbone"]) == ("tutorial", 4, 1e-3, "tutorial", True)
+    assert run["strategy"] == "finetune-tutorial-recipe"
+    assert metrics["selected"]["epoch_chosen_by"] == "val_accuracy"
+    last = torch.load(tmp_path / "tut" / "last.pt", weights_only=True)
+    group = last["optimizer"]["param_groups"][0]
+    assert group["momentum"] == 0.9 and "betas" not in group  # SGD, not AdamW
+    assert last["scheduler"]["step_size"] == 7 and last["scheduler"]["gamma"] == 0.1
+    assert last["scheduler"]["last_epoch"] == 2  # stepped once per epoch
+    best = torch.load(tmp_path / "tut" / "best.pt", weights_only=True)["model"]
+    assert "fc.0.weight" in best and "fc.1.weight" not in best  # a bare linear layer, no standardizing BatchNorm
+    initial = create_backbone("resnet18", "none").model.body.state_dict()
+    assert torch.equal(best["conv1.weight"], initial["conv1.weight"])  # frozen weights
+    assert not torch.equal(best["bn1.running_mean"], initial["bn1.running_mean"])  # BatchNorm in train mode
 
 
 def test_quick_real_finetune_reaches_val_auroc_080(shared_data, tmp_path):
-    """The issue's acceptance run: resnet18 --weights none, 2 epochs on a 1,500-image stratified subset."""
+    """resnet18 --weights none, 2 epochs on a 1,200-image stratified subset of train."""
     assert main(["finetune", str(shared_data), "--out", str(tmp_path / "run"), "--weights", "none",
-                 "--epochs", "2", "--max-images", "1500", "--no-progress"]) == 0
+                 "--epochs", "2", "--max-images", "1200", "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["val"]["auroc"] >= 0.80
     history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert len(history) == 2 and metrics["n_train"] > 1000
+    assert len(history) == 2 and metrics["n_train"] >= 1100
+    assert metrics["val"]["n"] == 784 and metrics["test"]["n"] == 624  # --max-images leaves val and test whole
 
 
 def test_dali_decodes_and_augments_training_batches(tmp_path):

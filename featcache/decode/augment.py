@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 from featcache.errors import UserError
 
-AUGMENTS = ("none", "light", "strong")
+AUGMENTS = ("none", "light", "strong", "tutorial")
+# The PyTorch transfer-learning tutorial's RandomResizedCrop: area share and aspect ratio ranges.
+TUTORIAL_AREA = (0.08, 1.0)
+TUTORIAL_RATIO = (3 / 4, 4 / 3)
 
 
 @dataclass(frozen=True)
@@ -24,11 +27,15 @@ class Augment:
     brightness: float
     contrast: float
     hflip: bool
+    resized_crop: tuple[float, float] | None = None  # area range of a random resized crop, then back to size
 
 
 PRESETS = {
     "light": dict(degrees=5, translate=0.04, scale=(0.95, 1.05), shear=0, brightness=0.1, contrast=0.1),
     "strong": dict(degrees=12, translate=0.08, scale=(0.88, 1.12), shear=4, brightness=0.25, contrast=0.25),
+    # The classic tutorial's training transform: RandomResizedCrop + RandomHorizontalFlip, nothing else.
+    "tutorial": dict(degrees=0, translate=0, scale=(1.0, 1.0), shear=0, brightness=0, contrast=0,
+                     resized_crop=TUTORIAL_AREA),
 }
 
 
@@ -38,7 +45,7 @@ def augment_params(kind: str, hflip: bool = False) -> Augment | None:
         raise UserError(f"--augment takes {', '.join(AUGMENTS)}, got {kind!r}")
     if kind == "none":
         return Augment(0, 0, (1.0, 1.0), 0, 0, 0, True) if hflip else None
-    return Augment(**PRESETS[kind], hflip=hflip)
+    return Augment(**PRESETS[kind], hflip=hflip or kind == "tutorial")
 
 
 def torchvision_transform(aug: Augment | None):
@@ -48,6 +55,8 @@ def torchvision_transform(aug: Augment | None):
     from torchvision.transforms import v2
 
     ops = []
+    if aug.resized_crop:
+        ops.append(_RandomResizedCropSameSize(aug.resized_crop))
     if aug.degrees or aug.translate or aug.scale != (1.0, 1.0) or aug.shear:
         ops.append(v2.RandomAffine(degrees=aug.degrees, translate=(aug.translate, aug.translate), scale=aug.scale,
                                    shear=aug.shear or None))
@@ -56,3 +65,17 @@ def torchvision_transform(aug: Augment | None):
     if aug.hflip:
         ops.append(v2.RandomHorizontalFlip())
     return v2.Compose(ops)
+
+
+class _RandomResizedCropSameSize:
+    """torchvision's RandomResizedCrop with the output the size of its input (the decoded crop)."""
+
+    def __init__(self, area: tuple[float, float]):
+        self.area = area
+
+    def __call__(self, image):
+        from torchvision.transforms import v2
+        from torchvision.transforms.v2 import functional as F
+
+        top, left, h, w = v2.RandomResizedCrop.get_params(image, scale=list(self.area), ratio=list(TUTORIAL_RATIO))
+        return F.resized_crop(image, top, left, h, w, size=list(image.shape[-2:]), antialias=True)

@@ -48,6 +48,11 @@ def _augmentation(images, aug, side: int):
     from nvidia.dali import fn, types
 
     center = [side / 2.0, side / 2.0]
+    if aug.resized_crop:
+        from featcache.decode.augment import TUTORIAL_RATIO
+
+        images = fn.random_resized_crop(images, size=[side, side], random_area=list(aug.resized_crop),
+                                        random_aspect_ratio=list(TUTORIAL_RATIO))
     transforms = []
     if aug.degrees:
         transforms.append(fn.transforms.rotation(angle=fn.random.uniform(range=[-aug.degrees, aug.degrees]),
