@@ -1,9 +1,11 @@
 """Extraction with 1 vs K processes, and peak memory at 1,000 vs 20,000 images.
 
-    python bench/extract_scaling.py [DATA] [--nproc 1 2] [--memory 1000 20000] [--json OUT]
+    python bench/extract_scaling.py [DATA] [--nproc 1 2] [--max-images N] [--memory 1000 20000] [--json OUT]
 
 --nproc: `featcache extract DATA --nproc K` for each K, images/s side by side
-(the same data and backbone, one run of this script).
+(the same data and backbone, one run of this script); --max-images N
+extracts a stratified subset of N images of every split (extract
+--max-images N --subsample-all), the same for every K.
 --memory: for each N, N generated 64x64 grayscale PNGs extracted with resnet18
 in a fresh process; its peak resident memory (the largest process, torchrun
 workers included) is reported. Memory that grows with N would show here.
@@ -59,6 +61,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="?", default=str(DEFAULT_DATA))
     parser.add_argument("--nproc", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--max-images", type=int, default=None, metavar="N",
+                        help="--nproc runs on a stratified N-image subset of every split")
     parser.add_argument("--memory", type=int, nargs="*", default=[])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -74,7 +78,8 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         for k in args.nproc:
             out = tmp / f"nproc{k}.h5"
-            seconds, peak = run_extract(Path(args.data), out, "--nproc", str(k))
+            subset = ["--max-images", str(args.max_images), "--subsample-all"] if args.max_images else []
+            seconds, peak = run_extract(Path(args.data), out, "--nproc", str(k), *subset)
             facts = json.loads(FeatureCache.open(out).attrs["extract"])
             report["nproc"].append({"nproc": k, "images": facts["images"], "images_per_s": facts["images_per_second"],
                                     "command_seconds": seconds, "peak_rss_mb": peak})

@@ -5,7 +5,10 @@ fed to the frozen backbone in batches. ``featcache extract`` does the same
 forward plus reading, decoding, resizing and writing the cache; the ratio of
 the two says how much of the backbone's speed the pipeline keeps.
 
-    python bench/extract_vs_forward.py [DATA] [--backbone resnet18] [--workers 0 1 2] [--json OUT]
+    python bench/extract_vs_forward.py [DATA] [--backbone resnet18] [--workers 0 1 2] [--amp off|bf16] [--json OUT]
+
+With ``--amp bf16`` both sides run under the same autocast, so the ratio still
+compares like with like.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def main(argv=None) -> int:
                         help="decode worker counts to try (default: featcache's default)")
     parser.add_argument("--forward-images", type=int, default=512)
     parser.add_argument("--backend", default="auto", help="decode backend for extract (default auto)")
+    parser.add_argument("--amp", default="off", metavar="off|auto|bf16|fp16",
+                        help="autocast for both the forward-only pass and extract (as extract --amp; default off)")
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args(argv)
 
@@ -40,7 +45,8 @@ def main(argv=None) -> int:
     from featcache.bench import forward_only
     from featcache.console import get_console
     from featcache.decode import default_workers
-    from featcache.extract import extract
+    from featcache.amp import autocast
+    from featcache.extract import extract, resolve_inference_amp
     from featcache.manifest import scan
 
     console = get_console()
@@ -48,10 +54,12 @@ def main(argv=None) -> int:
     backbone = create_backbone(args.backbone, "none")
     import torch
 
+    amp_dtype, _, amp_words = resolve_inference_amp(args.amp, "cpu")
     console.print(f"{len(manifest)} images from {manifest.root}; {args.backbone}, batch {args.batch_size}, "
-                  f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
-    results = {"data": manifest.root}
-    fwd = forward_only(backbone, manifest, n_images=args.forward_images, batch_size=args.batch_size)
+                  f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores, precision {amp_words}")
+    results = {"data": manifest.root, "amp": amp_words}
+    with autocast("cpu", amp_dtype):  # the same precision as extract --amp below
+        fwd = forward_only(backbone, manifest, n_images=args.forward_images, batch_size=args.batch_size)
     console.print(f"forward-only on {args.forward_images} preloaded images: [bold]{fwd:.1f}[/] images/s")
 
     results.update({"backbone": args.backbone, "images": len(manifest), "forward_only_images_per_s": fwd,
@@ -60,7 +68,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             summary = extract(args.data, Path(tmp) / "bench.h5", backbone=args.backbone, weights="none",
                               batch_size=args.batch_size, workers=workers, device="cpu", manifest=manifest,
-                              backend=args.backend, progress=sys.stdout.isatty())
+                              backend=args.backend, amp=args.amp, progress=sys.stdout.isatty())
             with h5py.File(Path(tmp) / "bench.h5") as f:
                 decode = json.loads(f.attrs["decode"])["mode"]
         results["extract"].append({
@@ -71,7 +79,7 @@ def main(argv=None) -> int:
             "fraction_of_forward_only": summary["images_per_second"] / fwd,
         })
 
-    table = Table(title=f"{args.backbone}: extract vs forward-only (same run)", title_justify="left")
+    table = Table(title=f"{args.backbone}, {amp_words}: extract vs forward-only (same run)", title_justify="left")
     for col in ("decode", "workers", "extract images/s", "forward-only images/s", "extract / forward-only",
                 "seconds"):
         table.add_column(col, justify="right")

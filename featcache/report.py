@@ -53,12 +53,26 @@ def _ci(metrics: dict, key: str) -> str:
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
 
 
+def recipe_words(run: dict) -> str:
+    """What trains and how, in a few words: featcache's frozen mode and the tutorial's recipe differ."""
+    if run["kind"] != "finetune":
+        return f"linear head on cached features, best of {run['metrics'].get('n_heads', 1)} on val"
+    settings = run["run"].get("settings") or {}
+    if settings.get("recipe") == "tutorial":
+        return ("tutorial recipe: head only, backbone BatchNorm in train mode, SGD lr 0.001 momentum 0.9, "
+                "StepLR 7/0.1, batch 4, best epoch by val accuracy")
+    if settings.get("freeze_backbone"):
+        return ("featcache frozen: head only, backbone BatchNorm fixed, BatchNorm1d standardiser, AdamW + cosine, "
+                "best epoch by val AUROC")
+    return "full fine-tuning: every weight, AdamW + cosine, best epoch by val AUROC"
+
+
 def task_d_rows(runs: list[dict]) -> list[dict]:
     rows = []
     for r in runs:
         test = r["metrics"].get("test", {})
         rows.append({
-            "run": r["name"], "backbone": r["backbone"], "strategy": r["strategy"],
+            "run": r["name"], "backbone": r["backbone"], "strategy": r["strategy"], "recipe": recipe_words(r),
             "weights": r["metrics"].get("weights"),
             "test_accuracy": test.get("accuracy"), "test_auroc": test.get("auroc"),
             "test_auroc_text": _ci(test, "auroc"),
@@ -231,6 +245,7 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
     facts["choices"] = choose_runs(rows)
     facts["verdict"] = verdict(rows, facts["choices"])
     doc.p(facts["verdict"])
+    doc.table(["run", "how it was trained"], [[r["run"], r["recipe"]] for r in rows])
     doc.p("Wall time of a cached-feature run is its extraction plus its head fit; the extraction is paid once per "
           "backbone, and every further head costs only the fit. images/s is extraction speed for cached runs and "
           "training speed for fine-tuning.")

@@ -200,3 +200,16 @@ def test_small_config_runs_end_to_end(shared_data, tmp_path):
     for heading in ("## Task D", "### Augmentation ablation", "### Train/test shift", "### Worst test errors"):
         assert heading in md
     shutil.rmtree(tmp_path / "small" / "caches")
+
+
+def test_task_d_says_how_each_frozen_run_was_trained():
+    from featcache.report import recipe_words
+
+    def run(**settings):
+        return {"kind": "finetune", "run": {"settings": settings}, "metrics": {}}
+
+    assert recipe_words(run(recipe="tutorial", freeze_backbone=True)).startswith("tutorial recipe")
+    frozen = recipe_words(run(recipe="featcache", freeze_backbone=True))
+    assert "BatchNorm fixed" in frozen and "BatchNorm1d" in frozen and "AdamW" in frozen
+    assert recipe_words(run(freeze_backbone=False)).startswith("full fine-tuning")
+    assert "best of 64" in recipe_words({"kind": "fit-head", "run": {}, "metrics": {"n_heads": 64}})
