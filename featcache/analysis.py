@@ -19,6 +19,8 @@ from featcache.metrics import auroc, binary_metrics, choose_threshold, positive_
 
 DUPLICATE_COSINE = 0.98
 SHIFT_FOLDS = 5
+# A validation loss this many times the training loss is overfitting, whichever epoch was best.
+LOSS_RATIO_OVERFIT = 10.0
 
 
 def class_balance(cache: FeatureCache) -> dict:
@@ -141,21 +143,29 @@ def exact_duplicates(root: str, paths, splits) -> list[list[str]]:
 
 
 def overfitting(history: list[dict]) -> dict:
-    """Is the train-validation gap growing? Compares the loss gap at the best epoch with the last."""
+    """Does the whole curve show overfitting? Validation loss far above the training loss at any
+    epoch, validation loss rising for the last two epochs, or a train-validation gap that grew
+    after the best epoch."""
     if not history:
         return {"flag": False, "reason": "no epochs"}
     gaps = [h["val_loss"] - h["train_loss"] for h in history]
     best = max(range(len(history)), key=lambda i: history[i]["val_auroc"])
+    ratios = [h["val_loss"] / max(h["train_loss"], 1e-12) for h in history]
+    worst = max(range(len(history)), key=lambda i: ratios[i])
+    far_apart = ratios[worst] >= LOSS_RATIO_OVERFIT
     rising_val = len(history) >= 3 and history[-1]["val_loss"] > history[-2]["val_loss"] > history[-3]["val_loss"]
     grew = gaps[-1] - gaps[best] > 0.1
-    flag = bool(rising_val or grew)
-    if rising_val:
+    flag = bool(far_apart or rising_val or grew)
+    if far_apart:
+        reason = (f"validation loss {history[worst]['val_loss']:.3f} is {ratios[worst]:.0f}x the training loss "
+                  f"{history[worst]['train_loss']:.3f} at epoch {history[worst]['epoch']}")
+    elif rising_val:
         reason = "validation loss rose for the last two epochs while training went on"
     elif grew:
         reason = f"the val-train loss gap grew from {gaps[best]:.3f} (best epoch) to {gaps[-1]:.3f}"
     else:
         reason = f"no growing gap (val-train loss gap {gaps[-1]:.3f} at the last epoch)"
-    return {"flag": flag, "reason": reason, "gaps": gaps, "best_epoch": history[best]["epoch"],
+    return {"flag": flag, "reason": reason, "gaps": gaps, "loss_ratios": ratios, "best_epoch": history[best]["epoch"],
             "accuracy_gap_last": history[-1]["train_accuracy"] - history[-1]["val_accuracy"]}
 
 
@@ -199,3 +209,60 @@ def augmentation_ablation(runs: list[dict]) -> list[dict]:
                          "test_auroc": test.get("auroc"), "test_accuracy": test.get("accuracy"),
                          "overfitting": m.get("overfitting", {}).get("flag")})
     return rows
+
+
+EXTREME_THRESHOLD = 0.02  # a threshold this close to 0 or 1 decides almost nothing
+MIN_THRESHOLD_VAL = 50  # fewer validation images than this make a chosen threshold unreliable
+
+
+def run_warnings(runs: list[dict]) -> list[dict]:
+    """What a careful reader would flag, computed from each run's metrics and history.
+
+    Each warning is ``{"run", "kind", "text"}``; an empty list means nothing to flag.
+    """
+    out = []
+    n_tests = {r["name"]: r["metrics"].get("test", {}).get("n") for r in runs}
+    largest = max((n for n in n_tests.values() if n), default=None)
+    for run in runs:
+        name, metrics = run["name"], run["metrics"]
+
+        def flag(kind, text, name=name):
+            out.append({"run": name, "kind": kind, "text": text})
+
+        classes = metrics.get("classes", [])
+        for split in ("val", "test"):
+            cm = metrics.get(split, {}).get("confusion_matrix")
+            if cm:
+                predicted = np.asarray(cm).sum(axis=0)
+                if (predicted > 0).sum() == 1 and len(predicted) > 1:
+                    flag("one class predicted", f"predicts {classes[int(np.argmax(predicted))]} for every "
+                                                f"{split} image")
+        thr, rule = metrics.get("threshold"), metrics.get("threshold_rule")
+        if thr is not None and min(thr, 1 - thr) <= EXTREME_THRESHOLD:
+            flag("extreme threshold", f"threshold {thr:.3f} is within {EXTREME_THRESHOLD} of {round(thr)}")
+        n_val = metrics.get("val", {}).get("n")
+        if rule not in (None, "fixed", "argmax") and n_val is not None and n_val < MIN_THRESHOLD_VAL:
+            flag("threshold from few images", f"threshold chosen ({rule}) on only {n_val} validation images")
+        out += [{"run": name, "kind": "head on the grid's edge", "text": t} for t in _grid_edges(metrics)]
+        history = run.get("history") or []
+        accuracies = [h["val_accuracy"] for h in history]
+        if len(accuracies) >= 2 and max(accuracies) - min(accuracies) < 1e-9:
+            flag("flat validation accuracy", f"validation accuracy is {accuracies[0]:.3f} at every one of "
+                                             f"{len(accuracies)} epochs: the model may predict one class throughout")
+        if largest and n_tests[name] and n_tests[name] < largest:
+            flag("smaller test set", f"tested on {n_tests[name]:,} images where another run has {largest:,}: "
+                                     "their test figures are not comparable")
+    return out
+
+
+def _grid_edges(metrics: dict) -> list[str]:
+    """Sweep hyperparameters of the selected head that sit at the smallest or largest grid value."""
+    selected, heads = metrics.get("selected", {}), metrics.get("heads", [])
+    texts = []
+    for key in ("lr", "weight_decay", "C"):
+        values = sorted({h[key] for h in heads if h.get(key) is not None})
+        if len(values) >= 3 and selected.get(key) in (values[0], values[-1]):
+            side = "smallest" if selected[key] == values[0] else "largest"
+            texts.append(f"selected {key} {selected[key]:g} is the {side} of the grid {values[0]:g}..{values[-1]:g}; "
+                         "the best value may lie beyond it")
+    return texts

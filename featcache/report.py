@@ -90,6 +90,20 @@ def _choose(candidates: list[dict], by: str) -> dict | None:
     return max(scored, key=lambda c: c[by]) if scored else None
 
 
+# Strategies that train only a new head on a frozen backbone: Task C (fixed feature extractor), whether
+# the features come from the cache or from a forward pass every epoch.
+FROZEN_STRATEGIES = ("finetune-frozen", "finetune-tutorial-recipe")
+
+
+def is_fixed_feature(strategy: str) -> bool:
+    return strategy.startswith("cached features") or strategy in FROZEN_STRATEGIES
+
+
+def times(ratio: float) -> str:
+    """"3.2x" for clear differences, "about the same" within 10 %: never "1.0x the time"."""
+    return "about the same" if 0.9 <= ratio <= 1.1 else f"{ratio:.1f}x"
+
+
 def choose_runs(rows: list[dict]) -> dict:
     """Which run the report puts forward, overall and per strategy, each chosen by validation AUROC.
 
@@ -97,8 +111,8 @@ def choose_runs(rows: list[dict]) -> dict:
     """
     choices = {}
     groups = {"best_run": rows,
-              "best_fixed_feature_run": [r for r in rows if r["strategy"].startswith("cached features")],
-              "best_finetune_run": [r for r in rows if r["strategy"].startswith("finetune")]}
+              "best_fixed_feature_run": [r for r in rows if is_fixed_feature(r["strategy"])],
+              "best_finetune_run": [r for r in rows if not is_fixed_feature(r["strategy"])]}
     for name, members in groups.items():
         chosen = _choose(members, "val_auroc")
         if chosen is not None:
@@ -125,8 +139,10 @@ def verdict(rows: list[dict], choices: dict) -> str:
         parts.append(f"The fastest is {fastest['run']} at {fastest['wall_seconds']:.0f} s (val AUROC "
                      f"{fastest['val_auroc']:.3f}).")
         if fastest is not best and best["wall_seconds"]:
-            parts.append(f"The best run took {best['wall_seconds'] / fastest['wall_seconds']:.1f}x the fastest "
-                         f"one's time for {best['val_auroc'] - fastest['val_auroc']:+.3f} val AUROC.")
+            ratio = best["wall_seconds"] / fastest["wall_seconds"]
+            took = ("about the same time as the fastest" if times(ratio) == "about the same"
+                    else f"{times(ratio)} the fastest one's time")
+            parts.append(f"The best run took {took} for {best['val_auroc'] - fastest['val_auroc']:+.3f} val AUROC.")
     if "best_fixed_feature_run" in choices and "best_finetune_run" in choices:
         c = by_name[choices["best_fixed_feature_run"]["chosen"]]
         t = by_name[choices["best_finetune_run"]["chosen"]]
@@ -144,8 +160,8 @@ def _cached_vs_tuned(c: dict, t: dict) -> str:
     def test(r):
         return "no test split" if r["test_auroc"] is None else f"test AUROC {r['test_auroc']:.3f}"
 
-    text = (f"Best fixed feature extractor by validation ({c['run']}): val AUROC {c['val_auroc']:.3f}, {test(c)}; "
-            f"best fine-tuning ({t['run']}): val AUROC {t['val_auroc']:.3f}, {test(t)}.")
+    text = (f"Best fixed feature extractor (Task C) by validation ({c['run']}): val AUROC {c['val_auroc']:.3f}, "
+            f"{test(c)}; best full fine-tuning (Task B) ({t['run']}): val AUROC {t['val_auroc']:.3f}, {test(t)}.")
     if c["wall_seconds"] and t["wall_seconds"]:
         ratio = t["wall_seconds"] / c["wall_seconds"]
         speed = ("the two took about the same time" if 0.9 <= ratio <= 1.1 else
@@ -236,6 +252,11 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
 
     rows = task_d_rows(runs)
     facts["task_d"] = rows
+    facts["warnings"] = analysis.run_warnings(runs)
+    if facts["warnings"]:
+        doc.h(2, "Warnings")
+        doc.p("Computed from the runs below; each is a reason to read their numbers with care.")
+        doc.table(["run", "warning", "detail"], [[w["run"], w["kind"], w["text"]] for w in facts["warnings"]])
     doc.h(2, "Task D: fine-tuning against a fixed feature extractor")
     doc.table(["run", "backbone", "strategy", "train images", "test accuracy", "test AUROC [95% CI]",
                "sensitivity", "specificity", "F1", "wall s", "images/s", "peak MB"],
@@ -318,6 +339,43 @@ def _learning_curves(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> Non
     doc.table(["run", "epochs", "best epoch", "train acc", "val acc", "train loss", "val loss", "verdict"], rows)
 
 
+IMBALANCED_SHARE = 0.6  # a train split whose largest class holds this share or more is imbalanced
+
+
+def weighting_sentence(backbone: str, train_counts: dict, effects: list[dict], chosen: dict,
+                       positive: str | None) -> str:
+    """What class weighting and the threshold rule do, in words that the numbers beside them bear out."""
+    base = effects[0]
+    parts = []
+    total = sum(train_counts.values())
+    if total and positive in train_counts:
+        majority = max(train_counts, key=train_counts.get)
+        share = train_counts[majority] / total
+        parts.append(f"Train is {share:.0%} {majority}.")
+        # Recall of each side at the plain head's threshold 0.5 on test: positive = sensitivity.
+        minority_recall, majority_recall = ((base["test_specificity"], base["test_sensitivity"])
+                                            if majority == positive else
+                                            (base["test_sensitivity"], base["test_specificity"]))
+        if share >= IMBALANCED_SHARE and minority_recall < majority_recall:
+            parts.append(f"With {backbone} features a plain head at threshold 0.5 leans to that majority class: "
+                         f"test recall {majority_recall:.3f} for {majority} against {minority_recall:.3f} for the "
+                         "other class.")
+    words = f"{chosen['class_weight']} class weighting with the {chosen['threshold_rule']} threshold"
+    if chosen is base:
+        parts.append(f"Chosen by validation balanced accuracy ({chosen['val_balanced_accuracy']:.3f}), the plain "
+                     f"head (no class weighting, threshold 0.5) is already the best of the four; its test balanced "
+                     f"accuracy is {base['test_balanced_accuracy']:.3f}.")
+    elif f"{chosen['test_balanced_accuracy']:.3f}" == f"{base['test_balanced_accuracy']:.3f}":
+        parts.append(f"Chosen by validation balanced accuracy ({chosen['val_balanced_accuracy']:.3f}), {words} "
+                     f"gives test balanced accuracy {chosen['test_balanced_accuracy']:.3f}, no change from the "
+                     "plain head.")
+    else:
+        parts.append(f"Chosen by validation balanced accuracy ({chosen['val_balanced_accuracy']:.3f}), {words} "
+                     f"gives test balanced accuracy {chosen['test_balanced_accuracy']:.3f}, against "
+                     f"{base['test_balanced_accuracy']:.3f} for the plain head.")
+    return " ".join(parts)
+
+
 def _cache_analyses(doc: _Doc, run: dict, out: Path, facts: dict) -> None:
     from featcache import analysis
     from featcache.cache import FeatureCache
@@ -345,13 +403,8 @@ def _cache_analyses(doc: _Doc, run: dict, out: Path, facts: dict) -> None:
         facts["choices"]["class_weight_and_threshold"] = {
             "chosen": f"class weight {chosen['class_weight']}, threshold {chosen['threshold_rule']}",
             "by": "val_balanced_accuracy", "value": chosen["val_balanced_accuracy"]}
-        doc.p(f"With {run['backbone']} features, a plain head at threshold 0.5 gives test specificity "
-              f"{base['test_specificity']:.3f} against validation {base['val_specificity']:.3f}: the model leans "
-              f"to the majority class of train. Chosen by validation balanced accuracy "
-              f"({chosen['val_balanced_accuracy']:.3f}), {chosen['class_weight']} class weighting with the "
-              f"{chosen['threshold_rule']} threshold gives test balanced accuracy "
-              f"{chosen['test_balanced_accuracy']:.3f}, against {base['test_balanced_accuracy']:.3f} for the "
-              "plain head.")
+        doc.p(weighting_sentence(run["backbone"], balance.get("train", {}), effects, chosen,
+                                 run["metrics"].get("positive_class")))
     shift = analysis.domain_shift(cache)
     facts["domain_shift"] = shift
     if shift:

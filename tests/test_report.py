@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from featcache.cli import main
@@ -57,7 +58,6 @@ def fixture_runs(tmp_path_factory):
 def permuted_runs(fixture_runs, tmp_path_factory):
     """The same runs, but every test label permuted (the fine-tuning runs' test figures changed to match)."""
     import h5py
-    import numpy as np
 
     root = tmp_path_factory.mktemp("permuted")
     cache = root / "r18.h5"
@@ -213,3 +213,82 @@ def test_task_d_says_how_each_frozen_run_was_trained():
     assert "BatchNorm fixed" in frozen and "BatchNorm1d" in frozen and "AdamW" in frozen
     assert recipe_words(run(freeze_backbone=False)).startswith("full fine-tuning")
     assert "best of 64" in recipe_words({"kind": "fit-head", "run": {}, "metrics": {"n_heads": 64}})
+
+
+def _effect(cw, rule, val_ba, test_ba, test_sens=0.9, test_spec=0.5):
+    return {"class_weight": cw, "threshold_rule": rule, "val_balanced_accuracy": val_ba,
+            "test_balanced_accuracy": test_ba, "test_sensitivity": test_sens, "test_specificity": test_spec}
+
+
+def test_weighting_sentence_says_only_what_the_numbers_show():
+    from featcache.report import weighting_sentence
+
+    base = _effect("none", "0.5", 0.80, 0.758)
+    effects = [base, _effect("balanced", "youden", 0.85, 0.7581), _effect("none", "youden", 0.70, 0.9)]
+    # Balanced train: no "leans to the majority class", however low the test specificity.
+    text = weighting_sentence("resnet18", {"NORMAL": 500, "PNEUMONIA": 520}, effects, effects[1], "PNEUMONIA")
+    assert "leans" not in text
+    # The same rounded figure is "no change", never "from 0.758 to 0.758".
+    assert "no change" in text and "0.758 for the plain head" not in text
+    # Imbalanced train whose minority class is recalled better at test: still no "leans".
+    flipped = [_effect("none", "0.5", 0.8, 0.7, test_sens=0.6, test_spec=0.9), *effects[1:]]
+    assert "leans" not in weighting_sentence("r", {"NORMAL": 250, "PNEUMONIA": 750}, flipped, effects[1], "PNEUMONIA")
+    imbalanced = weighting_sentence("r", {"NORMAL": 250, "PNEUMONIA": 750}, effects, effects[1], "PNEUMONIA")
+    assert "Train is 75% PNEUMONIA" in imbalanced and "leans to that majority class" in imbalanced
+    # The plain head chosen on validation is said to be chosen, not to "move" anything.
+    plain = weighting_sentence("r", {"NORMAL": 250, "PNEUMONIA": 750}, effects, base, "PNEUMONIA")
+    assert "already the best of the four" in plain
+
+
+def _row(run, strategy, val, wall, test=0.8):
+    return {"run": run, "strategy": strategy, "backbone": "resnet18", "val_auroc": val, "test_auroc": test,
+            "wall_seconds": wall, "specificity": 0.8, "n_train": 100}
+
+
+def test_verdict_never_says_1_0x_and_files_frozen_training_under_task_c():
+    from featcache.report import choose_runs, verdict
+
+    rows = [_row("sweep", "cached features + sweep", 0.90, 100.0), _row("frozen", "finetune-frozen", 0.95, 102.0),
+            _row("tut", "finetune-tutorial-recipe", 0.85, 300.0), _row("full", "finetune-full", 0.93, 400.0)]
+    choices = choose_runs(rows)
+    assert choices["best_fixed_feature_run"]["chosen"] == "frozen"  # frozen backbone training is Task C style
+    assert choices["best_finetune_run"]["chosen"] == "full"
+    text = verdict(rows, choices)
+    assert "1.0x" not in text and "about the same time as the fastest" in text
+    assert "best full fine-tuning (Task B) (full)" in text
+
+
+def test_overfitting_looks_at_the_whole_curve():
+    from featcache.analysis import overfitting
+
+    # The best epoch is the last and the gap never grows, but val loss is 20x the train loss.
+    history = [{"epoch": e + 1, "train_loss": 0.05, "val_loss": 1.0, "val_auroc": 0.8 + 0.01 * e,
+                "train_accuracy": 0.99, "val_accuracy": 0.8} for e in range(3)]
+    verdict = overfitting(history)
+    assert verdict["flag"] and "20x the training loss" in verdict["reason"]
+    healthy = [{**h, "val_loss": 0.3, "train_loss": 0.25} for h in history]
+    assert not overfitting(healthy)["flag"]
+
+
+def test_warnings_are_computed_from_the_runs():
+    from featcache.analysis import run_warnings
+
+    def run(name, *, cm_test, threshold=0.5, rule="fixed", n_val=200, selected=None, heads=(), history=()):
+        return {"name": name, "history": list(history), "metrics": {
+            "classes": ["NORMAL", "PNEUMONIA"], "threshold": threshold, "threshold_rule": rule,
+            "val": {"n": n_val, "confusion_matrix": [[40, 10], [10, 140]]},
+            "test": {"n": int(np.sum(cm_test)), "confusion_matrix": cm_test},
+            "selected": selected or {}, "heads": list(heads)}}
+
+    grid = [{"lr": lr, "weight_decay": wd} for lr in (0.01, 0.1, 0.3) for wd in (1e-4, 1e-2, 1e-1)]
+    flat = [{"epoch": e, "val_accuracy": 0.625} for e in (1, 2, 3)]
+    kinds = {(w["run"], w["kind"]) for w in run_warnings([
+        run("healthy", cm_test=[[200, 34], [30, 360]], selected={"lr": 0.1, "weight_decay": 1e-2}, heads=grid),
+        run("one-class", cm_test=[[0, 234], [0, 390]], history=flat),
+        run("extreme", cm_test=[[200, 34], [30, 360]], threshold=0.991, rule="youden", n_val=30),
+        run("edge", cm_test=[[20, 3], [3, 36]], selected={"lr": 0.3, "weight_decay": 1e-2}, heads=grid),
+    ])}
+    assert not any(r == "healthy" for r, _ in kinds)
+    assert ("one-class", "one class predicted") in kinds and ("one-class", "flat validation accuracy") in kinds
+    assert ("extreme", "extreme threshold") in kinds and ("extreme", "threshold from few images") in kinds
+    assert ("edge", "head on the grid's edge") in kinds and ("edge", "smaller test set") in kinds
