@@ -266,3 +266,29 @@ def _grid_edges(metrics: dict) -> list[str]:
             texts.append(f"selected {key} {selected[key]:g} is the {side} of the grid {values[0]:g}..{values[-1]:g}; "
                          "the best value may lie beyond it")
     return texts
+
+
+def classification_report(confusion: list[list[int]], classes) -> dict:
+    """scikit-learn's ``classification_report(output_dict=True)``, from a confusion matrix (rows: true class).
+
+    Per class precision, recall, F1 and support, then ``accuracy``, ``macro avg`` and ``weighted avg``;
+    an undefined ratio (no prediction of a class, no image of it) is 0, as scikit-learn's default.
+    """
+    cm = np.asarray(confusion, dtype=np.float64)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    hits = np.diag(cm)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(hits), where=denom > 0)
+    out = {c: {"precision": float(p), "recall": float(r), "f1-score": float(f), "support": int(n)}
+           for c, p, r, f, n in zip(classes, precision, recall, f1, support)}
+    total = support.sum()
+    out["accuracy"] = float(hits.sum() / total) if total else 0.0
+    out["macro avg"] = {"precision": float(precision.mean()), "recall": float(recall.mean()),
+                        "f1-score": float(f1.mean()), "support": int(total)}
+    weights = support / total if total else np.zeros_like(support)
+    out["weighted avg"] = {"precision": float(weights @ precision), "recall": float(weights @ recall),
+                           "f1-score": float(weights @ f1), "support": int(total)}
+    return out

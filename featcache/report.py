@@ -274,6 +274,7 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
         plot_auroc_vs_time(rows, out / "auroc_vs_time.png")
         doc.img(out / "auroc_vs_time.png", "test AUROC against wall time, one point per run")
     _backbone_costs(doc, runs)
+    _per_run(doc, runs, out, facts)
 
     doc.h(2, "Task E: why test performance disappoints")
     _learning_curves(doc, runs, out, facts)
@@ -311,6 +312,36 @@ def _backbone_costs(doc: _Doc, runs: list[dict]) -> None:
     doc.table(["backbone", "parameters (M)", "GFLOPs", "ImageNet top-1", "feature dim"],
               [[f["name"], f["params_m"], f["gflops"], f["imagenet_top1"], f["feature_dim"]]
                for f in (backbone_facts(n) for n in names)])
+
+
+def _per_run(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> None:
+    """Each run's test (else validation) confusion matrix, as an image and a table, and its
+    per-class classification report."""
+    from featcache import analysis
+
+    facts["per_run"] = {}
+    doc.h(2, "Per run: confusion matrix and classification report")
+    for r in runs:
+        split = "test" if r["metrics"].get("test") else "val"
+        cm = r["metrics"].get(split, {}).get("confusion_matrix")
+        if not cm:
+            continue
+        classes = r["metrics"]["classes"]
+        report = analysis.classification_report(cm, classes)
+        facts["per_run"][r["name"]] = {"split": split, "confusion_matrix": cm, "classification_report": report}
+        thr = r["metrics"].get("threshold")
+        decision = f"threshold {thr:.3f}" if thr is not None else "argmax"
+        doc.h(3, f"{r['name']} ({split}, {decision})")
+        picture = r["folder"] / "confusion_matrix.png"
+        if picture.is_file():
+            target = out / f"confusion_matrix_{r['name']}.png"
+            target.write_bytes(picture.read_bytes())
+            doc.img(target, f"{r['name']}: {split} confusion matrix")
+        doc.table(["true / predicted", *classes], [[c, *row] for c, row in zip(classes, cm)])
+        doc.table(["", "precision", "recall", "F1", "support"],
+                  [[k, report[k]["precision"], report[k]["recall"], report[k]["f1-score"], report[k]["support"]]
+                   for k in (*classes, "macro avg", "weighted avg")]
+                  + [["accuracy", None, None, report["accuracy"], report["macro avg"]["support"]]])
 
 
 def _learning_curves(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> None:

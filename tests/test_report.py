@@ -113,6 +113,11 @@ def test_report_sections_and_numbers(fixture_runs, tmp_path, capsys):
     assert facts["class_balance"]["test"] == {"NORMAL": 40, "PNEUMONIA": 60}
     assert 0.0 <= facts["domain_shift"]["auroc"] <= 1.0 and len(facts["domain_shift"]["folds"]) == 5
     assert facts["exact_duplicates"] == []
+    per_run = facts["per_run"]["r18-logistic"]
+    assert per_run["confusion_matrix"] == logistic["test"]["confusion_matrix"]
+    assert per_run["classification_report"]["PNEUMONIA"]["recall"] == pytest.approx(logistic["test"]["sensitivity"])
+    assert "### r18-logistic (test, threshold 0.500)" in md and "| weighted avg |" in md
+    assert (tmp_path / "report" / "confusion_matrix_r18-sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert len(facts["weighting_threshold"]) == 4
     best = max(facts["task_d"], key=lambda r: r["val_auroc"])
     assert f"By validation AUROC the best run is {best['run']}" in facts["verdict"]
@@ -292,3 +297,24 @@ def test_warnings_are_computed_from_the_runs():
     assert ("one-class", "one class predicted") in kinds and ("one-class", "flat validation accuracy") in kinds
     assert ("extreme", "extreme threshold") in kinds and ("extreme", "threshold from few images") in kinds
     assert ("edge", "head on the grid's edge") in kinds and ("edge", "smaller test set") in kinds
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_classification_report_matches_scikit_learn(k):
+    from sklearn.metrics import classification_report as sk_report
+    from sklearn.metrics import confusion_matrix
+
+    from featcache.analysis import classification_report
+
+    rng = np.random.default_rng(k)
+    y = rng.integers(0, k, 300)
+    pred = np.where(rng.random(300) < 0.7, y, rng.integers(0, k, 300))
+    if k == 3:
+        pred[pred == 2] = 1  # a class never predicted: its precision is 0, as scikit-learn's zero_division
+    classes = [f"c{i}" for i in range(k)]
+    ours = classification_report(confusion_matrix(y, pred, labels=range(k)).tolist(), classes)
+    theirs = sk_report(y, pred, labels=range(k), target_names=classes, output_dict=True, zero_division=0)
+    for key in (*classes, "macro avg", "weighted avg"):
+        for field in ("precision", "recall", "f1-score", "support"):
+            assert ours[key][field] == pytest.approx(theirs[key][field]), (key, field)
+    assert ours["accuracy"] == pytest.approx(theirs["accuracy"])
