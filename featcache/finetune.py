@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache import __version__
 from featcache.amp import autocast
 from featcache.errors import UserError
 
@@ -527,6 +528,10 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
         "amp": amp_words,
         # One entry per process: the epochs each ran and a digest of its final weights (DDP keeps them equal).
         "ranks": rank_facts,
+        "featcache_version": __version__,
+        "device": device,
+        "validation": manifest.validation,
+        "counts": {s: dict(zip(classes, n)) for s, n in manifest.counts().items()},
     }
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     return metrics

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache import __version__
 from featcache.cache import FeatureCache
 from featcache.errors import UserError
 from featcache.heads import (
@@ -195,10 +196,25 @@ def fit_head(
         "images_per_second": extract_facts.get("images_per_second"),
         "peak_memory_mb": max(extract_facts.get("peak_memory_mb") or 0.0,
                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "featcache_version": __version__,
+        "device": {"extract": (_json_attr(cache.attrs.get("decode")) or {}).get("device"),
+                   "fit": device if heads == "sweep" else "cpu"},
+        "validation": _json_attr(cache.attrs.get("validation")),
+        "counts": {s: {c: int((data[s][1] == k).sum()) for k, c in enumerate(classes)} for s in data},
     }
     (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     plot_run(out_dir, metrics, {s: (data[s][1], p) for s, p in probs.items()})
     return metrics
+
+
+def _json_attr(value):
+    """An HDF5 attribute that holds JSON text, decoded (or the value as it is)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 def write_predictions(path: Path, classes, splits: dict) -> None:

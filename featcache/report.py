@@ -53,6 +53,61 @@ def _ci(metrics: dict, key: str) -> str:
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
 
 
+def weights_words(weights: str | None) -> str:
+    """A weights id in words; random init says so plainly, because its numbers mean something else."""
+    if not weights:
+        return "not recorded"
+    if weights.startswith("none:seed="):
+        return f"random init (seed {weights.split('=', 1)[1]})"
+    if weights.startswith("torchvision:"):
+        return f"ImageNet ({weights.split(':', 1)[1]})"
+    if weights.startswith("file:sha256="):
+        return f"weights file, SHA-256 {weights.split('=', 1)[1][:12]}"
+    return weights
+
+
+def is_random_init(weights: str | None) -> bool:
+    return bool(weights) and weights.startswith("none:")
+
+
+def provenance(runs: list[dict]) -> list[dict]:
+    """Per run: backbone, weights, data, images per split and class, validation carve, version, device."""
+    rows = []
+    for r in runs:
+        info, metrics = r["run"], r["metrics"]
+        classes = metrics.get("classes", [])
+        counts = info.get("counts") or {}
+        for split in ("val", "test"):  # runs written before counts were recorded: the confusion matrices
+            cm = metrics.get(split, {}).get("confusion_matrix")
+            if split not in counts and cm:
+                counts[split] = {c: int(sum(row)) for c, row in zip(classes, cm)}
+        validation = info.get("validation") or {}
+        carve = (f"{validation.get('source')}" + (f", {validation['fraction']:.0%} of train by patient, split seed "
+                                                  f"{validation.get('seed')}" if "fraction" in validation else "")
+                 if validation else "not recorded")
+        rows.append({"run": r["name"], "backbone": r["backbone"], "weights": metrics.get("weights"),
+                     "weights_words": weights_words(metrics.get("weights")),
+                     "random_init": is_random_init(metrics.get("weights")),
+                     "data_root": info.get("data_root"), "counts": counts, "n_train": metrics.get("n_train"),
+                     "validation": carve, "featcache_version": info.get("featcache_version"),
+                     "device": _device_words(info.get("device"))})
+    return rows
+
+
+def _device_words(device) -> str | None:
+    if isinstance(device, dict):  # fit-head: where the cache was extracted, and where the heads were fitted
+        return ", ".join(f"{k} {v}" for k, v in device.items() if v)
+    return device
+
+
+def _counts_words(counts: dict, n_train) -> str:
+    parts = [f"train {n_train:,}"] if n_train and "train" not in counts else []
+    for split, per_class in counts.items():
+        parts.append(f"{split} {sum(per_class.values()):,} (" + ", ".join(f"{c} {n:,}" for c, n in per_class.items())
+                     + ")")
+    return "; ".join(parts) or "-"
+
+
 def recipe_words(run: dict) -> str:
     """What trains and how, in a few words: featcache's frozen mode and the tutorial's recipe differ."""
     if run["kind"] != "finetune":
@@ -73,10 +128,11 @@ def task_d_rows(runs: list[dict]) -> list[dict]:
         test = r["metrics"].get("test", {})
         rows.append({
             "run": r["name"], "backbone": r["backbone"], "strategy": r["strategy"], "recipe": recipe_words(r),
+            "random_init": is_random_init(r["metrics"].get("weights")),
             "weights": r["metrics"].get("weights"),
             "test_accuracy": test.get("accuracy"), "test_auroc": test.get("auroc"),
             "test_auroc_text": _ci(test, "auroc"),
-            "sensitivity": test.get("sensitivity"), "specificity": test.get("specificity"), "f1": test.get("f1"),
+            "precision": test.get("precision"), "sensitivity": test.get("sensitivity"), "specificity": test.get("specificity"), "f1": test.get("f1"),
             "wall_seconds": r["run"].get("wall_seconds"), "images_per_second": r["run"].get("images_per_second"),
             "peak_memory_mb": r["run"].get("peak_memory_mb"), "val_auroc": r["metrics"]["val"]["auroc"],
             "n_train": r["metrics"].get("n_train"), "n_test": test.get("n"),
@@ -249,6 +305,17 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
     doc.p(f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by featcache {__version__} from "
           f"{len(runs)} runs; data: {', '.join(roots) or 'not recorded'}. Every number below is measured; "
           "choices were made on the validation split and the test split was touched once per run.")
+    facts["provenance"] = provenance(runs)
+    random_runs = [p["run"] for p in facts["provenance"] if p["random_init"]]
+    if random_runs:
+        doc.p(f"RANDOM INIT: {len(random_runs)} of {len(runs)} runs ({', '.join(random_runs)}) start from randomly "
+              "initialised weights, not pretrained ones. Their numbers show what the pipeline does, not what "
+              "transfer learning from a pretrained encoder achieves.")
+    doc.h(2, "Provenance")
+    doc.table(["run", "backbone", "weights", "data", "images per split and class", "validation split",
+               "featcache", "device"],
+              [[p["run"], p["backbone"], p["weights_words"], p["data_root"], _counts_words(p["counts"], p["n_train"]),
+                p["validation"], p["featcache_version"], p["device"]] for p in facts["provenance"]])
 
     rows = task_d_rows(runs)
     facts["task_d"] = rows
@@ -258,9 +325,10 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
         doc.p("Computed from the runs below; each is a reason to read their numbers with care.")
         doc.table(["run", "warning", "detail"], [[w["run"], w["kind"], w["text"]] for w in facts["warnings"]])
     doc.h(2, "Task D: fine-tuning against a fixed feature extractor")
-    doc.table(["run", "backbone", "strategy", "train images", "test accuracy", "test AUROC [95% CI]",
-               "sensitivity", "specificity", "F1", "wall s", "images/s", "peak MB"],
-              [[r["run"], r["backbone"], r["strategy"], r["n_train"], r["test_accuracy"], r["test_auroc_text"],
+    doc.table(["run", "backbone", "strategy", "train images", "test n", "test accuracy", "test AUROC [95% CI]",
+               "precision", "sensitivity", "specificity", "F1", "wall s", "images/s", "peak MB"],
+              [[r["run"], r["backbone"] + (" (random init)" if r["random_init"] else ""), r["strategy"], r["n_train"],
+                r["n_test"], r["test_accuracy"], r["test_auroc_text"], r["precision"],
                 r["sensitivity"], r["specificity"], r["f1"], _num(r["wall_seconds"], 0),
                 _num(r["images_per_second"], 1), _num(r["peak_memory_mb"], 0)] for r in rows])
     facts["choices"] = choose_runs(rows)

@@ -107,12 +107,19 @@ def test_report_sections_and_numbers(fixture_runs, tmp_path, capsys):
     assert row["test_auroc"] == pytest.approx(logistic["test"]["auroc"])
     ci = logistic["test"]["ci"]["auroc"]
     assert f"{logistic['test']['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" in md
-    assert "| ft-light | resnet18 | finetune-full |" in md and "0.812" in md
+    assert "| ft-light | resnet18 (random init) | finetune-full |" in md and "0.812" in md
     assert facts["overfitting"]["ft-none"]["flag"] and not facts["overfitting"]["ft-light"]["flag"]
     assert [a["augment"] for a in facts["augmentation"]] == ["light", "none"]
     assert facts["class_balance"]["test"] == {"NORMAL": 40, "PNEUMONIA": 60}
     assert 0.0 <= facts["domain_shift"]["auroc"] <= 1.0 and len(facts["domain_shift"]["folds"]) == 5
     assert facts["exact_duplicates"] == []
+    assert "RANDOM INIT: 4 of 4 runs" in md and "## Provenance" in md
+    task_d = md[md.index("## Task D"):md.index("## Per run")]
+    assert task_d.count("resnet18 (random init)") == 4
+    prov = {p["run"]: p for p in facts["provenance"]}
+    assert prov["r18-logistic"]["weights_words"] == "random init (seed 0)"
+    assert prov["r18-logistic"]["counts"]["test"] == {"NORMAL": 40, "PNEUMONIA": 60}
+    assert prov["r18-logistic"]["featcache_version"] and "carved from train" in prov["r18-logistic"]["validation"]
     per_run = facts["per_run"]["r18-logistic"]
     assert per_run["confusion_matrix"] == logistic["test"]["confusion_matrix"]
     assert per_run["classification_report"]["PNEUMONIA"]["recall"] == pytest.approx(logistic["test"]["sensitivity"])
