@@ -242,10 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="apply a fitted run (backbone + head) to images; CSV out",
                        description="Scores per class and the thresholded label for each image, with the "
                                    "backbone and head of a fit-head run.")
-    p.add_argument("run", metavar="RUN_DIR", help="a folder written by featcache fit-head")
+    p.add_argument("run", metavar="RUN_DIR", help="a folder written by featcache fit-head or finetune")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", metavar="PREDICTIONS.csv", default=None,
-                   help="CSV to write (default: RUN_DIR/predictions.csv)")
+                   help="CSV to write (default: a new RUN_DIR/predict-DATE-TIME.csv; never the run's own files)")
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="the backbone weights file, when the one recorded in the run has moved")
     p.add_argument("--batch-size", type=int, default=32)
@@ -512,18 +512,20 @@ def _cmd_predict(args) -> int:
     from rich.table import Table
 
     from featcache.console import get_console
-    from featcache.predict import predict
+    from featcache.predict import default_output, predict
 
-    out = args.out or str(Path(args.run) / "predictions.csv")
+    out = args.out or str(default_output(args.run))
     rows = predict(args.run, args.images, out_csv=out, weights=args.weights, batch_size=args.batch_size,
                    device=args.device)
     table = Table()
     score_cols = [k for k in rows[0] if k.startswith("p_")] if rows else []
-    for col in ("image", *(c[2:] for c in score_cols), "prediction"):
-        table.add_column(col, justify="left" if col in ("image", "prediction") else "right")
+    for col in ("image", *(c[2:] for c in score_cols), "prediction", "decided by"):
+        table.add_column(col, justify="left" if col in ("image", "prediction", "decided by") else "right")
     for r in rows[:20]:
         cells = [f"{r[c]:.3f}" if c in r else "-" for c in score_cols]
-        table.add_row(Path(r["path"]).name, *cells, r["prediction"] or f"[red]{r['error']}[/]")
+        rule = ("argmax" if r.get("threshold_rule") == "argmax" else
+                f"p >= {float(r['threshold']):.3f} ({r['threshold_rule']})") if r["prediction"] else ""
+        table.add_row(Path(r["path"]).name, *cells, r["prediction"] or f"[red]{r['error']}[/]", rule)
     console = get_console()
     console.print(table)
     failed = sum(1 for r in rows if r["error"])

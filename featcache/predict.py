@@ -1,4 +1,10 @@
-"""predict: a fitted run (backbone + head) applied to new images, CSV out."""
+"""predict: a fitted run applied to new images, CSV out.
+
+A fit-head run is its cache's backbone plus ``head.pt``; a finetune run is its
+``best.pt`` (backbone and head together). Either way each image gets every
+class's probability and the label at the run's own threshold, which is
+written beside it with the rule that chose it.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,30 @@ class _Files:
         return len(self.paths)
 
 
+# Files a run folder is made of; predictions never go over one of them.
+RUN_FILES = ("predictions.csv", "metrics.json", "run.json", "history.json", "head.pt", "best.pt", "last.pt")
+
+
+def default_output(run_dir: str | os.PathLike) -> Path:
+    """A new CSV in the run folder (``predict-YYYYmmdd-HHMMSS.csv``), never one of the run's own files."""
+    import datetime as _dt
+
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = Path(run_dir) / f"predict-{stamp}.csv", 1
+    while path.exists():
+        n += 1
+        path = Path(run_dir) / f"predict-{stamp}-{n}.csv"
+    return path
+
+
+def check_output(run_dir: str | os.PathLike, out_csv: str | os.PathLike) -> None:
+    out = Path(out_csv)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a CSV file name")
+    if out.name in RUN_FILES and out.resolve().parent == Path(run_dir).resolve():
+        raise UserError(f"--out {out} is one of the run's own files; give another file name")
+
+
 def load_run(run_dir: str | os.PathLike):
     """(LinearHead, config) of a fit-head run; ``head.pt`` is read with ``weights_only=True``."""
     import torch
@@ -33,7 +63,7 @@ def load_run(run_dir: str | os.PathLike):
 
     path = Path(run_dir) / "head.pt"
     if not path.is_file():
-        raise UserError(f"no head.pt in {run_dir}: give a folder written by featcache fit-head")
+        raise UserError(f"no head.pt in {run_dir}: give a folder written by featcache fit-head (or finetune)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         return LinearHead.from_state_dict(payload["head"]), json.loads(payload["config"])
@@ -88,19 +118,43 @@ def _decode_backend(mode: str | None) -> str:
     return mode if mode in ("torchvision", "pil") else "torchvision"
 
 
-def predict(run_dir: str | os.PathLike, inputs: list[str], *, out_csv: str | os.PathLike | None = None,
-            weights: str | None = None, batch_size: int = 32, device: str = "auto",
-            workers: int | None = 0) -> list[dict]:
-    """Scores and a label for each image; rows are also written to ``out_csv``."""
+def _finetuned_scorer(run_dir: Path, device: str):
+    """(score(images) -> probs, spec, config) of a finetune run's best.pt."""
+    import torch
+
+    from featcache.backbones import create_backbone, get_entry
+    from featcache.finetune import _classifier_class
+
+    try:
+        payload = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+        settings = json.loads(payload["config"])
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except Exception as exc:
+        raise UserError(f"{run_dir} is not a finished featcache finetune run ({exc.__class__.__name__}: {exc})") \
+            from None
+    entry = get_entry(settings["backbone"])
+    backbone = create_backbone(settings["backbone"], "none")  # every tensor is replaced by best.pt's below
+    model = _classifier_class()(backbone.model, backbone.feature_dim, len(settings["classes"]),
+                                settings["freeze_backbone"], settings.get("recipe") == "tutorial")
+    state, prefix = payload["model"], entry.head_prefixes[0]
+    model.head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    model.extractor.body.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)})
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    config = {k: metrics.get(k) for k in ("classes", "positive_class", "threshold", "threshold_rule")}
+
+    def score(images):
+        return model(images).float().softmax(dim=1).cpu().numpy()
+
+    return score, backbone.spec, "torchvision", config
+
+
+def _head_scorer(run_dir, weights, device):
+    """(score(images) -> probs, spec, decode backend, config) of a fit-head run: its backbone, then head.pt."""
     import torch
 
     from featcache.backbones import create_backbone
-    from featcache.decode import make_loader
-    from featcache.extract import resolve_device
 
     head, config = load_run(run_dir)
-    files = collect_images(inputs)
-    device = resolve_device(device)
     name, seed = weights_for(config, weights)
     backbone = create_backbone(config["backbone"], name, seed=seed)
     if backbone.weights != config["weights"]:
@@ -108,25 +162,52 @@ def predict(run_dir: str | os.PathLike, inputs: list[str], *, out_csv: str | os.
     if config.get("preprocess") and json.loads(json.dumps(backbone.spec.to_dict())) != config["preprocess"]:
         raise UserError("the backbone's preprocessing differs from the one the head was fitted with")
     model = backbone.model.to(device, memory_format=torch.channels_last)
+
+    def score(images):
+        return head.predict_proba(model(images).float().cpu().numpy())
+
+    return score, backbone.spec, _decode_backend(config.get("decode")), config
+
+
+def predict(run_dir: str | os.PathLike, inputs: list[str], *, out_csv: str | os.PathLike | None = None,
+            weights: str | None = None, batch_size: int = 32, device: str = "auto",
+            workers: int | None = 0) -> list[dict]:
+    """Scores, a label, and the threshold and rule behind it for each image; also written to ``out_csv``."""
+    import torch
+
+    from featcache.decode import make_loader
+    from featcache.extract import resolve_device
+
+    run_dir = Path(run_dir)
+    if out_csv:
+        check_output(run_dir, out_csv)
+    device = resolve_device(device)
+    if not (run_dir / "head.pt").is_file() and (run_dir / "best.pt").is_file():
+        if weights:
+            raise UserError("--weights applies to fit-head runs; a finetune run's best.pt holds its backbone")
+        score, spec, backend, config = _finetuned_scorer(run_dir, device)
+    else:
+        score, spec, backend, config = _head_scorer(run_dir, weights, device)
+    files = collect_images(inputs)
     classes, threshold = config["classes"], config["threshold"]
     positive = classes.index(config["positive_class"]) if config.get("positive_class") else None
+    rule = config.get("threshold_rule") or ("argmax" if positive is None else "fixed")
+    decision = {"threshold": "" if threshold is None else f"{threshold:.6f}", "threshold_rule": rule}
 
     rows: dict[int, dict] = {}
-    backend = _decode_backend(config.get("decode"))
-    loader = make_loader(_Files("", tuple(os.path.abspath(f) for f in files)), backbone.spec,
+    loader = make_loader(_Files("", tuple(os.path.abspath(f) for f in files)), spec,
                          backend=backend, batch_size=batch_size, workers=workers, device=device)
     with torch.inference_mode():
         for batch in loader:
             for i, reason in batch.failed:
                 rows[i] = {"path": files[i], "prediction": "", "error": reason}
             if len(batch.indices):
-                x = batch.images.to(device).contiguous(memory_format=torch.channels_last)
-                probs = head.predict_proba(model(x).float().cpu().numpy())
+                probs = score(batch.images.to(device).contiguous(memory_format=torch.channels_last))
                 for i, p in zip(batch.indices.tolist(), probs):
                     label = (classes[positive] if p[positive] >= threshold else classes[1 - positive]) \
                         if positive is not None else classes[int(np.argmax(p))]
                     rows[i] = {"path": files[i], **{f"p_{c}": float(v) for c, v in zip(classes, p)},
-                               "prediction": label, "error": ""}
+                               "prediction": label, **decision, "error": ""}
     result = [rows[i] for i in range(len(files))]
     if out_csv:
         _write_csv(Path(out_csv), result, classes)
@@ -135,7 +216,7 @@ def predict(run_dir: str | os.PathLike, inputs: list[str], *, out_csv: str | os.
 
 def _write_csv(path: Path, rows: list[dict], classes: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["path", *(f"p_{c}" for c in classes), "prediction", "error"]
+    fields = ["path", *(f"p_{c}" for c in classes), "prediction", "threshold", "threshold_rule", "error"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()

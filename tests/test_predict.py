@@ -76,3 +76,36 @@ def test_predict_mistakes(fitted_run, tmp_path):
         predict(run, [str(tmp_path / "empty")])
     assert isinstance(torch.load(run / "head.pt", weights_only=True)["head"]["weight"], torch.Tensor)
     assert np.isfinite(load_run(run)[0].weight).all()
+
+
+def test_predict_never_writes_over_the_runs_files(fitted_run, tmp_path, capsys):
+    data, _, run = fitted_run
+    before = (run / "predictions.csv").read_bytes()
+    assert main(["predict", str(run), str(data / "test")]) == 0
+    assert (run / "predictions.csv").read_bytes() == before
+    written = sorted(run.glob("predict-*.csv"))
+    assert len(written) == 1 and len(list(csv.DictReader(written[0].open()))) == 5
+    shown = capsys.readouterr().out
+    assert "decided by" in shown and "(fixed)" in shown
+    assert main(["predict", str(run), str(data / "test"), "--out", str(run / "predictions.csv")]) == 2
+    assert (run / "predictions.csv").read_bytes() == before
+
+
+def test_predict_applies_a_finetuned_run_with_its_threshold(tmp_path):
+    import json
+
+    from featcache.demo import DEMO_DATA
+    from featcache.finetune import finetune
+
+    run = tmp_path / "ft"
+    finetune(DEMO_DATA, run, weights="none", epochs=1, batch_size=16, max_images=40, amp="off", n_resamples=0,
+             workers=0, progress=False, freeze_backbone=True, threshold="youden")
+    metrics = json.loads((run / "metrics.json").read_text())
+    run_rows = [r for r in csv.DictReader((run / "predictions.csv").open()) if r["split"] == "test"][:8]
+    images = [str(DEMO_DATA / r["path"]) for r in run_rows]
+    rows = predict(run, images, out_csv=tmp_path / "p.csv")
+    for mine, theirs in zip(rows, run_rows):
+        assert mine["p_PNEUMONIA"] == pytest.approx(float(theirs["p_PNEUMONIA"]), abs=1e-4)
+        expected = "PNEUMONIA" if mine["p_PNEUMONIA"] >= metrics["threshold"] else "NORMAL"
+        assert mine["prediction"] == expected and mine["threshold_rule"] == "youden"
+        assert float(mine["threshold"]) == pytest.approx(metrics["threshold"], abs=1e-6)
