@@ -210,3 +210,80 @@ def test_several_caches_give_one_comparison(tmp_path):
     assert rows[1]["test_auroc"] > rows[0]["test_auroc"]
     assert json.loads((tmp_path / "cmp" / "comparison.json").read_text()) == json.loads(json.dumps(rows))
     assert (tmp_path / "cmp" / "a" / "metrics.json").exists() and (tmp_path / "cmp" / "b" / "head.pt").exists()
+
+
+@pytest.mark.parametrize("classes", [("NORMAL", "PNEUMONIA"), ("BACTERIA", "NORMAL", "VIRUS")])
+def test_exported_logistic_head_is_scikit_learns_model(tmp_path, classes):
+    """head.pt's softmax must give scikit-learn's probabilities: for 3+ classes only a multinomial fit does."""
+    from featcache.cache import FeatureCache
+    from featcache.heads import LogisticHead
+
+    cache = FeatureCache.open(synthetic_cache(tmp_path / "c.h5", classes=classes, shift=1.0))
+    X, y, _ = cache.arrays("train")
+    Xv, _, _ = cache.arrays("val")
+    for C in (0.01, 1.0):
+        head = LogisticHead(C=C).fit(X, y)
+        exported = head.export(len(classes)).predict_proba(Xv)
+        assert np.allclose(exported, head.model_.predict_proba(head.norm_.transform(Xv)), atol=1e-5)
+        assert np.allclose(exported, head.predict_proba(Xv), atol=1e-5)
+
+
+def test_threads_follow_the_problem_size_and_the_free_cores():
+    from featcache.heads import MIN_MACS_PER_THREAD, choose_threads
+
+    default_grid_512d = 2 * 64 * 256 * 512 * 2  # multiply-adds of one step of --heads sweep on resnet18 features
+    assert choose_threads(default_grid_512d, cores=2, busy=0) == 2
+    assert choose_threads(default_grid_512d, cores=2, busy=1) == 1  # a busy neighbour takes a core
+    assert choose_threads(default_grid_512d, cores=2, busy=3) == 1
+    assert choose_threads(default_grid_512d, cores=16, busy=0) == 16
+    assert choose_threads(8 * MIN_MACS_PER_THREAD, cores=16, busy=0) == 8  # no more threads than the work can use
+    assert choose_threads(default_grid_512d, cores=16, busy=14) == 2
+    assert choose_threads(2 * 1 * 256 * 64 * 2, cores=2, busy=0) == 1  # one head on 64-d: too little to split
+    assert choose_threads(default_grid_512d, cores=2, busy=0, limit=1) == 1  # OMP_NUM_THREADS=1 is kept
+
+
+@pytest.mark.parametrize("busy, inside", [([0, 0], [2, 2]), ([1, 1], [1, 1]), ([0, 1], [2, 1])])
+def test_sweep_sets_torch_threads_for_the_fit_and_restores_them(monkeypatch, busy, inside):
+    """Two free cores: two threads; a busy core, from the start or from the second epoch on: one."""
+    import featcache.heads as heads
+
+    X = np.random.default_rng(0).normal(size=(600, 512)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    readings = iter(busy)
+    monkeypatch.setattr(heads, "cpu_cores", lambda: 2, raising=False)
+    monkeypatch.setattr(heads, "busy_cores", lambda: next(readings, busy[-1]), raising=False)
+    seen = []
+    randperm = torch.randperm
+
+    def spy(*args, **kwargs):  # called once an epoch, inside the training loop
+        seen.append(torch.get_num_threads())
+        return randperm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randperm", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sweep = heads.LinearHeadSweep(heads.sweep_grid(), epochs=2).fit(X, y, 2)
+        assert seen == inside and sweep.threads_ == inside
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="same number of heads"):
+            heads.LinearHeadSweep(heads.sweep_grid()[:-1], epochs=1).fit(X, y, 2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_busy_neighbour_is_seen_as_a_busy_core():
+    import subprocess
+    import sys
+    import time
+
+    from featcache.heads import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_cores() >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()

@@ -139,3 +139,89 @@ def test_bootstrap_is_seeded_and_resamples_whole_patients():
     assert a == b and a["accuracy"] != c["accuracy"]
     point = float(((p1 >= 0.5) == y).mean())
     assert a["accuracy"][0] <= point <= a["accuracy"][1] and a["patients"] == 50
+
+
+def test_three_class_balanced_accuracy_without_a_class_matches_scikit_learn():
+    from sklearn.metrics import balanced_accuracy_score
+
+    from featcache.metrics import multiclass_metrics
+
+    # No true "c" here, yet one image is predicted "c": scikit-learn drops c
+    # from the mean (and warns that y_pred holds a class y_true lacks).
+    y = np.array([0, 0, 0, 1, 1, 1, 1])
+    probs = np.array([[.8, .1, .1], [.2, .7, .1], [.6, .3, .1], [.1, .8, .1], [.1, .2, .7], [.2, .7, .1],
+                      [.3, .6, .1]])
+    m = multiclass_metrics(y, probs, classes=["a", "b", "c"])
+    with pytest.warns(UserWarning, match="y_pred contains classes not in y_true"):
+        expected = balanced_accuracy_score(y, probs.argmax(axis=1))
+    assert expected == pytest.approx((2 / 3 + 3 / 4) / 2)
+    assert m["balanced_accuracy"] == pytest.approx(expected, abs=1e-12)
+    assert m["sensitivity"] == pytest.approx(expected, abs=1e-12)
+    assert m["per_class"]["c"]["n"] == 0
+    # A class neither true nor predicted is not in scikit-learn's matrix at all.
+    never = np.array([[.8, .1, .1], [.3, .6, .1], [.2, .7, .1], [.1, .8, .1]])
+    yy = np.array([0, 0, 1, 1])
+    assert multiclass_metrics(yy, never, classes=["a", "b", "c"])["balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(yy, never.argmax(axis=1)), abs=1e-12)
+
+
+def _clustered_sample(seed=0, n_patients=60):
+    """Patients of 1 to 8 images; every image of a patient has the patient's label and score."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 9, n_patients)
+    label = rng.integers(0, 2, n_patients)
+    score = np.clip(label * 0.25 + rng.random(n_patients) * 0.75, 0, 1)
+    y, p1 = np.repeat(label, sizes), np.repeat(score, sizes)
+    return y, np.c_[1 - p1, p1], np.repeat(np.arange(n_patients), sizes), rng
+
+
+def _accuracy(yy, pp):
+    return {"accuracy": float(((pp[:, 1] >= 0.5) == yy).mean())}
+
+
+def test_patient_resamples_draw_whole_patients_of_unequal_size():
+    from featcache.metrics import bootstrap_ci, patient_groups, patient_resamples
+
+    y, probs, patients, _ = _clustered_sample()
+    members = patient_groups(patients)
+    size_of = {int(patients[m[0]]): len(m) for m in members}
+    counts = set()
+    for rows in patient_resamples(members, n_resamples=50, seed=1):
+        drawn = np.bincount(patients[rows], minlength=len(members))
+        for patient, n in enumerate(drawn):
+            assert n % size_of[patient] == 0  # every image of a drawn patient, never some of them
+        assert drawn.sum() == len(rows)
+        counts.add(len(rows))
+    assert len(counts) > 10  # the row count follows the patients drawn; an image bootstrap keeps it at N
+
+    seen = []
+    bootstrap_ci(y, probs, patients, score=lambda yy, pp: seen.append(len(yy)) or _accuracy(yy, pp),
+                 n_resamples=50, seed=1)
+    assert len(set(seen)) > 10 and len(y) in range(min(seen), max(seen) + 1)
+
+
+def test_patient_bootstrap_widens_with_within_patient_correlation():
+    from featcache.metrics import bootstrap_ci
+
+    y, probs, patients, rng = _clustered_sample()
+    # The same rows and the same patient sizes; only which images share a patient
+    # differs. An image-level bootstrap cannot tell these apart.
+    independent = rng.permutation(patients)
+
+    def width(groups):
+        lo, hi = bootstrap_ci(y, probs, groups, score=_accuracy, n_resamples=400, seed=2)["accuracy"]
+        return hi - lo
+
+    assert width(patients) > 1.5 * width(independent)
+
+
+def test_average_ranks_match_scipy_rankdata():
+    from scipy.stats import rankdata
+
+    from featcache.metrics import average_ranks
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 500):
+        values = np.round(rng.normal(size=n), 1)  # many ties
+        assert np.array_equal(average_ranks(values), rankdata(values))
+    assert np.isnan(auroc(np.array([0, 1, 1]), np.array([0.1, np.nan, 0.3])))
