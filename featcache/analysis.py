@@ -292,3 +292,89 @@ def classification_report(confusion: list[list[int]], classes) -> dict:
     out["weighted avg"] = {"precision": float(weights @ precision), "recall": float(weights @ recall),
                            "f1-score": float(weights @ f1), "support": int(total)}
     return out
+
+
+def paired_comparison(a: list[dict], b: list[dict], classes, *, threshold_a: float | None,
+                      threshold_b: float | None, split: str = "test", n_resamples: int = 1000,
+                      seed: int = 0) -> dict | None:
+    """Run A against run B on the same images: paired patient-bootstrap CI of the AUROC difference
+    (A minus B), and McNemar's exact test on which images each gets right at its own threshold.
+
+    ``a`` and ``b`` are predictions.csv rows; images are matched by path. None when the two runs share
+    no image of ``split`` or have two classes only in name.
+    """
+    from scipy.stats import binomtest
+
+    from featcache.metrics import auroc, patient_groups, patient_resamples, positive_class_index
+
+    if len(classes) != 2:
+        return None
+    positive = positive_class_index(classes)
+    pos_name = classes[positive]
+    rows_b = {r["path"]: r for r in b if r["split"] == split}
+    pairs = [(r, rows_b[r["path"]]) for r in a if r["split"] == split and r["path"] in rows_b]
+    if not pairs:
+        return None
+    y = np.array([r["label"] == pos_name for r, _ in pairs])
+    score_a = np.array([float(r[f"p_{pos_name}"]) for r, _ in pairs])
+    score_b = np.array([float(r[f"p_{pos_name}"]) for _, r in pairs])
+    patients = [r.get("patient") or r["path"] for r, _ in pairs]
+    unit = "patient" if all(r.get("patient") for r, _ in pairs) else "image (no patient column)"
+    diff = auroc(y, score_a) - auroc(y, score_b)
+    draws = []
+    for rows in patient_resamples(patient_groups(patients), n_resamples=n_resamples, seed=seed):
+        if y[rows].all() or not y[rows].any():
+            continue
+        draws.append(auroc(y[rows], score_a[rows]) - auroc(y[rows], score_b[rows]))
+    right_a = (score_a >= (0.5 if threshold_a is None else threshold_a)) == y
+    right_b = (score_b >= (0.5 if threshold_b is None else threshold_b)) == y
+    only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    p_value = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    ci = [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))] if draws else None
+    return {"n": len(pairs), "patients": len(set(patients)), "auroc_difference": float(diff),
+            "auroc_difference_ci": ci, "resamples": len(draws), "unit": unit,
+            "accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean()),
+            "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": float(p_value)}
+
+
+LOW_RECALL = 0.7  # a class recalled less often than this on test is worth acting on
+STRONG_SHIFT = 0.7  # domain-classifier AUROC from which train and test look clearly different
+
+
+def recommendations(facts: dict) -> list[dict]:
+    """What to try next, each derived from a finding the report shows: ``{"finding", "try"}``."""
+    out = []
+
+    def add(finding, action):
+        out.append({"finding": finding, "try": action})
+
+    random_runs = [p["run"] for p in facts.get("provenance", []) if p.get("random_init")]
+    if random_runs:
+        add(f"{len(random_runs)} run(s) start from random weights",
+            "extract again with --weights imagenet (or a chest X-ray encoder); random-init features only test "
+            "the pipeline")
+    for row in facts.get("task_d", []):
+        low = [(name, value) for name, value in (("sensitivity", row.get("sensitivity")),
+                                                 ("specificity", row.get("specificity")))
+               if value is not None and value < LOW_RECALL]
+        for name, value in low:
+            add(f"{row['run']}: test {name} {value:.3f}",
+                "class weighting (--class-weight balanced) or a threshold chosen on validation "
+                "(--threshold youden, or --target-sensitivity) to trade the other class's recall for this one")
+    for name, verdict in facts.get("overfitting", {}).items():
+        if verdict.get("flag"):
+            add(f"{name}: {verdict['reason']}",
+                "stronger augmentation (--augment strong), early stopping (--early-stop), a lower learning rate, "
+                "or the frozen backbone / cached features, which have far fewer weights to overfit")
+    shift = facts.get("domain_shift")
+    if shift and shift["auroc"] >= STRONG_SHIFT:
+        add(f"train and test embeddings are told apart at AUROC {shift['auroc']:.3f}",
+            "validation numbers will overstate test numbers; check acquisition differences (scanner, site, "
+            "cropping) and report on a validation set drawn like the test set")
+    for warning in facts.get("warnings", []):
+        if warning["kind"] == "head on the grid's edge":
+            add(f"{warning['run']}: {warning['text']}", "extend that hyperparameter's grid past its edge")
+    pairs = facts.get("near_duplicates", {}).get("pairs_above", {})
+    if facts.get("exact_duplicates") or any(pairs.values()):
+        add("near or exact duplicate images across splits", "look at the pairs shown; drop leaked images from test")
+    return out

@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", metavar="RUN_DIR", nargs="+")
     p.add_argument("--out", required=True, metavar="REPORT_DIR")
     p.add_argument("--title", default="featcache report")
+    p.add_argument("--pdf", action="store_true", help="also write report.pdf (for hand-ins that must be PDF)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("run", help="run every step of a TOML comparison config, then write the report",
@@ -435,10 +436,11 @@ def _cmd_report(args) -> int:
     from featcache.console import get_console
     from featcache.report import build_report
 
-    facts = build_report(args.runs, args.out, title=args.title)
+    facts = build_report(args.runs, args.out, title=args.title, pdf=args.pdf)
     console = get_console()
     console.print(facts["verdict"])
-    console.print(f"report.md, report.html (self-contained) and plots in {args.out}")
+    console.print(f"report.md, report.html (self-contained){', report.pdf' if args.pdf else ''} and plots in "
+                  f"{args.out}")
     return 0
 
 

@@ -507,7 +507,7 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     paths = np.asarray(manifest.paths, dtype=object)
     write_predictions(out / "predictions.csv", classes,
-                      {s: (paths[split_rows[s]], y, p) for s, (y, p, _) in splits.items()})
+                      {s: (paths[split_rows[s]], y, p, pt) for s, (y, p, pt) in splits.items()})
     plot_run(out, metrics, {s: (y, p) for s, (y, p, _) in splits.items()})
     plot_learning_curves(history, out / "learning_curve.png", title=f"{bb.name}, {mode} fine-tuning")
     run = {

@@ -179,7 +179,7 @@ def fit_head(
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     paths = cache.read("paths")["paths"]
     write_predictions(out_dir / "predictions.csv", classes,
-                      {s: (paths[cache.rows(s)], data[s][1], p) for s, p in probs.items()})
+                      {s: (paths[cache.rows(s)], data[s][1], p, data[s][2]) for s, p in probs.items()})
     extract_facts = json.loads(cache.attrs.get("extract", "{}"))
     run = {
         "complete": True,
@@ -188,7 +188,9 @@ def fit_head(
         "backbone": metrics["backbone"],
         "weights": metrics["weights"],
         "data_root": cache.attrs.get("data_root"),
-        "cache": str(cache.path),
+        "cache": str(Path(cache.path).resolve()),
+        # A copied project (run folders and caches moved together) finds its cache from here.
+        "cache_relative": os.path.relpath(Path(cache.path).resolve(), out_dir.resolve()),
         "extract_seconds": extract_facts.get("seconds"),
         "extract_images_per_second": extract_facts.get("images_per_second"),
         "fit_seconds": fit_seconds,
@@ -218,18 +220,19 @@ def _json_attr(value):
 
 
 def write_predictions(path: Path, classes, splits: dict) -> None:
-    """One CSV row per image: split, path, true class, each class's probability, predicted (argmax) class.
+    """One CSV row per image: split, path, patient, true class, each class's probability.
 
-    ``splits`` maps a split to (paths, labels, (N, K) probabilities).
+    ``splits`` maps a split to (paths, labels, (N, K) probabilities, patients); the patient
+    column lets two runs be compared by a paired patient bootstrap.
     """
     import csv
 
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["split", "path", "label", *(f"p_{c}" for c in classes)])
-        for split, (paths, labels, probs) in splits.items():
-            for p, y, row in zip(paths, labels, probs):
-                writer.writerow([split, p, classes[int(y)], *(f"{v:.6f}" for v in row)])
+        writer.writerow(["split", "path", "patient", "label", *(f"p_{c}" for c in classes)])
+        for split, (paths, labels, probs, patients) in splits.items():
+            for p, pt, y, row in zip(paths, patients, labels, probs):
+                writer.writerow([split, p, pt, classes[int(y)], *(f"{v:.6f}" for v in row)])
 
 
 def run_metrics(classes, rule, *, selected: dict, heads: list[dict], fit_seconds: float, source: dict, n_train: int,

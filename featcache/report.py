@@ -32,9 +32,19 @@ def load_run(path: str | os.PathLike) -> dict:
     history = json.loads((folder / "history.json").read_text()) if (folder / "history.json").is_file() else []
     kind = run.get("kind") or ("finetune" if history else "fit-head")
     return {"name": folder.name, "folder": folder, "metrics": metrics, "run": run, "history": history,
+            "cache": _find_cache(folder, run),
             "kind": kind, "backbone": metrics.get("backbone"),
             "strategy": run.get("strategy") or kind,
             "predictions": folder / "predictions.csv" if (folder / "predictions.csv").is_file() else None}
+
+
+def _find_cache(folder: Path, run: dict) -> Path | None:
+    """The run's cache: where run.json says, else at the same place relative to the run folder
+    (a copied project), else None (the analyses that read it are skipped, saying so)."""
+    for candidate in (run.get("cache"), run.get("cache_relative") and folder / run["cache_relative"]):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -190,7 +200,7 @@ def verdict(rows: list[dict], choices: dict) -> str:
     parts = [f"By validation AUROC the best run is {best['run']} ({best['strategy']}, {best['backbone']}, val "
              f"AUROC {best['val_auroc']:.3f}); {test_words}."]
     timed = [r for r in rows if r["wall_seconds"]]
-    if timed:
+    if len(timed) >= 2:
         fastest = min(timed, key=lambda r: r["wall_seconds"])
         parts.append(f"The fastest is {fastest['run']} at {fastest['wall_seconds']:.0f} s (val AUROC "
                      f"{fastest['val_auroc']:.3f}).")
@@ -289,16 +299,44 @@ class _Doc:
 
 
 def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "featcache report",
-                 analyses: bool = True) -> dict:
-    """Write report.md, report.html and the plots into ``out``; returns the numbers shown."""
-    from featcache import analysis
-    from featcache.plots import plot_auroc_vs_time
+                 analyses: bool = True, pdf: bool = False) -> dict:
+    """Write report.md, report.html and the plots into ``out``; returns the numbers shown.
+
+    The report is built in a scratch folder beside ``out`` and moved into place whole, so a failure
+    never leaves a half-written report; an earlier report in ``out`` is replaced, any other folder refused.
+    """
+    import shutil
+    import tempfile
 
     if not run_dirs:
         raise UserError("give at least one run folder")
     runs = sorted((load_run(d) for d in run_dirs), key=lambda r: (STRATEGY_ORDER.get(r["kind"], 9), r["name"]))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "report.json").is_file())):
+        raise UserError(f"--out {out} exists and is not a featcache report folder; give a new or empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(scratch, 0o777 & ~mask)  # a folder like any other, not mkdtemp's private one
+    try:
+        facts = _write_report(runs, scratch, title, analyses, pdf)
+        if out.exists():
+            old = scratch.with_name(scratch.name.replace(".partial-", ".old-"))
+            out.rename(old)
+            scratch.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            scratch.rename(out)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return facts
+
+
+def _write_report(runs: list[dict], out: Path, title: str, analyses: bool, pdf: bool) -> dict:
+    from featcache import analysis
+    from featcache.plots import plot_auroc_vs_time
     doc, facts = _Doc(), {"runs": [r["name"] for r in runs]}
     doc.h(1, title)
     roots = sorted({r["run"].get("data_root") for r in runs if r["run"].get("data_root")})
@@ -335,6 +373,7 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
     facts["verdict"] = verdict(rows, facts["choices"])
     doc.p(facts["verdict"])
     doc.table(["run", "how it was trained"], [[r["run"], r["recipe"]] for r in rows])
+    _b_vs_c(doc, runs, facts)
     doc.p("Wall time of a cached-feature run is its extraction plus its head fit; the extraction is paid once per "
           "backbone, and every further head costs only the fit. images/s is extraction speed for cached runs and "
           "training speed for fine-tuning.")
@@ -353,21 +392,33 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
         doc.table(["backbone", "mode", "augment", "val AUROC", "test AUROC", "test accuracy", "overfitting"],
                   [[a["backbone"], a["mode"], a["augment"], a["val_auroc"], a["test_auroc"], a["test_accuracy"],
                     "yes" if a["overfitting"] else "no"] for a in ablation])
-    cached = [r for r in runs if r["kind"] == "fit-head" and r["run"].get("cache")]
+    cached = [r for r in runs if r["kind"] == "fit-head" and r["cache"]]
     if analyses and cached:
         _cache_analyses(doc, cached[0], out, facts)
     elif analyses:
-        doc.p("Class balance, train/test shift and leakage checks read a feature cache: add a fit-head run.")
+        lost = [r["name"] for r in runs if r["kind"] == "fit-head"]
+        doc.p(f"The feature cache of {', '.join(lost)} was not found where run.json says nor beside the run "
+              "folder, so class balance, train/test shift and leakage checks are left out." if lost else
+              "Class balance, train/test shift and leakage checks read a feature cache: add a fit-head run.")
     _worst_errors(doc, runs, out, facts)
+    facts["recommendations"] = analysis.recommendations(facts)
+    if facts["recommendations"]:
+        doc.h(3, "What to try next")
+        doc.table(["finding", "try"], [[r["finding"], r["try"]] for r in facts["recommendations"]])
 
     (out / "report.md").write_text(doc.markdown(out))
     (out / "report.html").write_text(doc.html(title))
+    if pdf:
+        from featcache.report_pdf import write_pdf
+
+        write_pdf(doc.blocks, out / "report.pdf", title)
     (out / "report.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
     return facts
 
 
-def _num(value, digits: int):
-    return None if value is None else round(float(value), digits) if digits else int(round(float(value)))
+def _num(value, digits: int) -> str | None:
+    """A figure with ``digits`` decimals and thousands separators (7.6 images/s, not 7.600)."""
+    return None if value is None else f"{float(value):,.{digits}f}"
 
 
 def _backbone_costs(doc: _Doc, runs: list[dict]) -> None:
@@ -380,6 +431,54 @@ def _backbone_costs(doc: _Doc, runs: list[dict]) -> None:
     doc.table(["backbone", "parameters (M)", "GFLOPs", "ImageNet top-1", "feature dim"],
               [[f["name"], f["params_m"], f["gflops"], f["imagenet_top1"], f["feature_dim"]]
                for f in (backbone_facts(n) for n in names)])
+
+
+def b_vs_c_sentence(c_name: str, b_name: str, cmp: dict) -> str:
+    """The paired comparison in words; the verdict follows the interval and the p-value, nothing else."""
+    ci = cmp["auroc_difference_ci"]
+    text = (f"On the {cmp['n']:,} test images both runs scored ({cmp['patients']:,} patients), test AUROC of "
+            f"{c_name} minus {b_name} is {cmp['auroc_difference']:+.3f}")
+    if ci is None:
+        text += " (too few resamples with both classes for an interval)."
+    else:
+        if ci[0] > 0:
+            verdict = f"{c_name} (Task C) has the higher AUROC"
+        elif ci[1] < 0:
+            verdict = f"{b_name} (Task B) has the higher AUROC"
+        else:
+            verdict = "the interval includes 0: this test set cannot tell their AUROCs apart"
+        text += (f", 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}] by paired bootstrap over {cmp['unit']}s "
+                 f"({cmp['resamples']} resamples): {verdict}.")
+    p = cmp["mcnemar_p"]
+    text += (f" At their own thresholds, {cmp['only_a_right']} images are right only for {c_name} and "
+             f"{cmp['only_b_right']} only for {b_name} (accuracy {cmp['accuracy_a']:.3f} vs {cmp['accuracy_b']:.3f}); "
+             f"McNemar's exact test p = {p:.3g}"
+             + (", a difference in accuracy at the 5% level." if p < 0.05 else ", no significant difference in "
+                                                                                 "accuracy at the 5% level."))
+    return text
+
+
+def _b_vs_c(doc: _Doc, runs: list[dict], facts: dict) -> None:
+    """Task D's question with statistics: the best Task C run against the best Task B run, both chosen on
+    validation, compared image by image on the test split."""
+    from featcache import analysis
+
+    choices = facts["choices"]
+    if "best_fixed_feature_run" not in choices or "best_finetune_run" not in choices:
+        return
+    by_name = {r["name"]: r for r in runs}
+    c, b = by_name[choices["best_fixed_feature_run"]["chosen"]], by_name[choices["best_finetune_run"]["chosen"]]
+    if not (c["predictions"] and b["predictions"]):
+        return
+    cmp = analysis.paired_comparison(analysis.read_predictions(c["predictions"]),
+                                     analysis.read_predictions(b["predictions"]), c["metrics"]["classes"],
+                                     threshold_a=c["metrics"].get("threshold"),
+                                     threshold_b=b["metrics"].get("threshold"))
+    if cmp is None:
+        return
+    facts["b_vs_c"] = {"c": c["name"], "b": b["name"], **cmp}
+    doc.h(3, "B vs C, decided with statistics")
+    doc.p(b_vs_c_sentence(c["name"], b["name"], cmp))
 
 
 def _per_run(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> None:
@@ -480,7 +579,7 @@ def _cache_analyses(doc: _Doc, run: dict, out: Path, facts: dict) -> None:
     from featcache.cache import FeatureCache
     from featcache.plots import plot_pair_thumbnails
 
-    cache = FeatureCache.open(run["run"]["cache"])
+    cache = FeatureCache.open(run["cache"])
     classes = cache.classes
     balance = analysis.class_balance(cache)
     facts["class_balance"] = balance

@@ -38,6 +38,7 @@ def _write_runs(root: Path, cache: Path, finetune_test_aurocs: dict) -> Path:
                     "images_per_second": 20.0, "epoch_seconds": 30.0, "peak_memory_mb": 1500.0}
                    for e, v in enumerate(val_losses)]
         (folder / "history.json").write_text(json.dumps(history))
+        shutil.copy(root / "r18-logistic" / "predictions.csv", folder / "predictions.csv")
         (folder / "run.json").write_text(json.dumps({
             "complete": True, "kind": "finetune", "strategy": "finetune-full", "backbone": "resnet18",
             "data_root": str(DEMO_DATA), "wall_seconds": 95.0, "images_per_second": 20.0, "peak_memory_mb": 1500.0,
@@ -113,6 +114,9 @@ def test_report_sections_and_numbers(fixture_runs, tmp_path, capsys):
     assert facts["class_balance"]["test"] == {"NORMAL": 40, "PNEUMONIA": 60}
     assert 0.0 <= facts["domain_shift"]["auroc"] <= 1.0 and len(facts["domain_shift"]["folds"]) == 5
     assert facts["exact_duplicates"] == []
+    b_vs_c = facts["b_vs_c"]
+    assert b_vs_c["b"] == "ft-light" and b_vs_c["c"] in ("r18-logistic", "r18-sweep")
+    assert b_vs_c["n"] == 100 and b_vs_c["unit"] == "patient" and "### B vs C, decided with statistics" in md
     assert "RANDOM INIT: 4 of 4 runs" in md and "## Provenance" in md
     task_d = md[md.index("## Task D"):md.index("## Per run")]
     assert task_d.count("resnet18 (random init)") == 4
@@ -325,3 +329,91 @@ def test_classification_report_matches_scikit_learn(k):
         for field in ("precision", "recall", "f1-score", "support"):
             assert ours[key][field] == pytest.approx(theirs[key][field]), (key, field)
     assert ours["accuracy"] == pytest.approx(theirs["accuracy"])
+
+
+def _predictions(scores, labels, patients):
+    return [{"split": "test", "path": f"p{i}.png", "patient": pt, "label": "PNEUMONIA" if y else "NORMAL",
+             "p_PNEUMONIA": str(sc), "p_NORMAL": str(1 - sc)} for i, (sc, y, pt) in enumerate(zip(scores, labels, patients))]
+
+
+def test_paired_comparison_by_patient_bootstrap_and_mcnemar():
+    from featcache.analysis import paired_comparison
+    from featcache.metrics import auroc
+    from featcache.report import b_vs_c_sentence
+
+    rng = np.random.default_rng(0)
+    y = rng.random(400) < 0.6
+    patients = [f"pt{i // 4}" for i in range(400)]
+    good = np.clip(y * 0.6 + rng.normal(0.2, 0.15, 400), 0, 1)
+    poor = np.clip(y * 0.15 + rng.normal(0.4, 0.2, 400), 0, 1)
+    classes = ["NORMAL", "PNEUMONIA"]
+    a = _predictions(good, y, patients)
+    b = list(reversed(_predictions(poor, y, patients)))  # matched by path, not by order
+    cmp = paired_comparison(a, b, classes, threshold_a=0.5, threshold_b=0.5, n_resamples=300)
+    assert cmp["auroc_difference"] == pytest.approx(auroc(y, good) - auroc(y, poor))
+    assert cmp["auroc_difference_ci"][0] > 0 and cmp["patients"] == 100 and cmp["unit"] == "patient"
+    assert cmp["only_a_right"] > cmp["only_b_right"] and cmp["mcnemar_p"] < 0.05
+    assert "A (Task C) has the higher AUROC" in b_vs_c_sentence("A", "B", cmp)
+    same = paired_comparison(a, a, classes, threshold_a=0.5, threshold_b=0.5, n_resamples=100)
+    assert same["auroc_difference"] == 0 and same["mcnemar_p"] == 1.0
+    assert "cannot tell their AUROCs apart" in b_vs_c_sentence("A", "B", same)
+    assert "no significant difference in accuracy" in b_vs_c_sentence("A", "B", same)
+
+
+def test_recommendations_follow_from_the_findings():
+    from featcache.analysis import recommendations
+
+    healthy = {"provenance": [{"run": "a", "random_init": False}],
+               "task_d": [{"run": "a", "sensitivity": 0.92, "specificity": 0.88}],
+               "overfitting": {"a": {"flag": False}}, "domain_shift": {"auroc": 0.52}, "warnings": [],
+               "near_duplicates": {"pairs_above": {"train-test": 0}}, "exact_duplicates": []}
+    assert recommendations(healthy) == []
+    troubled = {**healthy, "provenance": [{"run": "a", "random_init": True}],
+                "task_d": [{"run": "a", "sensitivity": 0.98, "specificity": 0.41}],
+                "overfitting": {"a": {"flag": True, "reason": "val loss rose"}}, "domain_shift": {"auroc": 0.81}}
+    found = " | ".join(r["finding"] + " -> " + r["try"] for r in recommendations(troubled))
+    assert "random weights" in found and "test specificity 0.410" in found and "--class-weight balanced" in found
+    assert "val loss rose -> stronger augmentation" in found and "AUROC 0.810" in found
+    assert not any("sensitivity" in r["finding"] for r in recommendations(troubled))  # 0.98 needs nothing
+
+
+def test_report_is_portable_and_never_half_written(fixture_runs, tmp_path, monkeypatch):
+    from featcache import report as report_module
+    from featcache.report import build_report
+
+    # A copied project: run folders and the cache moved together, report run from another directory.
+    project = tmp_path / "copy"
+    shutil.copytree(fixture_runs, project)
+    monkeypatch.chdir(tmp_path)
+    run_json = json.loads((project / "r18-logistic" / "run.json").read_text())
+    run_json["cache"] = str(tmp_path / "gone" / "r18.h5")  # the original location no longer exists
+    (project / "r18-logistic" / "run.json").write_text(json.dumps(run_json))
+    facts = build_report([str(project / "r18-logistic")], "out")
+    assert facts["class_balance"]["test"] == {"NORMAL": 40, "PNEUMONIA": 60}  # found beside the run folder
+    # A failure half-way leaves neither a partial folder nor a damaged earlier report.
+    before = (tmp_path / "out" / "report.md").read_text()
+    monkeypatch.setattr(report_module, "_worst_errors", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        build_report([str(project / "r18-logistic")], "out")
+    with pytest.raises(ZeroDivisionError):
+        build_report([str(project / "r18-logistic")], "fresh")
+    assert (tmp_path / "out" / "report.md").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "out"]  # no "fresh", no scratch folders
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("x")
+    with pytest.raises(UserError, match="not a featcache report folder"):
+        build_report([str(project / "r18-logistic")], tmp_path / "notes")
+
+
+def test_report_pdf_has_every_section(fixture_runs, tmp_path):
+    import re
+
+    from featcache.report import build_report
+
+    names = ("r18-logistic", "r18-sweep", "ft-light", "ft-none")
+    build_report([str(fixture_runs / n) for n in names], tmp_path / "r", title="pdf report", pdf=True)
+    pdf = (tmp_path / "r" / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and b"pdf report" in pdf  # the title, in the document's metadata
+    pages = len(re.findall(rb"/Type /Page\b", pdf))
+    assert pages >= 4
+    assert pdf.count(b"/Subtype /Image") >= 5  # the plots embedded: AUROC vs time, confusion matrices, ...
