@@ -200,6 +200,11 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
         attrs["extract"] = {k: summary[k] for k in ("seconds", "images", "images_per_second", "processes",
                                                     "resumed_rows")}
         attrs["extract"]["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        attrs["extract"]["batch_size"] = batch_size
+        if device.startswith("cuda"):  # host RSS above, the GPU's own peak here: never mixed in one figure
+            import torch
+
+            attrs["extract"]["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         t0 = time.perf_counter()
         summary.update(_assemble(out, store, manifest, bb.feature_dim, attrs, dtype, compression))
         summary["stages"] = {**summary["stages"], "assemble": time.perf_counter() - t0}

@@ -483,12 +483,15 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
     model.extractor.body.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)})
     labels = np.asarray(manifest.labels)
     patients = np.asarray(manifest.patients, dtype=object)
-    splits = {}
+    splits, inference = {}, {}
     for split in ("val", "test"):
         rows = split_rows[split]
         if len(rows):
+            t0 = time.perf_counter()
             probs, _ = predict_rows(model, manifest, rows, bb.spec, backend, batch_size, workers, device, device_type,
                                     amp_dtype)
+            inference = {"ms_per_image": 1000 * (time.perf_counter() - t0) / len(rows), "batch_size": batch_size,
+                         "split": split}  # decode + forward, as a user's predict pays it; the last split wins
             splits[split] = (labels[rows], probs, patients[rows])
     mode = "frozen" if settings.freeze_backbone else "full"
     tutorial = settings.recipe == "tutorial"
@@ -525,6 +528,14 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
         "train_images_per_second": float(np.mean([h["images_per_second"] for h in history])),
         "images_per_second": float(np.mean([h["images_per_second"] for h in history])),
         "peak_memory_mb": max(h["peak_memory_mb"] for h in history),
+        "peak_host_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": (torch.cuda.max_memory_allocated(device) / 2**20 if device_type == "cuda" else None),
+        "time_split": {"train": float(sum(h.get("train_seconds", 0.0) for h in history)),
+                       "validate": float(sum(h["epoch_seconds"] - h.get("train_seconds", 0.0) for h in history))},
+        "parameters": {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       "total": sum(p.numel() for p in model.parameters())},
+        "checkpoint_bytes": (out / "best.pt").stat().st_size,
+        "inference": inference,
         "amp": amp_words,
         # One entry per process: the epochs each ran and a digest of its final weights (DDP keeps them equal).
         "ranks": rank_facts,

@@ -198,6 +198,16 @@ def fit_head(
         "images_per_second": extract_facts.get("images_per_second"),
         "peak_memory_mb": max(extract_facts.get("peak_memory_mb") or 0.0,
                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_host_mb": max(extract_facts.get("peak_memory_mb") or 0.0,
+                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_gpu_mb": extract_facts.get("peak_gpu_mb"),
+        "time_split": {"extract": extract_facts.get("seconds"), "fit": fit_seconds},
+        "parameters": _parameters(cache, head),
+        "checkpoint_bytes": (out_dir / "head.pt").stat().st_size,
+        # Extraction's decode + forward per image (the head adds microseconds), at its batch size.
+        "inference": ({"ms_per_image": 1000.0 / extract_facts["images_per_second"],
+                       "batch_size": extract_facts.get("batch_size")}
+                      if extract_facts.get("images_per_second") else {}),
         "featcache_version": __version__,
         "device": {"extract": (_json_attr(cache.attrs.get("decode")) or {}).get("device"),
                    "fit": device if heads == "sweep" else "cpu"},
@@ -207,6 +217,19 @@ def fit_head(
     (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     plot_run(out_dir, metrics, {s: (data[s][1], p) for s, p in probs.items()})
     return metrics
+
+
+def _parameters(cache: FeatureCache, head) -> dict:
+    """Trainable (the head's) and total (backbone + head) parameters of a cached-feature run."""
+    from featcache.backbones import REGISTRY
+
+    trainable = int(head.weight.size + head.bias.size)
+    backbone = cache.attrs.get("backbone")
+    total = None
+    if backbone in REGISTRY:  # torchvision's count includes its 1000-class ImageNet layer, which extraction drops
+        entry = REGISTRY[backbone]
+        total = int(entry.weights_enum().meta["num_params"]) - (entry.feature_dim * 1000 + 1000) + trainable
+    return {"trainable": trainable, "total": total}
 
 
 def _json_attr(value):

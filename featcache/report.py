@@ -142,12 +142,36 @@ def task_d_rows(runs: list[dict]) -> list[dict]:
             "weights": r["metrics"].get("weights"),
             "test_accuracy": test.get("accuracy"), "test_auroc": test.get("auroc"),
             "test_auroc_text": _ci(test, "auroc"),
-            "precision": test.get("precision"), "sensitivity": test.get("sensitivity"), "specificity": test.get("specificity"), "f1": test.get("f1"),
+            "precision": test.get("precision"), "sensitivity": test.get("sensitivity"),
+            "specificity": test.get("specificity"), "f1": test.get("f1"),
             "wall_seconds": r["run"].get("wall_seconds"), "images_per_second": r["run"].get("images_per_second"),
             "peak_memory_mb": r["run"].get("peak_memory_mb"), "val_auroc": r["metrics"]["val"]["auroc"],
-            "n_train": r["metrics"].get("n_train"), "n_test": test.get("n"),
+            "n_train": r["metrics"].get("n_train"), "n_test": test.get("n"), "test_set": test_set_key(r),
+            **_cost(r["run"]),
         })
     return rows
+
+
+def test_set_key(run: dict) -> str:
+    """What identifies a test set in a run's records: its data folder and its images per class."""
+    test = run["metrics"].get("test") or {}
+    counts = [int(sum(row)) for row in test.get("confusion_matrix", [])]
+    return f"{run['run'].get('data_root') or '?'}: {test.get('n')} images {counts}"
+
+
+def _cost(info: dict) -> dict:
+    """A run's costs from run.json (absent in runs written by older versions: None)."""
+    split, params = info.get("time_split") or {}, info.get("parameters") or {}
+    return {"trainable_parameters": params.get("trainable"), "total_parameters": params.get("total"),
+            "checkpoint_mb": info["checkpoint_bytes"] / 2**20 if info.get("checkpoint_bytes") else None,
+            "extract_seconds": split.get("extract"), "fit_seconds": split.get("fit"),
+            "train_seconds": split.get("train"),
+            "peak_host_mb": info.get("peak_host_mb"), "peak_gpu_mb": info.get("peak_gpu_mb"),
+            "inference_ms": (info.get("inference") or {}).get("ms_per_image")}
+
+
+def _millions(n) -> str | None:
+    return None if n is None else f"{n / 1e6:,.2f} M" if n >= 100_000 else f"{n:,}"
 
 
 def _choose(candidates: list[dict], by: str) -> dict | None:
@@ -363,12 +387,26 @@ def _write_report(runs: list[dict], out: Path, title: str, analyses: bool, pdf: 
         doc.p("Computed from the runs below; each is a reason to read their numbers with care.")
         doc.table(["run", "warning", "detail"], [[w["run"], w["kind"], w["text"]] for w in facts["warnings"]])
     doc.h(2, "Task D: fine-tuning against a fixed feature extractor")
-    doc.table(["run", "backbone", "strategy", "train images", "test n", "test accuracy", "test AUROC [95% CI]",
-               "precision", "sensitivity", "specificity", "F1", "wall s", "images/s", "peak MB"],
-              [[r["run"], r["backbone"] + (" (random init)" if r["random_init"] else ""), r["strategy"], r["n_train"],
-                r["n_test"], r["test_accuracy"], r["test_auroc_text"], r["precision"],
-                r["sensitivity"], r["specificity"], r["f1"], _num(r["wall_seconds"], 0),
-                _num(r["images_per_second"], 1), _num(r["peak_memory_mb"], 0)] for r in rows])
+    test_sets = list(dict.fromkeys(r["test_set"] for r in rows))
+    if len(test_sets) > 1:
+        doc.p(f"These runs were tested on {len(test_sets)} different test sets; their test figures are shown in "
+              "one table per test set and are not comparable across tables.")
+    for key in test_sets:
+        members = [r for r in rows if r["test_set"] == key]
+        if len(test_sets) > 1:
+            doc.p(f"Test set {key}:")
+        doc.table(["run", "backbone", "strategy", "train images", "test n", "test accuracy", "test AUROC [95% CI]",
+                   "precision", "sensitivity", "specificity", "F1"],
+                  [[r["run"], r["backbone"] + (" (random init)" if r["random_init"] else ""), r["strategy"],
+                    r["n_train"], r["n_test"], r["test_accuracy"], r["test_auroc_text"], r["precision"],
+                    r["sensitivity"], r["specificity"], r["f1"]] for r in members])
+    doc.table(["run", "trainable params", "total params", "checkpoint MB", "extract s", "fit s", "train s",
+               "wall s", "images/s", "peak host MB", "peak GPU MB", "inference ms/image"],
+              [[r["run"], _millions(r["trainable_parameters"]), _millions(r["total_parameters"]),
+                _num(r["checkpoint_mb"], 2), _num(r["extract_seconds"], 1), _num(r["fit_seconds"], 2),
+                _num(r["train_seconds"], 0), _num(r["wall_seconds"], 0), _num(r["images_per_second"], 1),
+                _num(r["peak_host_mb"] or r["peak_memory_mb"], 0), _num(r["peak_gpu_mb"], 0),
+                _num(r["inference_ms"], 1)] for r in rows])
     facts["choices"] = choose_runs(rows)
     facts["verdict"] = verdict(rows, facts["choices"])
     doc.p(facts["verdict"])
@@ -376,7 +414,9 @@ def _write_report(runs: list[dict], out: Path, title: str, analyses: bool, pdf: 
     _b_vs_c(doc, runs, facts)
     doc.p("Wall time of a cached-feature run is its extraction plus its head fit; the extraction is paid once per "
           "backbone, and every further head costs only the fit. images/s is extraction speed for cached runs and "
-          "training speed for fine-tuning.")
+          "training speed for fine-tuning. Inference ms/image is decode + forward per image at the run's batch "
+          "size (extraction for cached runs, the test pass for fine-tuned ones); peak host memory is the "
+          "process's resident set, peak GPU memory what torch allocated on the GPU (blank on a CPU).")
     if any(r["wall_seconds"] and r["test_auroc"] is not None for r in rows):
         plot_auroc_vs_time(rows, out / "auroc_vs_time.png")
         doc.img(out / "auroc_vs_time.png", "test AUROC against wall time, one point per run")

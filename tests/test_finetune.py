@@ -50,6 +50,12 @@ def test_frozen_and_full_share_the_loop_and_the_fit_head_keys(tmp_path):
         assert (tmp_path / name / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
         run = json.loads((tmp_path / name / "run.json").read_text())
         assert run["complete"] and run["strategy"] == f"finetune-{name}"
+        params = run["parameters"]
+        assert params["total"] == 11_176_512 + 1026
+        assert params["trainable"] == (1026 if name == "frozen" else params["total"])
+        assert run["checkpoint_bytes"] == (tmp_path / name / "best.pt").stat().st_size
+        assert run["inference"]["ms_per_image"] > 0 and run["time_split"]["train"] > 0
+        assert run["peak_host_mb"] > 100 and run["peak_gpu_mb"] is None
 
 
 def test_killed_mid_epoch_resumes_from_the_last_checkpoint(tmp_path):

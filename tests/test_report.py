@@ -114,6 +114,11 @@ def test_report_sections_and_numbers(fixture_runs, tmp_path, capsys):
     assert facts["class_balance"]["test"] == {"NORMAL": 40, "PNEUMONIA": 60}
     assert 0.0 <= facts["domain_shift"]["auroc"] <= 1.0 and len(facts["domain_shift"]["folds"]) == 5
     assert facts["exact_duplicates"] == []
+    sweep_row = next(r for r in facts["task_d"] if r["run"] == "r18-sweep")
+    assert sweep_row["trainable_parameters"] == 512 * 2 + 2
+    assert sweep_row["total_parameters"] == 11_176_512 + 1026  # resnet18 without its ImageNet layer, + head
+    assert sweep_row["checkpoint_mb"] > 0 and sweep_row["inference_ms"] > 0 and sweep_row["fit_seconds"] > 0
+    assert "| r18-sweep | 1,026 | 11.18 M |" in md and "inference ms/image" in md
     b_vs_c = facts["b_vs_c"]
     assert b_vs_c["b"] == "ft-light" and b_vs_c["c"] in ("r18-logistic", "r18-sweep")
     assert b_vs_c["n"] == 100 and b_vs_c["unit"] == "patient" and "### B vs C, decided with statistics" in md
@@ -417,3 +422,17 @@ def test_report_pdf_has_every_section(fixture_runs, tmp_path):
     pages = len(re.findall(rb"/Type /Page\b", pdf))
     assert pages >= 4
     assert pdf.count(b"/Subtype /Image") >= 5  # the plots embedded: AUROC vs time, confusion matrices, ...
+
+
+def test_runs_on_different_test_sets_are_never_mixed_in_one_table(fixture_runs, tmp_path):
+    from featcache.report import build_report
+
+    other = tmp_path / "other"
+    shutil.copytree(fixture_runs / "ft-none", other)
+    metrics = json.loads((other / "metrics.json").read_text())
+    metrics["test"]["n"], metrics["test"]["confusion_matrix"] = 50, [[15, 5], [5, 25]]
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    facts = build_report([str(fixture_runs / "r18-logistic"), str(other)], tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "tested on 2 different test sets" in md and md.count("| run | backbone | strategy |") == 2
+    assert {(w["run"], w["kind"]) for w in facts["warnings"]} >= {("other", "smaller test set")}
