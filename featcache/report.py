@@ -12,7 +12,10 @@ import datetime as _dt
 import html
 import json
 import os
+import re
 from pathlib import Path
+
+import numpy as np
 
 
 from featcache import __version__
@@ -150,6 +153,34 @@ def task_d_rows(runs: list[dict]) -> list[dict]:
             **_cost(r["run"]),
         })
     return rows
+
+
+SEED_SUFFIX = re.compile(r"^(?P<group>.+)-seed(?P<seed>\d+)$")
+SEED_METRICS = ("val_auroc", "test_auroc", "test_accuracy", "sensitivity", "specificity", "wall_seconds")
+
+
+def seed_groups(rows: list[dict]) -> list[dict]:
+    """Runs named ``NAME-seedN`` (``run`` with ``seeds = [...]``) summarised per NAME: mean and sd over seeds."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        m = SEED_SUFFIX.match(r["run"])
+        if m:
+            groups.setdefault(m["group"], []).append(r)
+    out = []
+    for name, members in groups.items():
+        if len(members) < 2:
+            continue
+        summary = {"group": name, "seeds": sorted(int(SEED_SUFFIX.match(r["run"])["seed"]) for r in members)}
+        for key in SEED_METRICS:
+            values = [r[key] for r in members if r[key] is not None]
+            summary[key] = ({"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)), "n": len(values)}
+                            if len(values) >= 2 else None)
+        out.append(summary)
+    return out
+
+
+def _mean_sd(value: dict | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value['mean']:.{digits}f} ± {value['sd']:.{digits}f}"
 
 
 def test_set_key(run: dict) -> str:
@@ -400,6 +431,13 @@ def _write_report(runs: list[dict], out: Path, title: str, analyses: bool, pdf: 
                   [[r["run"], r["backbone"] + (" (random init)" if r["random_init"] else ""), r["strategy"],
                     r["n_train"], r["n_test"], r["test_accuracy"], r["test_auroc_text"], r["precision"],
                     r["sensitivity"], r["specificity"], r["f1"]] for r in members])
+    facts["seed_groups"] = seed_groups(rows)
+    if facts["seed_groups"]:
+        doc.p("Runs repeated over seeds, mean ± sd (sample sd) over the seeds:")
+        doc.table(["runs", "seeds", "val AUROC", "test AUROC", "test accuracy", "sensitivity", "specificity",
+                   "wall s"],
+                  [[g["group"], ", ".join(map(str, g["seeds"])), *(_mean_sd(g[k]) for k in SEED_METRICS[:-1]),
+                    _mean_sd(g["wall_seconds"], 0)] for g in facts["seed_groups"]])
     doc.table(["run", "trainable params", "total params", "checkpoint MB", "extract s", "fit s", "train s",
                "wall s", "images/s", "peak host MB", "peak GPU MB", "inference ms/image"],
               [[r["run"], _millions(r["trainable_parameters"]), _millions(r["total_parameters"]),

@@ -9,6 +9,7 @@ A config names the data and lists runs of two kinds::
     max_images = 600             # optional: a stratified subset of train, the same images for every run
     subsample_all = false        # true: max_images subsamples val and test too (quick looks only)
     split_seed = 0               # seeds the carved validation split (seed seeds init and shuffles)
+    seeds = [0, 1, 2]            # optional: repeat every run once per seed; the report shows mean and sd
 
     [[fixed]]                    # Task C: features cached once, heads trained on the cache
     backbone = "resnet50"
@@ -32,8 +33,8 @@ from pathlib import Path
 from featcache.errors import UserError
 
 TOP_KEYS = {"title": str, "data": str, "out": str, "weights": str, "max_images": int, "subsample_all": bool,
-            "seed": int, "split_seed": int, "backend": str, "device": str, "batch_size": int, "bootstrap": int,
-            "label_from_name": list}
+            "seed": int, "seeds": list, "split_seed": int, "backend": str, "device": str, "batch_size": int,
+            "bootstrap": int, "label_from_name": list}
 FIXED_KEYS = {"backbone": str, "heads": str, "class_weight": str, "threshold": str, "C": float, "epochs": int,
               "sampler": str}
 FINETUNE_KEYS = {"backbone": str, "epochs": int, "lr": float, "batch_size": int, "amp": str,
@@ -93,41 +94,50 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
     data = data or config["data"]
     weights = weights or config.get("weights", "imagenet")
     out = Path(out or config.get("out", "runs/" + Path(path).stem))
-    seed = config.get("seed", 0)
-    common = {"seed": seed, "max_images": config.get("max_images"),
-              "subsample_all": config.get("subsample_all", False)}
+    seeds = config.get("seeds") or [config.get("seed", 0)]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds):
+        raise UserError(f"{path}: seeds must be a list of integers, got {seeds!r}")
+    repeated = len(seeds) > 1
     scan_options = {"label_from_name": config.get("label_from_name"), "split_seed": config.get("split_seed", 0)}
     run_dirs = []
-    for i, fixed in enumerate(config["fixed"]):
-        backbone = fixed["backbone"]
-        cache = out / "caches" / f"{backbone}-{_weights_tag(weights)}.h5"
-        console.rule(f"[bold]fixed feature extractor {i + 1}/{len(config['fixed'])}: {backbone}")
-        extract(data, cache, backbone=backbone, weights=weights, batch_size=config.get("batch_size", 32),
-                backend=config.get("backend", "auto"), device=config.get("device", "auto"),
-                scan_options=scan_options, **common)
-        heads = fixed.get("heads", "sweep")
-        run_dir = out / "runs" / f"{backbone}-{heads}"
-        metrics = fit_head(cache, run_dir, heads=heads, C=fixed.get("C"), class_weight=fixed.get("class_weight"),
-                           threshold=fixed.get("threshold", 0.5), epochs=fixed.get("epochs", 20),
-                           sampler=fixed.get("sampler", "shuffle"), device=config.get("device", "auto"),
-                           n_resamples=config.get("bootstrap", 1000), seed=seed)
-        console.print(f"{run_dir.name}: val AUROC {metrics['val']['auroc']:.3f}, test AUROC "
-                      f"{metrics.get('test', {}).get('auroc') or float('nan'):.3f}")
-        run_dirs.append(run_dir)
-    for i, tune in enumerate(config["finetune"]):
-        backbone = tune["backbone"]
-        mode = "frozen" if tune.get("freeze_backbone") or tune.get("recipe") == "tutorial" else "full"
-        augment = tune.get("augment", "tutorial" if tune.get("recipe") == "tutorial" else "light")
-        recipe = "-tutorial-recipe" if tune.get("recipe") == "tutorial" else ""
-        run_dir = out / "runs" / f"{backbone}-finetune-{mode}-{augment}{recipe}"
-        console.rule(f"[bold]fine-tuning {i + 1}/{len(config['finetune'])}: {backbone}, {mode}, augment {augment}")
-        options = {k: v for k, v in tune.items() if k not in ("backbone",)}
-        if tune.get("recipe") != "tutorial":  # the tutorial's recipe keeps its own batch of 4
-            options.setdefault("batch_size", config.get("batch_size", 32))
-        finetune(data, run_dir, backbone=backbone, weights=weights,
-                 device=config.get("device", "auto"), n_resamples=config.get("bootstrap", 1000),
-                 scan_options=scan_options, **options, **common)
-        run_dirs.append(run_dir)
+    for seed in seeds:
+        tag = f"-seed{seed}" if repeated else ""  # the report shows mean and sd over runs named NAME-seedN
+        common = {"seed": seed, "max_images": config.get("max_images"),
+                  "subsample_all": config.get("subsample_all", False)}
+        for i, fixed in enumerate(config["fixed"]):
+            backbone = fixed["backbone"]
+            # The seed changes a random-init backbone, so its cache; pretrained features are shared.
+            cache_tag = tag if weights == "none" else ""
+            cache = out / "caches" / f"{backbone}-{_weights_tag(weights)}{cache_tag}.h5"
+            console.rule(f"[bold]fixed feature extractor {i + 1}/{len(config['fixed'])}: {backbone}"
+                         + (f", seed {seed}" if repeated else ""))
+            extract(data, cache, backbone=backbone, weights=weights, batch_size=config.get("batch_size", 32),
+                    backend=config.get("backend", "auto"), device=config.get("device", "auto"),
+                    scan_options=scan_options, **common)
+            heads = fixed.get("heads", "sweep")
+            run_dir = out / "runs" / f"{backbone}-{heads}{tag}"
+            metrics = fit_head(cache, run_dir, heads=heads, C=fixed.get("C"), class_weight=fixed.get("class_weight"),
+                               threshold=fixed.get("threshold", 0.5), epochs=fixed.get("epochs", 20),
+                               sampler=fixed.get("sampler", "shuffle"), device=config.get("device", "auto"),
+                               n_resamples=config.get("bootstrap", 1000), seed=seed)
+            console.print(f"{run_dir.name}: val AUROC {metrics['val']['auroc']:.3f}, test AUROC "
+                          f"{metrics.get('test', {}).get('auroc') or float('nan'):.3f}")
+            run_dirs.append(run_dir)
+        for i, tune in enumerate(config["finetune"]):
+            backbone = tune["backbone"]
+            mode = "frozen" if tune.get("freeze_backbone") or tune.get("recipe") == "tutorial" else "full"
+            augment = tune.get("augment", "tutorial" if tune.get("recipe") == "tutorial" else "light")
+            recipe = "-tutorial-recipe" if tune.get("recipe") == "tutorial" else ""
+            run_dir = out / "runs" / f"{backbone}-finetune-{mode}-{augment}{recipe}{tag}"
+            console.rule(f"[bold]fine-tuning {i + 1}/{len(config['finetune'])}: {backbone}, {mode}, augment {augment}"
+                         + (f", seed {seed}" if repeated else ""))
+            options = {k: v for k, v in tune.items() if k not in ("backbone",)}
+            if tune.get("recipe") != "tutorial":  # the tutorial's recipe keeps its own batch of 4
+                options.setdefault("batch_size", config.get("batch_size", 32))
+            finetune(data, run_dir, backbone=backbone, weights=weights,
+                     device=config.get("device", "auto"), n_resamples=config.get("bootstrap", 1000),
+                     scan_options=scan_options, **options, **common)
+            run_dirs.append(run_dir)
     console.rule("[bold]report")
     facts = build_report([str(d) for d in run_dirs], out / "report",
                          title=config.get("title", f"featcache: {Path(path).stem}"))

@@ -436,3 +436,25 @@ def test_runs_on_different_test_sets_are_never_mixed_in_one_table(fixture_runs, 
     md = (tmp_path / "r" / "report.md").read_text()
     assert "tested on 2 different test sets" in md and md.count("| run | backbone | strategy |") == 2
     assert {(w["run"], w["kind"]) for w in facts["warnings"]} >= {("other", "smaller test set")}
+
+
+def test_run_repeats_over_seeds_and_the_report_shows_mean_and_sd(tmp_path):
+    from featcache.report import seed_groups
+    from featcache.run import run_config
+
+    config = tmp_path / "seeds.toml"
+    config.write_text(f'data = "{DEMO_DATA}"\nout = "{tmp_path / "out"}"\nweights = "none"\nmax_images = 40\n'
+                      'subsample_all = true\nbootstrap = 0\nseeds = [0, 1]\n\n[[fixed]]\nbackbone = "resnet18"\n'
+                      'heads = "logistic"\n')
+    facts = run_config(config)
+    assert sorted(facts["runs"]) == ["resnet18-logistic-seed0", "resnet18-logistic-seed1"]
+    assert len(list((tmp_path / "out" / "caches").glob("*.h5"))) == 2  # random init: one cache per seed
+    [group] = facts["seed_groups"]
+    aurocs = [r["test_auroc"] for r in facts["task_d"]]
+    assert group["group"] == "resnet18-logistic" and group["seeds"] == [0, 1]
+    assert group["test_auroc"]["mean"] == pytest.approx(np.mean(aurocs))
+    assert group["test_auroc"]["sd"] == pytest.approx(np.std(aurocs, ddof=1))
+    md = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "| resnet18-logistic | 0, 1 | " in md and "±" in md
+    assert seed_groups([{"run": "a-seed0", **dict.fromkeys(("val_auroc", "test_auroc", "test_accuracy",
+                                                            "sensitivity", "specificity", "wall_seconds"))}]) == []
