@@ -345,8 +345,9 @@ class _Doc:
                 body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(block[2])}">'
                             f"<figcaption>{html.escape(block[2])}</figcaption></figure>")
         style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-                 "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
-                 "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+                 # Wide tables (paths, a dozen cost columns) wrap inside the page instead of overflowing it.
+                 "table{border-collapse:collapse;margin:1em 0;font-size:0.85em;max-width:100%}"
+                 "th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;overflow-wrap:anywhere}"
                  "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
                  "img{max-width:100%}figcaption{color:#555;font-size:0.85em}")
         return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -458,3 +458,47 @@ def test_run_repeats_over_seeds_and_the_report_shows_mean_and_sd(tmp_path):
     assert "| resnet18-logistic | 0, 1 | " in md and "±" in md
     assert seed_groups([{"run": "a-seed0", **dict.fromkeys(("val_auroc", "test_auroc", "test_accuracy",
                                                             "sensitivity", "specificity", "wall_seconds"))}]) == []
+
+
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const width = document.documentElement.clientWidth;
+  const images = [...document.images].map(i => i.naturalWidth);
+  const overflow = [...document.querySelectorAll("table")].map(t => t.getBoundingClientRect().right - width);
+  document.body.setAttribute("data-probe", JSON.stringify({images, overflow}));
+});
+</script>"""
+
+
+def _chromium() -> str:
+    found = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                 None)
+    if not found:
+        pytest.skip("SKIPPED LOUDLY: no chromium on this machine (make test installs Debian's chromium where it "
+                    "can); the HTML report's rendering was not checked")
+    return found
+
+
+@pytest.mark.parametrize("width", [1280, 900])
+def test_html_report_renders_every_image_and_no_table_overflows(fixture_runs, tmp_path, width):
+    import html as html_module
+    import subprocess
+
+    from featcache.report import build_report
+
+    browser = _chromium()
+    names = ("r18-logistic", "r18-sweep", "ft-light", "ft-none")
+    build_report([str(fixture_runs / n) for n in names], tmp_path / "r")
+    page = (tmp_path / "r" / "report.html").read_text()
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", PROBE + "</body>"))
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--window-size={width},2000"]
+    dom = subprocess.run([*flags, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    found = json.loads(html_module.unescape(dom.split('data-probe="', 1)[1].split('"', 1)[0]))
+    assert len(found["images"]) == page.count("<img ") >= 5 and min(found["images"]) > 0
+    assert max(found["overflow"]) <= 0, found["overflow"]
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", (tmp_path / "r" / "report.html").as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 50_000
