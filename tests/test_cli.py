@@ -78,3 +78,17 @@ def test_scan_prints_the_table_and_writes_a_manifest(small_dataset, tmp_path):
 
     manifest = json.loads((tmp_path / "m.json").read_text())
     assert len(manifest["rows"]) == 37 and manifest["classes"] == ["NORMAL", "PNEUMONIA"]
+
+
+def test_piped_output_never_breaks_a_long_path(tmp_path):
+    from helpers import kermany_names
+
+    deep = tmp_path / ("a_rather_long_folder_name_for_chest_x_rays_" * 3) / "data"
+    make_dataset(deep, {"train": kermany_names("", 4, 4)}, size=(8, 8))
+    manifest = tmp_path / ("manifest_with_a_long_name_" * 3 + ".json")
+    result = subprocess.run([sys.executable, "-m", "featcache", "scan", str(deep), "--min-val", "0", "--out",
+                             str(manifest)], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(str(deep)) > 80 and any(str(manifest) in line for line in lines)
+    assert any(str(deep) in line for line in lines)
