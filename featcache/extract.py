@@ -23,6 +23,7 @@ from featcache.cache import (
 )
 from featcache.console import get_console, quiet_console
 from featcache.errors import UserError
+from featcache.manifest import HIDDEN, IMAGE_EXTENSIONS, SYSTEM
 from featcache.parts import DEFAULT_CHUNK_ROWS, PartStore
 
 # Set by `featcache extract --nproc K` for its torchrun workers: the parent
@@ -134,8 +135,8 @@ def extract(
                                backend=backend, device=device, workers=workers, seed=seed, overwrite=overwrite,
                                dtype=dtype, compression=compression, chunk_rows=chunk_rows, manifest=manifest,
                                max_images=max_images, subsample_all=subsample_all,
-                               hw_decoder_load=hw_decoder_load, amp=amp, scan_options=scan_options, progress=progress, dist=dist, console=console,
-                               refusal=refusal)
+                               hw_decoder_load=hw_decoder_load, amp=amp, scan_options=scan_options,
+                               progress=progress, dist=dist, console=console, refusal=refusal)
     finally:
         if lock:
             lock.__exit__(None, None, None)
@@ -372,6 +373,11 @@ def _assemble(out: Path, store: PartStore, manifest, feature_dim: int, attrs: di
     failed = store.failures()
     keep = [i for i in range(len(manifest)) if i not in failed]
     skipped = [(manifest.paths[i], reason) for i, reason in sorted(failed.items())]
+    # Image files the scan could not take (a name that is not UTF-8, a pipe, an oversized file) are
+    # image files not cached too; non-images and junk stay in the manifest's own list.
+    skipped += [(path, reason) for path, reason in manifest.skipped
+                if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS and not path.endswith("/")
+                and reason not in (HIDDEN, SYSTEM)]
     write_cache(
         out,
         blocks=store.feature_blocks(),
@@ -396,7 +402,7 @@ def _print_summary(console, summary: dict) -> None:
     console.print(
         f"wrote [bold]{summary['rows']:,}[/] rows to {summary['out']}: {summary['images']:,} images in "
         f"{summary['seconds']:.1f} s ([bold]{summary['images_per_second']:.1f}[/] images/s){resumed}; "
-        f"skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} that could not be decoded"
+        f"skipped {len(skipped)} image file{'s' if len(skipped) != 1 else ''} (could not be read or decoded)"
     )
     for path, reason in skipped[:10]:
         console.print(f"  [yellow]skipped[/] {path}: {reason}")

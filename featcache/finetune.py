@@ -282,8 +282,9 @@ def finetune(
             break  # a resumed run that had already stopped early
         t0 = time.perf_counter()
         train = _train_epoch(train_model, model, manifest, split_rows["train"], bb.spec, decode.name, aug,
-                             optimizer, None if tutorial else scheduler, scaler, criterion, epoch=epoch, seed=seed, batch_size=batch_size,
-                             workers=workers, device=device, device_type=device_type, amp_dtype=amp_dtype,
+                             optimizer, None if tutorial else scheduler, scaler, criterion, epoch=epoch, seed=seed,
+                             batch_size=batch_size, workers=workers, device=device, device_type=device_type,
+                             amp_dtype=amp_dtype,
                              dist=dist, progress=progress and dist.is_main, epochs=epochs)
         train_seconds = time.perf_counter() - t0
         if tutorial:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,6 +49,15 @@ NOT_IMAGE = "not an image extension"
 OUTSIDE_CLASS = "not inside a class folder"
 JUNK_DIR = "junk folder"
 UNREADABLE = "broken link or unreadable"
+NOT_UTF8 = "name is not valid UTF-8"
+NOT_REGULAR = "not a regular file (a pipe, device or socket)"
+TOO_LARGE = "larger than the file size cap"
+LINK_REPEAT = "symlinked folder already walked (a loop or a second link to it)"
+LINK_OUT = "symlinked folder outside its class folder"
+FOLDER_UNREADABLE = "folder cannot be read"
+# No chest X-ray file comes near this (a 16-bit 4,000 x 4,000 PNG is 32 MB); a file this large is
+# not an image to decode whole into memory, whatever its name says.
+MAX_FILE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -306,12 +316,12 @@ def _find_splits(root: Path, skipped: list) -> tuple[str, dict[str, Path]]:
     dirs = []
     for entry in sorted(root.iterdir()):
         if entry.is_dir():
-            if _is_hidden(entry.name) or entry.name in JUNK_FOLDERS:
-                skipped.append((entry.name + "/", JUNK_DIR))
+            if _is_hidden(entry.name) or entry.name in JUNK_FOLDERS or not _is_utf8(entry.name):
+                skipped.append((_printable(entry.name) + "/", JUNK_DIR if _is_utf8(entry.name) else NOT_UTF8))
             else:
                 dirs.append(entry)
         else:
-            skipped.append((entry.name, _file_skip_reason(entry.name) or OUTSIDE_CLASS))
+            skipped.append((_printable(entry.name), _file_skip_reason(entry.name) or OUTSIDE_CLASS))
     split_dirs = {d.name: d for d in dirs if d.name in SPLITS}
     if not split_dirs:
         if not dirs:
@@ -327,8 +337,10 @@ def _find_splits(root: Path, skipped: list) -> tuple[str, dict[str, Path]]:
     ordered = {s: split_dirs[s] for s in SPLITS if s in split_dirs}
     for split_dir in ordered.values():
         for entry in sorted(split_dir.iterdir()):
-            rel = entry.relative_to(root).as_posix()
-            if entry.is_dir() and (_is_hidden(entry.name) or entry.name in JUNK_FOLDERS):
+            rel = _printable(entry.relative_to(root).as_posix())
+            if entry.is_dir() and not _is_utf8(entry.name):
+                skipped.append((rel + "/", NOT_UTF8))
+            elif entry.is_dir() and (_is_hidden(entry.name) or entry.name in JUNK_FOLDERS):
                 skipped.append((rel + "/", JUNK_DIR))
             elif not entry.is_dir():
                 skipped.append((rel, _file_skip_reason(entry.name) or OUTSIDE_CLASS))
@@ -337,7 +349,8 @@ def _find_splits(root: Path, skipped: list) -> tuple[str, dict[str, Path]]:
 
 def _class_folders(split_dir: Path) -> list[str]:
     return sorted(
-        e.name for e in split_dir.iterdir() if e.is_dir() and not _is_hidden(e.name) and e.name not in JUNK_FOLDERS
+        e.name for e in split_dir.iterdir()
+        if e.is_dir() and not _is_hidden(e.name) and e.name not in JUNK_FOLDERS and _is_utf8(e.name)
     )
 
 
@@ -371,28 +384,66 @@ def _file_skip_reason(name: str) -> str | None:
     return None
 
 
+def _printable(rel: str) -> str:
+    """A path for ``skipped`` (stored as UTF-8): undecodable bytes shown as \\xNN escapes."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # os.fsdecode turned undecodable bytes into lone surrogates
+        return False
+
+
 def _walk_class(root: Path, class_dir: Path, skipped: list):
-    """Yield (relative path, size, mtime_ns) of every image below ``class_dir``."""
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+    """Yield (relative path, size, mtime_ns) of every image below ``class_dir``.
+
+    Symlinked folders are followed once each (by real path) and never out of the
+    class folder, so a link to ``.`` or ``..`` can neither repeat images nor give
+    them another class. Only regular files up to ``MAX_FILE_BYTES`` are images;
+    names that are not UTF-8 are skipped here, before any work, with a reason.
+    """
+    top = os.path.realpath(class_dir)
+    seen = {top}
+
+    def unreadable(error: OSError):
+        where = Path(error.filename) if error.filename else class_dir
+        skipped.append((_printable(where.relative_to(root).as_posix()) + "/", FOLDER_UNREADABLE))
+
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True, onerror=unreadable):
         here = Path(dirpath)
         for d in list(dirnames):
-            if _is_hidden(d) or d in JUNK_FOLDERS:
-                skipped.append(((here / d).relative_to(root).as_posix() + "/", JUNK_DIR))
+            rel = _printable((here / d).relative_to(root).as_posix()) + "/"
+            real = os.path.realpath(here / d)
+            reason = (JUNK_DIR if _is_hidden(d) or d in JUNK_FOLDERS else NOT_UTF8 if not _is_utf8(d)
+                      else LINK_OUT if os.path.commonpath([top, real]) != top
+                      else LINK_REPEAT if real in seen else None)
+            if reason:
+                skipped.append((rel, reason))
                 dirnames.remove(d)
+            else:
+                seen.add(real)
         dirnames.sort()
         for name in sorted(filenames):
             path = here / name
             rel = path.relative_to(root).as_posix()
-            reason = _file_skip_reason(name)
+            reason = _file_skip_reason(name) or (None if _is_utf8(name) else NOT_UTF8)
             if reason:
-                skipped.append((rel, reason))
+                skipped.append((_printable(rel), reason))
                 continue
             try:
                 st = path.stat()
             except OSError:  # a dangling symlink, a file removed mid-walk
                 skipped.append((rel, UNREADABLE))
                 continue
-            yield rel, st.st_size, st.st_mtime_ns
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would hang the decoder, /dev/zero never ends
+                skipped.append((rel, NOT_REGULAR))
+            elif st.st_size > MAX_FILE_BYTES:
+                skipped.append((rel, f"{TOO_LARGE} ({st.st_size / 2**20:,.0f} MB > {MAX_FILE_BYTES // 2**20} MB)"))
+            else:
+                yield rel, st.st_size, st.st_mtime_ns
 
 
 def _patient_id(stem: str, pattern: re.Pattern | None) -> tuple[str, str]:

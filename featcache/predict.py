@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import UserError
-from featcache.manifest import IMAGE_EXTENSIONS
+from featcache.manifest import IMAGE_EXTENSIONS, _printable
 
 
 @dataclass(frozen=True)
@@ -200,13 +200,13 @@ def predict(run_dir: str | os.PathLike, inputs: list[str], *, out_csv: str | os.
     with torch.inference_mode():
         for batch in loader:
             for i, reason in batch.failed:
-                rows[i] = {"path": files[i], "prediction": "", "error": reason}
+                rows[i] = {"path": _printable(files[i]), "prediction": "", "error": reason}
             if len(batch.indices):
                 probs = score(batch.images.to(device).contiguous(memory_format=torch.channels_last))
                 for i, p in zip(batch.indices.tolist(), probs):
                     label = (classes[positive] if p[positive] >= threshold else classes[1 - positive]) \
                         if positive is not None else classes[int(np.argmax(p))]
-                    rows[i] = {"path": files[i], **{f"p_{c}": float(v) for c, v in zip(classes, p)},
+                    rows[i] = {"path": _printable(files[i]), **{f"p_{c}": float(v) for c, v in zip(classes, p)},
                                "prediction": label, **decision, "error": ""}
     result = [rows[i] for i in range(len(files))]
     if out_csv:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import numpy as np
@@ -225,3 +226,55 @@ def test_max_images_subsamples_train_only_unless_asked(tmp_path):
     assert len(everything) <= 30 and sum(everything.counts()["test"]) < sum(before["test"])
     with pytest.raises(UserError, match="--max-images"):
         m.limit(0)
+
+
+def test_symlinked_folders_are_followed_once_and_never_out_of_their_class(tmp_path):
+    root = make_dataset(tmp_path / "d", {"train": kermany_names("", 3, 3)}, size=(8, 8))
+    plain = scan(root, min_val=0)
+    (root / "train" / "NORMAL" / "loop").symlink_to(".")
+    (root / "train" / "PNEUMONIA" / "up").symlink_to("..")
+    extra = tmp_path / "more"
+    extra.mkdir()
+    (root / "train" / "NORMAL" / "sub").mkdir()
+    (root / "train" / "NORMAL" / "sub" / "IM-0777-0001.jpeg").write_bytes((root / "train" / "NORMAL").glob(
+        "*.jpeg").__next__().read_bytes())
+    (root / "train" / "NORMAL" / "again").symlink_to("sub")  # a second link to a folder already walked
+    m = scan(root, min_val=0)
+    assert len(m) == len(plain) + 1 and set(plain.paths) <= set(m.paths)  # the linked folder counted once
+    reasons = dict(m.skipped)
+    assert "symlinked folder already walked" in reasons["train/NORMAL/loop/"]
+    assert reasons["train/PNEUMONIA/up/"] == "symlinked folder outside its class folder"
+    assert "already walked" in (reasons.get("train/NORMAL/again/") or reasons["train/NORMAL/sub/"])
+
+
+def test_names_that_are_not_utf8_are_skipped_at_scan_and_extract_finishes(tmp_path):
+    from featcache.extract import extract
+
+    root = make_dataset(tmp_path / "d", {"train": kermany_names("", 4, 4), "test": kermany_names("", 2, 2)},
+                        size=(16, 16))
+    good = next((root / "train" / "NORMAL").glob("*.jpeg"))
+    bad = os.fsencode(root / "train" / "NORMAL") + b"/x\xff.jpeg"
+    with open(bad, "wb") as f:
+        f.write(good.read_bytes())
+    m = scan(root, min_val=0)
+    assert ("train/NORMAL/x\\xff.jpeg", "name is not valid UTF-8") in m.skipped
+    summary = extract(root, tmp_path / "c.h5", weights="none", workers=0, progress=False, manifest=m)
+    assert summary["status"] == "written"
+    from featcache.cache import FeatureCache
+
+    skipped = FeatureCache.open(tmp_path / "c.h5").read("skipped")["skipped"]
+    assert any("x\\xff.jpeg" in str(row[0]) for row in skipped)
+
+
+def test_only_regular_files_of_a_sane_size_are_images(tmp_path, monkeypatch):
+    from featcache import manifest as manifest_module
+
+    root = make_dataset(tmp_path / "d", {"train": kermany_names("", 3, 3)}, size=(8, 8))
+    os.mkfifo(root / "train" / "NORMAL" / "pipe.jpeg")  # would hang any decoder
+    (root / "train" / "NORMAL" / "zero.jpeg").symlink_to("/dev/zero")  # would never end
+    (root / "train" / "PNEUMONIA" / "huge.png").write_bytes(b"\x89PNG" + b"\0" * 2048)
+    monkeypatch.setattr(manifest_module, "MAX_FILE_BYTES", 1024)
+    reasons = dict(scan(root, min_val=0).skipped)
+    assert reasons["train/NORMAL/pipe.jpeg"].startswith("not a regular file")
+    assert reasons["train/NORMAL/zero.jpeg"].startswith("not a regular file")
+    assert reasons["train/PNEUMONIA/huge.png"].startswith("larger than the file size cap")

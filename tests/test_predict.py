@@ -109,3 +109,17 @@ def test_predict_applies_a_finetuned_run_with_its_threshold(tmp_path):
         expected = "PNEUMONIA" if mine["p_PNEUMONIA"] >= metrics["threshold"] else "NORMAL"
         assert mine["prediction"] == expected and mine["threshold_rule"] == "youden"
         assert float(mine["threshold"]) == pytest.approx(metrics["threshold"], abs=1e-6)
+
+
+def test_predict_takes_a_file_name_that_is_not_utf8(fitted_run, tmp_path):
+    import os
+
+    data, _, run = fitted_run
+    good = next((data / "test" / "NORMAL").glob("*.jpeg"))
+    odd = tmp_path / "imgs"
+    odd.mkdir()
+    with open(os.fsencode(odd) + b"/scan\xff.jpeg", "wb") as f:
+        f.write(good.read_bytes())
+    rows = predict(run, [str(odd)], out_csv=tmp_path / "p.csv")
+    assert len(rows) == 1 and rows[0]["prediction"] and rows[0]["path"].endswith("scan\\xff.jpeg")
+    assert "scan\\xff.jpeg" in (tmp_path / "p.csv").read_text()

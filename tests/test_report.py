@@ -338,7 +338,8 @@ def test_classification_report_matches_scikit_learn(k):
 
 def _predictions(scores, labels, patients):
     return [{"split": "test", "path": f"p{i}.png", "patient": pt, "label": "PNEUMONIA" if y else "NORMAL",
-             "p_PNEUMONIA": str(sc), "p_NORMAL": str(1 - sc)} for i, (sc, y, pt) in enumerate(zip(scores, labels, patients))]
+             "p_PNEUMONIA": str(sc), "p_NORMAL": str(1 - sc)}
+            for i, (sc, y, pt) in enumerate(zip(scores, labels, patients))]
 
 
 def test_paired_comparison_by_patient_bootstrap_and_mcnemar():
