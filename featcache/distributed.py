@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from featcache.errors import UserError
 
@@ -99,6 +100,10 @@ def from_env(backend: str = "gloo") -> Dist:
                 local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+TORCHRUN_WITHOUT_CWD = ("import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]; "
+                        "sys.argv[0] = 'torchrun'; from torch.distributed.run import main; main()")
+WORKER_LAUNCHER = "import sys\nfrom featcache.cli import entry\n\nentry()\n"
+
 # A worker that stops on a user mistake writes its message here, so the launcher
 # can tell "fix your input" (exit 2) from a crash (torchrun's own non-zero status).
 USER_ERROR_FILE_ENV = "FEATCACHE_USER_ERROR_FILE"
@@ -120,15 +125,22 @@ def launch(nproc: int, argv: list[str]) -> int:
     """
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "featcache", *argv]
     # torchrun sets OMP_NUM_THREADS=1 (and warns) unless told otherwise; split the cores instead.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with tempfile.NamedTemporaryFile("r", prefix="featcache-user-error-", suffix=".txt") as note:
+    with tempfile.TemporaryDirectory(prefix="featcache-launch-") as scratch:
+        note = Path(scratch) / "user-error.txt"
+        note.touch()
+        # `python -m` puts the working directory first on sys.path, so a ./featcache or ./torch folder
+        # there would be imported (and run) instead of the installed packages. torchrun starts without
+        # it, and runs each worker from a launcher script whose own folder holds nothing else.
+        launcher = Path(scratch) / "featcache_worker.py"
+        launcher.write_text(WORKER_LAUNCHER)
+        cmd = [sys.executable, "-c", TORCHRUN_WITHOUT_CWD, "--standalone", f"--nproc-per-node={nproc}",
+               str(launcher), *argv]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores // nproc))),
-               USER_ERROR_FILE_ENV: note.name}
+               USER_ERROR_FILE_ENV: str(note)}
         completed = subprocess.run(cmd, env=env)
-        user_mistake = bool(note.read().strip())
+        user_mistake = bool(note.read_text().strip())
     if completed.returncode == 0:
         return 0
     return 2 if user_mistake else completed.returncode

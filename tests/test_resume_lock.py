@@ -154,8 +154,17 @@ def test_parts_of_other_inputs_are_discarded(dataset, reference, tmp_path, capsy
 
 def test_two_torchrun_processes_make_the_same_cache(dataset, reference, tmp_path):
     out = tmp_path / "two.h5"
-    result = subprocess.run([sys.executable, "-m", "featcache", "extract", str(dataset), "--out", str(out),
-                             *EXTRACT, "--nproc", "2"], capture_output=True, text=True, timeout=600)
+    # Run from a folder holding hostile featcache/ and torch/ packages: the ranks must import the
+    # installed ones, never code from the working directory.
+    hostile = tmp_path / "cwd"
+    marker = tmp_path / "hostile-code-ran"
+    for package in ("featcache", "torch"):
+        (hostile / package).mkdir(parents=True)
+        (hostile / package / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('{package}')\n")
+    script = Path(sys.executable).parent / "featcache"
+    result = subprocess.run([str(script), "extract", str(dataset), "--out", str(out), *EXTRACT, "--nproc", "2"],
+                            capture_output=True, text=True, timeout=600, cwd=hostile)
+    assert not marker.exists(), marker.read_text()
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 processes" in result.stdout
     same_cache(out, reference)
