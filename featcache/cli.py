@@ -6,6 +6,8 @@ Nothing heavy is imported here, so ``featcache --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 
 from featcache import __version__
@@ -16,6 +18,33 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, as for every other user mistake
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
+
+
+def _number(kind, test, words: str):
+    """An argparse type: ``kind`` of the text, refused (one line, exit 2) unless ``test`` holds."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {words}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
+        return value
+
+    parse.__name__ = words  # argparse names the type in its messages
+    return parse
+
+
+_count = _number(int, lambda v: v >= 0, "a whole number of 0 or more")
+_positive_int = _number(int, lambda v: v >= 1, "a whole number of 1 or more")
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+_probability = _number(float, lambda v: 0.0 <= v <= 1.0, "a number between 0 and 1")
+
+
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
 
 
 def _backbone_names() -> str:
@@ -31,7 +60,7 @@ def _add_scan_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
                    help="share of each class's train images carved out as validation, whole patients only "
                         "(default %(default)s)")
-    g.add_argument("--min-val", type=int, default=DEFAULT_MIN_VAL,
+    g.add_argument("--min-val", type=_count, default=DEFAULT_MIN_VAL,
                    help="a val/ folder smaller than this is folded into train and val is carved instead "
                         "(default %(default)s; Kaggle's has 16)")
     g.add_argument("--patient-regex", default=None,
@@ -40,7 +69,7 @@ def _add_scan_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-from-name", nargs="+", default=None, metavar="REGEX=CLASS",
                    help="label files by name instead of folder: the first REGEX found in the file name gives "
                         "the class; preset kermany-3class = _bacteria_=BACTERIA _virus_=VIRUS")
-    g.add_argument("--split-seed", type=int, default=0,
+    g.add_argument("--split-seed", type=_count, default=0,
                    help="seeds the carved validation split only, so --seed can change without moving it "
                         "(default %(default)s)")
 
@@ -52,7 +81,7 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def _add_seed(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_count, default=0,
                    help="seeds random init (--weights none), shuffling and subsets; the validation split has "
                         "--split-seed (default 0)")
 
@@ -79,12 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="resnet18", help=f"one of: {_backbone_names()} (default %(default)s)")
     p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
                    help="torchvision ImageNet weights, seeded random init, or a state_dict file (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--backend", default="auto", metavar="auto|torchvision|pil|dali",
                    help="decode backend (default auto: DALI on a GPU; on CPU, PIL reduced-scale decode for "
                         "full-size JPEGs, else torchvision)")
-    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="(default auto: cuda when present)")
-    p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: half the cores)")
+    p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda", help="(default auto: cuda when present)")
+    p.add_argument("--workers", type=_count, default=None, help="decode worker processes (default: half the cores)")
     p.add_argument("--dtype", default="float32", metavar="float32|float16", help="stored feature type")
     p.add_argument("--amp", default="off", metavar="off|auto|bf16|fp16",
                    help="run the backbone under autocast: about 2x faster on CPUs with native bf16 and on GPUs; "
@@ -95,14 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a cache made from different inputs")
     p.add_argument("--wait", action="store_true", help="queue behind another extract writing the same cache "
                                                        "instead of exiting")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--nproc", type=_positive_int, default=1,
                    help="local worker processes, launched with torchrun (one per GPU on a GPU node)")
-    p.add_argument("--max-images", type=int, default=None, metavar="N",
+    p.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
                    help="a stratified subset of N train images; val and test stay whole (as finetune "
                         "--max-images, same seed: same images)")
     p.add_argument("--subsample-all", action="store_true",
                    help="--max-images subsamples every split, val and test too (quick benchmarks)")
-    p.add_argument("--chunk-rows", type=int, default=1024,
+    p.add_argument("--chunk-rows", type=_positive_int, default=1024,
                    help="rows committed together; a crash loses at most one chunk per process (default 1024)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_scan_flags(p)
@@ -119,21 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default="logistic", metavar="logistic|sweep",
                    help="logistic: scikit-learn, C from a grid; sweep: dozens of linear heads trained at once "
                         "(lr x weight decay x class weight x normalization) (default %(default)s)")
-    p.add_argument("--C", type=float, default=None, help="logistic: inverse L2 strength (default: chosen on val)")
+    p.add_argument("--C", type=_positive_float, default=None, help="logistic: inverse L2 strength (default: chosen on val)")
     p.add_argument("--class-weight", default=None, metavar="none|balanced",
                    help="default: none for logistic, both (a grid axis) for sweep")
     p.add_argument("--threshold", default="0.5", metavar="0.5|youden|f1",
                    help="two classes: decision threshold on the positive-class probability, fixed or chosen "
                         "on val (default %(default)s)")
-    p.add_argument("--target-sensitivity", type=float, default=None, metavar="S",
+    p.add_argument("--target-sensitivity", type=_probability, default=None, metavar="S",
                    help="instead: the highest threshold reaching this validation sensitivity, e.g. 0.95")
     p.add_argument("--sampler", default="shuffle", metavar="shuffle|balanced",
                    help="sweep minibatches: plain shuffling, or classes drawn equally often")
-    p.add_argument("--epochs", type=int, default=20, help="sweep epochs (default %(default)s)")
-    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda", help="where the sweep trains")
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+    p.add_argument("--epochs", type=_positive_int, default=20, help="sweep epochs (default %(default)s)")
+    p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda", help="where the sweep trains")
+    p.add_argument("--bootstrap", type=_count, default=1000, metavar="N",
                    help="patient-bootstrap resamples for 95%% CIs; 0 turns them off (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the sweep's minibatches and the bootstrap")
+    p.add_argument("--seed", type=_count, default=0, help="seeds the sweep's minibatches and the bootstrap")
     p.set_defaults(func=_cmd_fit_head)
 
     p = sub.add_parser("finetune", help="train every weight (or a new head on a frozen backbone) in one AMP loop",
@@ -149,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "by a BatchNorm1d); tutorial: the PyTorch transfer-learning tutorial's fixed feature "
                         "extractor (SGD momentum 0.9, StepLR 7/0.1 per epoch, batch 4, RandomResizedCrop + flip, "
                         "BatchNorm in train mode, best epoch by val accuracy, 25 epochs) (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=None, help="(default 10; 25 with --recipe tutorial)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--epochs", type=_positive_int, default=None, help="(default 10; 25 with --recipe tutorial)")
+    p.add_argument("--lr", type=_positive_float, default=None,
                    help="learning rate (default 3e-4; 1e-3 when frozen or with --recipe tutorial)")
-    p.add_argument("--batch-size", type=int, default=None, help="(default 32; 4 with --recipe tutorial)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="(default 32; 4 with --recipe tutorial)")
     p.add_argument("--amp", default="auto", metavar="auto|bf16|fp16|off",
                    help="mixed precision (auto: bf16 where supported, fp16 with loss scaling on older GPUs)")
     p.add_argument("--freeze-backbone", action="store_true",
@@ -162,21 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "tutorial: RandomResizedCrop + horizontal flip (the default with --recipe tutorial)")
     p.add_argument("--hflip", action="store_true", help="also flip horizontally (moves the heart: off by default)")
     p.add_argument("--class-weight", default="none", metavar="none|balanced")
-    p.add_argument("--early-stop", type=int, default=None, metavar="PATIENCE",
+    p.add_argument("--early-stop", type=_positive_int, default=None, metavar="PATIENCE",
                    help="stop after this many epochs without a better validation AUROC")
-    p.add_argument("--max-images", type=int, default=None, metavar="N",
+    p.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
                    help="a stratified subset of N train images (classes in proportion); val and test stay whole")
     p.add_argument("--subsample-all", action="store_true",
                    help="--max-images subsamples every split, val and test too (quick benchmarks)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threshold", default="0.5", metavar="0.5|youden|f1", help="as for fit-head")
-    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
+    p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda")
     p.add_argument("--backend", default="auto", metavar="auto|dali|pil|torchvision",
                    help="decode and augment with DALI (on the GPU with a GPU; auto there), PIL or torchvision")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="CI resamples for the final metrics")
+    p.add_argument("--workers", type=_count, default=None)
+    p.add_argument("--bootstrap", type=_count, default=1000, metavar="N", help="CI resamples for the final metrics")
     p.add_argument("--overwrite", action="store_true", help="replace a run with other settings in RUN_DIR")
-    p.add_argument("--nproc", type=int, default=1, help="DDP processes launched with torchrun")
+    p.add_argument("--nproc", type=_positive_int, default=1, help="DDP processes launched with torchrun")
     p.add_argument("--no-progress", action="store_true")
     _add_scan_flags(p)
     _add_seed(p)
@@ -205,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="the four backbones: parameters, GFLOPs, ImageNet top-1, measured speed",
                        description="Task A: each backbone's cost from torchvision's metadata, and its forward "
                                    "images/s and peak memory measured on this machine (and its GPU).")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--no-measure", action="store_true", help="metadata only (instant)")
     p.add_argument("--json", default=None, metavar="OUT.json")
     p.set_defaults(func=_cmd_models)
@@ -229,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Deterministic grayscale chest-X-ray-like JPEGs (1-3 MP, Kermany names and "
                                    "patient ids, PNEUMONIA with opacity patches) in OUT/{train,test}/CLASS/.")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--n", type=int, required=True, help="number of images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
+    p.add_argument("--n", type=_positive_int, required=True, help="number of images")
+    p.add_argument("--seed", type=_count, default=0)
+    p.add_argument("--workers", type=_count, default=None, help="processes (default: every core)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("inspect", help="what a cache holds: backbone, weights, rows per split and class, progress",
@@ -249,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV to write (default: a new RUN_DIR/predict-DATE-TIME.csv; never the run's own files)")
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="the backbone weights file, when the one recorded in the run has moved")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="scan, extract and fit a head on the embedded 400-image subset",
@@ -549,9 +578,33 @@ def _reparse_with_config(parser: argparse.ArgumentParser, args, argv):
     from featcache.config import load_table
 
     sub = _subparser(parser, args.command)
-    valid = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
-    sub.set_defaults(**load_table(args.config, args.command, valid))
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    table = load_table(args.config, args.command, set(actions))
+    sub.set_defaults(**{key: _config_value(args.config, args.command, actions[key], value)
+                        for key, value in table.items()})
     return parser.parse_args(argv)
+
+
+def _config_value(path: str, command: str, action: argparse.Action, value):
+    """A TOML setting checked and converted exactly as its flag would be (2.5 is no batch size)."""
+    where = f"{path} [{command}] {action.dest.replace('_', '-')}"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    values = value if isinstance(value, list) else [value]
+    if action.nargs in (None, "?") and isinstance(value, list):
+        raise UserError(f"{where}: expected one value, got a list")
+    if any(isinstance(v, (dict, list)) for v in values):
+        raise UserError(f"{where}: expected a plain value, got {value!r}")
+    converted = []
+    for v in values:
+        text = str(v).lower() if isinstance(v, bool) else str(v)
+        try:
+            converted.append(action.type(text) if action.type else text)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+            raise UserError(f"{where}: {exc or repr(v) + ' is not valid'}") from None
+    return converted if isinstance(value, list) else converted[0]
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:

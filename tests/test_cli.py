@@ -48,7 +48,7 @@ CASES = {
                        "not an HDF5 file"),
     "missing cache": (lambda d: ["fit-head", d["tmp"] / "nope.h5", "--out", d["tmp"] / "run"], "cache not found"),
     "bad flag value": (lambda d: ["extract", d["good"], "--out", d["tmp"] / "x.h5", "--batch-size", "many"],
-                       "invalid int value"),
+                       "'many' is not a whole number of 1 or more"),
     "cuda without a GPU": (lambda d: ["extract", d["good"], "--out", d["tmp"] / "x.h5", "--weights", "none",
                                       "--device", "cuda"], "no CUDA GPU"),
 }
@@ -92,3 +92,21 @@ def test_piped_output_never_breaks_a_long_path(tmp_path):
     lines = result.stdout.splitlines()
     assert len(str(deep)) > 80 and any(str(manifest) in line for line in lines)
     assert any(str(deep) in line for line in lines)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["scan", ".", "--seed", "-1"], "--seed: '-1' is not a whole number of 0 or more"),
+    (["fit-head", "c.h5", "--out", "r", "--C", "nan"], "--C: 'nan' is not a positive finite number"),
+    (["finetune", ".", "--out", "r", "--lr", "nan"], "--lr: 'nan' is not a positive finite number"),
+    (["fit-head", "c.h5", "--out", "r", "--bootstrap", "-5"], "--bootstrap: '-5' is not a whole number of 0"),
+    (["extract", ".", "--out", "c.h5", "--nproc", "0"], "--nproc: '0' is not a whole number of 1 or more"),
+    (["fit-head", "c.h5", "--out", "r", "--device", "tpu"], "--device: 'tpu' is not a device"),
+    (["synth", "o", "--n", "3", "--workers", "-1"], "--workers: '-1' is not a whole number of 0 or more"),
+    (["fit-head", "c.h5", "--out", "r", "--target-sensitivity", "1.5"], "is not a number between 0 and 1"),
+])
+def test_flag_values_are_checked_before_any_work(argv, expected, capsys):
+    from featcache.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1

@@ -60,3 +60,21 @@ def test_shipped_configs_are_valid(tmp_path):
         for command in tomllib.loads(path.read_text()):
             sub = _subparser(parser, command)
             load_table(str(path), command, {a.dest for a in sub._actions})
+
+
+def test_config_values_are_checked_as_their_flags(tmp_path):
+    bad = tmp_path / "bad.toml"
+    for text, expected in (("batch-size = 2.5", "batch-size: '2.5' is not a whole number of 1 or more"),
+                           ("seed = -1", "seed: '-1' is not a whole number of 0 or more"),
+                           ("no-progress = 'yes'", "no-progress: expected true or false"),
+                           ("device = 'tpu'", "device: 'tpu' is not a device"),
+                           ("backbone = ['resnet18']", "backbone: expected one value")):
+        bad.write_text(f"[extract]\ndata = 'd'\nout = 'o.h5'\n{text}\n")
+        result = run_cli("extract", "--config", bad)
+        assert result.returncode == 2 and expected in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    # README: a threshold may be written as a number.
+    good = tmp_path / "good.toml"
+    good.write_text("[fit-head]\ncache = 'missing.h5'\nout = 'run'\nthreshold = 0.3\n")
+    result = run_cli("fit-head", "--config", good)
+    assert result.returncode == 2 and "missing.h5" in result.stderr  # past the config, at the missing cache
