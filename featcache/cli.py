@@ -317,6 +317,8 @@ def _cmd_scan(args) -> int:
     from featcache.manifest import scan
 
     _require(args, "data")
+    if args.out:
+        _json_output(args.out, "--out")
     manifest = scan(args.data, **_scan_options(args))
     _print_manifest(manifest)
     if args.out:
@@ -486,14 +488,24 @@ def _cmd_models(args) -> int:
     from featcache.console import get_console
     from featcache.models import model_table, render
 
+    if args.json:
+        _json_output(args.json, "--json")
     console = get_console()
     rows = model_table(measure_speed=not args.no_measure, batch_size=args.batch_size,
                        progress=lambda text: console.print(f"[dim]{text}[/]"))
     console.print(render(rows, args.batch_size))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        _json_output(args.json, "--json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
+
+
+def _json_output(path: str, flag: str):
+    """A JSON file to write at the end, checked (and its folder made) before the work."""
+    from featcache.outputs import output_file
+
+    out = output_file(path, flag)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _cmd_bench(args) -> int:

@@ -58,6 +58,14 @@ def validate_options(out: Path, backbone: str, dtype: str, compression: str, chu
         raise UserError(f"--chunk-rows must be at least 1, got {chunk_rows}")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file path such as {out / (backbone + '.h5')}")
+    from featcache.lock import lock_path
+    from featcache.outputs import output_file
+    from featcache.parts import parts_dir
+
+    output_file(out, suffixes=(".parts", ".partial", ".lock"))
+    for beside, kind in ((parts_dir(out), "folder"), (lock_path(out), "file")):
+        if beside.exists() and beside.is_dir() != (kind == "folder"):
+            raise UserError(f"{beside} is in the way: featcache keeps a {kind} there for {out}; remove it")
     get_entry(backbone)
 
 

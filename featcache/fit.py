@@ -142,6 +142,9 @@ def fit_head(
     if epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {epochs}")
     rule = parse_threshold(threshold, target_sensitivity)
+    from featcache.outputs import output_folder
+
+    output_folder(out_dir)  # before the fit, not after it
     cache = FeatureCache.open(cache_path)
     classes = cache.classes
     K = len(classes)
@@ -324,7 +327,9 @@ def _save_head(path: Path, head, metrics: dict, cache: FeatureCache) -> None:
 
 def fit_heads(caches: list[str], out_dir: str | os.PathLike, **options) -> list[dict]:
     """Fit every cache into ``out_dir/<cache name>/`` and write ``comparison.json``."""
-    out_dir = Path(out_dir)
+    from featcache.outputs import output_folder
+
+    out_dir = output_folder(out_dir)
     names = _run_names(caches)
     results = []
     for cache, name in zip(caches, names):

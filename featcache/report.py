@@ -366,10 +366,13 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
 
     if not run_dirs:
         raise UserError("give at least one run folder")
-    runs = sorted((load_run(d) for d in run_dirs), key=lambda r: (STRATEGY_ORDER.get(r["kind"], 9), r["name"]))
     out = Path(out)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "report.json").is_file())):
         raise UserError(f"--out {out} exists and is not a featcache report folder; give a new or empty folder")
+    from featcache.outputs import output_folder
+
+    output_folder(out)
+    runs = sorted((load_run(d) for d in run_dirs), key=lambda r: (STRATEGY_ORDER.get(r["kind"], 9), r["name"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     mask = os.umask(0)

@@ -110,3 +110,36 @@ def test_flag_values_are_checked_before_any_work(argv, expected, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    from featcache.cli import main
+    from helpers import kermany_names
+    from test_heads import synthetic_cache
+
+    data = make_dataset(tmp_path / "d", {"train": kermany_names("", 3, 3)}, size=(8, 8))
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    cache = synthetic_cache(tmp_path / "c.h5")
+    (tmp_path / "x.h5.parts").write_text("not a folder")
+    (tmp_path / "y.h5.lock").mkdir()
+    long_name = "n" * 252 + ".h5"  # fits alone, not with the .partial beside it
+    refused = {
+        "scan --out onto a folder": (["scan", data, "--out", tmp_path], "is a folder"),
+        "fit-head --out a file": (["fit-head", cache, "--out", a_file], "is a file; give a folder"),
+        "report --out a file": (["report", tmp_path, "--out", a_file], "--out"),
+        "name over 255 bytes": (["extract", data, "--out", tmp_path / long_name, "--weights", "none"],
+                                "over 255 bytes"),
+        "parts as a file": (["extract", data, "--out", tmp_path / "x.h5", "--weights", "none"], "is in the way"),
+        "lock as a folder": (["extract", data, "--out", tmp_path / "y.h5", "--weights", "none"], "is in the way"),
+        "a file as a folder": (["scan", data, "--out", a_file / "m.json"], "is a file, not a folder"),
+    }
+    for name, (argv, expected) in refused.items():
+        assert main([str(a) for a in argv]) == 2, name
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, (name, err)
+    assert not (a_file.parent / "file.txt" / "metrics.json").exists()
+    # A missing folder is made, not refused.
+    assert main(["scan", str(data), "--min-val", "0", "--out", str(tmp_path / "new" / "deeper" / "m.json")]) == 0
+    assert main(["models", "--no-measure", "--json", str(tmp_path / "made" / "models.json")]) == 0
+    assert (tmp_path / "new" / "deeper" / "m.json").is_file() and (tmp_path / "made" / "models.json").is_file()
