@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -214,10 +215,7 @@ def _load_weights_file(model, entry: BackboneEntry, path: Path) -> str:
         raise UserError(
             f"weights file not found: {path} (--weights takes imagenet, none, or a path to a state_dict)"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read {path} as a PyTorch state_dict: {exc.__class__.__name__}: {exc}") from None
+    state = load_tensors(path, "a PyTorch state_dict")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -225,6 +223,13 @@ def _load_weights_file(model, entry: BackboneEntry, path: Path) -> str:
         raise UserError(f"{path} holds no state_dict (a dict of tensors)")
     state = {_strip_wrapper_prefix(k): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(entry.head_prefixes)}
+    own = model.state_dict()
+    shapes = [(k, tuple(getattr(v, "shape", ())), tuple(own[k].shape)) for k, v in state.items()
+              if k in own and tuple(getattr(v, "shape", ())) != tuple(own[k].shape)]
+    if shapes:
+        key, theirs, ours = shapes[0]
+        raise UserError(f"{path} does not fit {entry.name}: {len(shapes)} tensors have other shapes (e.g. {key}: "
+                        f"{theirs} in the file, {ours} in {entry.name}); is it another architecture's state_dict?")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(entry.head_prefixes)]
     if missing or result.unexpected_keys:
@@ -235,6 +240,28 @@ def _load_weights_file(model, entry: BackboneEntry, path: Path) -> str:
             parts.append(f"{len(result.unexpected_keys)} unexpected (e.g. {', '.join(result.unexpected_keys[:3])})")
         raise UserError(f"{path} does not fit {entry.name}: keys {'; '.join(parts)}")
     return _sha256_file(path)
+
+
+def load_tensors(path: Path, what: str):
+    """``torch.load(path, weights_only=True)``, any failure as one plain line.
+
+    torch's own message runs to several lines with ANSI codes and suggests
+    ``weights_only=False``, which would run whatever code the file carries:
+    that advice is never passed on.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is not {what}: it holds objects other than tensors, which are never loaded "
+                        "(only plain tensors and containers are read)") from None
+    except Exception as exc:
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+        raise UserError(f"cannot read {path} as {what}: {exc.__class__.__name__}"
+                        + (f": {first[0][:200]}" if first else "")) from None
 
 
 def _strip_wrapper_prefix(key: str) -> str:

@@ -57,18 +57,17 @@ def check_output(run_dir: str | os.PathLike, out_csv: str | os.PathLike) -> None
 
 def load_run(run_dir: str | os.PathLike):
     """(LinearHead, config) of a fit-head run; ``head.pt`` is read with ``weights_only=True``."""
-    import torch
-
+    from featcache.backbones import load_tensors
     from featcache.heads import LinearHead
 
     path = Path(run_dir) / "head.pt"
     if not path.is_file():
         raise UserError(f"no head.pt in {run_dir}: give a folder written by featcache fit-head (or finetune)")
+    payload = load_tensors(path, "a featcache head")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
         return LinearHead.from_state_dict(payload["head"]), json.loads(payload["config"])
     except Exception as exc:
-        raise UserError(f"{path} is not a featcache head ({exc.__class__.__name__}: {exc})") from None
+        raise UserError(f"{path} is not a featcache head ({exc.__class__.__name__}: {str(exc)[:200]})") from None
 
 
 def weights_for(config: dict, override: str | None) -> tuple[str, int]:
@@ -125,8 +124,10 @@ def _finetuned_scorer(run_dir: Path, device: str):
     from featcache.backbones import create_backbone, get_entry
     from featcache.finetune import _classifier_class
 
+    from featcache.backbones import load_tensors
+
+    payload = load_tensors(run_dir / "best.pt", "a featcache checkpoint")
     try:
-        payload = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
         settings = json.loads(payload["config"])
         metrics = json.loads((run_dir / "metrics.json").read_text())
     except Exception as exc:

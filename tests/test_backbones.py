@@ -122,3 +122,31 @@ def test_imagenet_loads_from_a_filled_hub_cache(_offline_torch_home):
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     with torch.inference_mode():
         assert torch.allclose(bb.model(images), _reference_features(state, images), atol=1e-4)
+
+
+def test_weights_of_another_architecture_do_not_fit_in_one_line(tmp_path):
+    import torchvision
+
+    path = tmp_path / "r50.pt"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    with pytest.raises(UserError) as info:
+        create_backbone("resnet18", str(path))
+    message = str(info.value)
+    assert "does not fit resnet18" in message and "other shapes" in message and "\n" not in message
+
+
+def test_a_malicious_checkpoint_is_refused_in_one_plain_line(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    for name, save in (("evil.pt", torch.save), ("evil.pkl", lambda obj, p: p.write_bytes(pickle.dumps(obj)))):
+        path = tmp_path / name
+        save({"state_dict": Payload()}, path)
+        with pytest.raises(UserError) as info:
+            create_backbone("resnet18", str(path))
+        message = str(info.value)
+        assert "\n" not in message and "\x1b" not in message and "weights_only=False" not in message
+        assert str(path) in message
