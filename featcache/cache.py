@@ -112,13 +112,16 @@ def write_cache(
     with h5py.File(tmp, "w") as f:
         ds = f.create_dataset("features", shape=(n_rows, feature_dim), dtype=dtype,
                               chunks=(rows_per_chunk, feature_dim) if n_rows else None, **extra)
-        at = 0
+        at, digest = 0, hashlib.sha256()
         for block in blocks:
-            block = np.asarray(block)
-            ds[at : at + len(block)] = block.astype(dtype, copy=False)
+            block = np.ascontiguousarray(np.asarray(block).astype(dtype, copy=False))
+            ds[at : at + len(block)] = block
+            digest.update(block.tobytes())
             at += len(block)
         if at != n_rows:
             raise RuntimeError(f"cache assembly wrote {at} rows, expected {n_rows}")
+        # The bytes of every feature row as written: bit rot or a hand edit is found, not trusted.
+        f.attrs["features_sha256"] = digest.hexdigest()
         f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
         for name, values in (("paths", paths), ("splits", splits), ("patients", patients)):
             f.create_dataset(name, data=np.array(list(values), dtype=object), dtype=strings)
@@ -167,6 +170,7 @@ class FeatureCache:
                 attrs = {k: _attr(v) for k, v in f.attrs.items()}
                 missing = [name for name in (*ROW_DATASETS, "skipped") if name not in f]
                 n_rows = f["features"].shape[0] if "features" in f else 0
+                problem = None if missing else _schema_problem(f, attrs)
         except OSError:
             if looks_like_hdf5(path):
                 raise UserError(f"{path} is a damaged HDF5 file (torn or truncated write); "
@@ -174,9 +178,27 @@ class FeatureCache:
             raise UserError(f"not an HDF5 file: {path}") from None
         if missing or "fingerprint" not in attrs:
             raise UserError(f"{path} is an HDF5 file but not a featcache cache (missing {', '.join(missing) or 'attrs'})")
+        if problem:
+            raise UserError(f"{path} is not a usable cache: {problem}")
         if require_complete and not attrs.get("complete"):
             raise UserError(f"{path} is incomplete (extraction did not finish); rerun featcache extract")
         return cls(path, attrs, n_rows)
+
+    def verify(self) -> None:
+        """Read every feature row: NaN or Inf, or bytes that differ from those written, are a UserError."""
+        ds, digest = self.handle["features"], hashlib.sha256()
+        step = max(1, CHUNK_BYTES // max(1, ds.shape[1] * ds.dtype.itemsize))
+        for lo in range(0, ds.shape[0], step):
+            block = np.ascontiguousarray(ds[lo : lo + step])
+            if not np.isfinite(block).all():
+                row = lo + int(np.argwhere(~np.isfinite(block))[0][0])
+                raise UserError(f"{self.path}: dataset 'features' holds NaN or Inf (row {row}); rerun featcache "
+                                "extract with --overwrite")
+            digest.update(block.tobytes())
+        expected = self.attrs.get("features_sha256")
+        if expected and digest.hexdigest() != expected:
+            raise UserError(f"{self.path}: dataset 'features' is not what was written (checksum mismatch); rerun "
+                            "featcache extract with --overwrite")
 
     @property
     def classes(self) -> list[str]:
@@ -241,6 +263,38 @@ class FeatureCache:
         from featcache.cache_dataset import CacheDataset
 
         return CacheDataset(self, self.rows(split))
+
+
+def _schema_problem(f, attrs: dict) -> str | None:
+    """What makes an HDF5 file with featcache's dataset names unusable, in words naming the dataset."""
+    import h5py
+
+    try:
+        classes = json.loads(attrs.get("classes", ""))
+    except (TypeError, ValueError):
+        return "attribute 'classes' is not a JSON list of class names"
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
+            and len(set(classes)) == len(classes)):
+        return "attribute 'classes' must list two or more distinct class names"
+    features = f["features"]
+    if features.ndim != 2 or features.dtype.kind != "f":
+        return f"dataset 'features' must be 2-D floats (rows x dimensions), found {features.ndim}-D {features.dtype}"
+    n = features.shape[0]
+    labels = f["labels"]
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        return f"dataset 'labels' must be 1-D integers, found {labels.ndim}-D {labels.dtype}"
+    for name in ROW_DATASETS[1:]:
+        ds = f[name]
+        if ds.ndim != 1:
+            return f"dataset '{name}' must be 1-D, found {ds.ndim}-D"
+        if ds.shape[0] != n:
+            return f"dataset '{name}' has {ds.shape[0]} rows where 'features' has {n}"
+        if name in ("paths", "splits", "patients") and not h5py.check_string_dtype(ds.dtype):
+            return f"dataset '{name}' must hold strings, found {ds.dtype}"
+    values = labels[()]
+    if len(values) and (values.min() < 0 or values.max() >= len(classes)):
+        return f"dataset 'labels' holds {int(values.min())}..{int(values.max())}, outside 0..{len(classes) - 1}"
+    return None
 
 
 def _attr(value):

@@ -269,6 +269,13 @@ def _existing_cache_matches(out: Path, fp: str, inputs: dict, overwrite: bool, c
             return False
         raise UserError(f"{out} exists and is not a featcache cache; pass --overwrite to replace it") from None
     if existing.attrs.get("fingerprint") == fp and existing.attrs.get("complete"):
+        try:
+            existing.verify()
+        except UserError as exc:  # bytes changed after the fact: never trusted, rebuilt
+            console.print(f"[yellow]{exc}[/]; rebuilding it")
+            return False
+        finally:
+            existing.close()
         return True
     raise UserError(
         f"{out} holds a different cache ({describe_difference(existing.fingerprint_inputs, inputs)}); "

@@ -146,6 +146,7 @@ def fit_head(
 
     output_folder(out_dir)  # before the fit, not after it
     cache = FeatureCache.open(cache_path)
+    cache.verify()  # NaN, Inf or altered bytes end here, naming the dataset, not inside a solver
     classes = cache.classes
     K = len(classes)
     positive = positive_class_index(classes) if K == 2 else None

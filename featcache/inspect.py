@@ -26,6 +26,7 @@ def describe(path: str | os.PathLike) -> dict:
     if not path.exists() and parts.is_dir():
         return _describe_progress(path, parts)
     cache = FeatureCache.open(path, require_complete=False)
+    cache.verify()
     a = cache.attrs
     classes = cache.classes
     data = cache.read("labels", "splits", "skipped")

@@ -10,6 +10,7 @@ import torch
 
 from featcache.backbones import create_backbone
 from featcache.cache import FeatureCache, partial_path
+from featcache.cli import main
 from featcache.decode.cpu import load_torchvision as load_image
 from featcache.errors import UserError
 from featcache.extract import extract
@@ -165,3 +166,64 @@ def test_bf16_autocast_extraction_is_close_and_keyed(small_dataset, tmp_path):
     assert cosine.min() > 0.99
     with pytest.raises(UserError, match="--amp fp16 needs a CUDA GPU"):
         _extract(small_dataset, tmp_path / "fp16.h5", amp="fp16")
+
+
+def _crafted(tmp_path, name, edit):
+    """A copy of a small valid cache with ``edit(h5py_file)`` applied."""
+    import shutil
+
+    from test_heads import synthetic_cache
+
+    base = tmp_path / "base.h5"
+    if not base.exists():
+        synthetic_cache(base, sizes={"train": 40, "val": 20, "test": 20})
+    path = tmp_path / f"{name}.h5"
+    shutil.copy(base, path)
+    with h5py.File(path, "r+") as f:
+        edit(f)
+    return path
+
+
+def _replace(f, name, data):
+    del f[name]
+    f.create_dataset(name, data=data)
+
+
+CRAFTED = {
+    "nan features": (lambda f: f["features"].__setitem__((3, 2), float("nan")), "'features' holds NaN or Inf"),
+    "inf features": (lambda f: f["features"].__setitem__((5, 0), float("inf")), "'features' holds NaN or Inf"),
+    "altered bytes": (lambda f: f["features"].__setitem__((7, 1), 1234.5), "checksum mismatch"),
+    "classes not JSON": (lambda f: f.attrs.__setitem__("classes", "NORMAL,PNEUMONIA"), "attribute 'classes'"),
+    "one class": (lambda f: f.attrs.__setitem__("classes", '["NORMAL"]'), "attribute 'classes'"),
+    "1-D features": (lambda f: _replace(f, "features", np.zeros(80, "f4")), "'features' must be 2-D"),
+    "3-D features": (lambda f: _replace(f, "features", np.zeros((80, 4, 8), "f4")),
+                     "'features' must be 2-D"),
+    "string features": (lambda f: _replace(f, "features", np.array([["a"] * 32] * 80, "S1")),
+                        "'features' must be 2-D floats"),
+    "fewer rows": (lambda f: _replace(f, "labels", np.zeros(70, "i8")),
+                   "'labels' has 70 rows where 'features' has 80"),
+    "float labels": (lambda f: _replace(f, "labels", np.zeros(80, "f8")),
+                     "'labels' must be 1-D integers"),
+    "label out of range": (lambda f: f["labels"].__setitem__(4, 7), "outside 0..1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_or_damaged_caches_are_refused_naming_the_dataset(case, tmp_path, capsys):
+    edit, expected = CRAFTED[case]
+    path = _crafted(tmp_path, case.replace(" ", "-"), edit)
+    for argv in (["fit-head", str(path), "--out", str(tmp_path / "run")], ["inspect", str(path)]):
+        assert main(argv) == 2, (case, argv[0])
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, (case, argv[0], err)
+
+
+def test_a_cache_altered_after_writing_is_rebuilt_not_up_to_date(small_dataset, tmp_path, capsys):
+    out = tmp_path / "c.h5"
+    _extract(small_dataset, out)
+    original = FeatureCache.open(out).read("features")["features"]
+    with h5py.File(out, "r+") as f:
+        f["features"][2, 3] += 1.0  # one flipped value, fingerprint and attributes untouched
+    again = _extract(small_dataset, out)
+    assert again["status"] == "written" and "checksum mismatch" in capsys.readouterr().out
+    assert np.array_equal(FeatureCache.open(out).read("features")["features"], original)
