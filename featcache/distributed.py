@@ -102,7 +102,26 @@ def from_env(backend: str = "gloo") -> Dist:
 
 TORCHRUN_WITHOUT_CWD = ("import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]; "
                         "sys.argv[0] = 'torchrun'; from torch.distributed.run import main; main()")
-WORKER_LAUNCHER = "import sys\nfrom featcache.cli import entry\n\nentry()\n"
+# Each rank dies with torchrun, as torchrun dies with featcache (see die_with_parent): a killed
+# parent never leaves ranks writing parts after it released the cache's lock.
+WORKER_LAUNCHER = ("import sys\nfrom featcache.distributed import die_with_parent\n\ndie_with_parent()\n"
+                   "from featcache.cli import entry\n\nentry()\n")
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 # A worker that stops on a user mistake writes its message here, so the launcher
 # can tell "fix your input" (exit 2) from a crash (torchrun's own non-zero status).
@@ -139,7 +158,7 @@ def launch(nproc: int, argv: list[str]) -> int:
                str(launcher), *argv]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores // nproc))),
                USER_ERROR_FILE_ENV: str(note)}
-        completed = subprocess.run(cmd, env=env)
+        completed = subprocess.run(cmd, env=env, preexec_fn=die_with_parent)
         user_mistake = bool(note.read_text().strip())
     if completed.returncode == 0:
         return 0

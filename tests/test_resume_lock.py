@@ -251,3 +251,28 @@ def test_memory_stays_flat_with_dataset_size(tmp_path):
         peaks[n] = report["peak_rss_mb"]
     print(f"peak RSS: 1,000 images {peaks[1000]:.0f} MB, 20,000 images {peaks[20000]:.0f} MB")
     assert peaks[20000] - peaks[1000] < 300
+
+
+def _processes_writing(out) -> list[int]:
+    """PIDs whose command line names ``out`` (the parent, torchrun and its ranks)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(out).encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_ranks_die_with_a_killed_nproc_parent(dataset, reference, tmp_path):
+    out = tmp_path / "orphans.h5"
+    proc = start_extract(dataset, out, "--nproc", "2")
+    wait_for(lambda: committed(out) >= 1, timeout=300)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # torchrun and both ranks follow their parent at once: nothing is left to race the next writer.
+    wait_for(lambda: not _processes_writing(out), timeout=3)
+    assert main(["extract", str(dataset), "--out", str(out), *EXTRACT]) == 0
+    same_cache(out, reference)
