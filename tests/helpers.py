@@ -90,8 +90,37 @@ def write_awkward_images(folder: Path, seed: int = 0) -> dict[str, str | None]:
     (folder / "truncated.jpeg").write_bytes(data[: len(data) // 2])
     (folder / "empty.jpeg").write_bytes(b"")
     (folder / "text.jpeg").write_text("not an image at all\n")
+    # Hostile files: each must be refused from its header, before any backend allocates for it.
+    frames = [Image.fromarray(np.roll(gray, 5 * k, 0)) for k in range(3)]
+    frames[0].save(folder / "animated.jpeg", format="GIF", save_all=True, append_images=frames[1:])
+    Image.fromarray(np.zeros((1, 8000), np.uint8)).save(folder / "strip.png")
+    small_png = folder / "claims_huge.png"
+    Image.fromarray(gray[:8, :8]).save(small_png)
+    small_png.write_bytes(_claim_png_size(small_png.read_bytes(), 20000, 20000))
+    (folder / "claims_huge.jpeg").write_bytes(_claim_jpeg_size(data, 12000, 12000))
     return {
+        "animated.jpeg": "GIF data, not JPEG or PNG", "strip.png": "8000 x 1 pixels, a side ratio over 8",
+        "claims_huge.png": "more than 64 megapixels",
+        "claims_huge.jpeg": "12000 x 12000 pixels, over the 64-megapixel limit",
         "baseline.jpeg": None, "progressive.jpeg": None, "cmyk.jpeg": None, "sixteen_bit.png": None,
         "rgba.png": None, "UPPER.JPG": None, "with spaces in name.jpeg": None,
         "truncated.jpeg": "truncated image", "empty.jpeg": "empty file", "text.jpeg": "not an image",
     }
+
+
+def _claim_png_size(png: bytes, width: int, height: int) -> bytes:
+    """The same PNG with an IHDR that claims ``width`` x ``height`` (CRC fixed, data unchanged)."""
+    import struct
+    import zlib
+
+    ihdr = png[16:29]
+    ihdr = struct.pack(">II", width, height) + ihdr[8:]
+    return png[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + png[33:]
+
+
+def _claim_jpeg_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """The same JPEG with a frame header (SOF0) that claims ``width`` x ``height``."""
+    import struct
+
+    at = jpeg.index(b"\xff\xc0") + 5  # marker (2), length (2), precision (1), then height and width
+    return jpeg[:at] + struct.pack(">HH", height, width) + jpeg[at + 4:]

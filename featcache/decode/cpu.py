@@ -29,6 +29,10 @@ from featcache.decode import Batch
 
 def decode_failure_reason(exc: Exception) -> str:
     """A short, stable reason for the skipped list, from a decoder's error."""
+    from featcache.decode.gate import Refused
+
+    if isinstance(exc, Refused):
+        return str(exc)
     text = str(exc)
     lowered = text.lower()
     if lowered == "empty file":
@@ -45,10 +49,12 @@ def decode_failure_reason(exc: Exception) -> str:
 
 
 def _read(path: str) -> bytes:
+    """The file's bytes, after the gate every backend shares (format, frames, pixels, end marker)."""
+    from featcache.decode.gate import check
+
     with open(path, "rb") as f:
         raw = f.read()
-    if not raw:
-        raise ValueError("empty file")
+    check(raw)
     return raw
 
 

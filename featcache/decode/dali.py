@@ -149,7 +149,16 @@ class DaliLoader:
                          augment=self.augment)
 
     def __iter__(self):
-        pending = self.rows
+        from featcache.decode.gate import check_file
+
+        # The gate first: DALI would allocate whatever a header claims, and dies on some files
+        # (an animated GIF named .jpeg segfaults its CPU decoder) instead of raising.
+        refused = [(r, reason) for r in self.rows
+                   if (reason := check_file(os.path.join(self.root, self.paths[r]))) is not None]
+        if refused:
+            yield Batch(np.empty(0, np.int64), torch.empty(0, 3, 0, 0, dtype=torch.uint8), refused)
+        bad = {r for r, _ in refused}
+        pending = [r for r in self.rows if r not in bad]
         while pending:
             pipe = self._build(pending, self.batch_size)
             done = 0
