@@ -240,6 +240,9 @@ def take_lock(out: Path, wait: bool, console):
 def _decide(out: Path, fp: str, inputs: dict, overwrite: bool, store: PartStore, console) -> str:
     """Under the lock: "up to date", or "go" with the part folder ready (resumed or fresh)."""
     if _existing_cache_matches(out, fp, inputs, overwrite, console):
+        if store.dir.exists():  # left by a run killed between its rename and its clean-up
+            console.print(f"[yellow]removing {store.dir.name}[/], parts of the cache already assembled")
+            store.remove()
         return "up to date"
     note = store.prepare()
     if note:
@@ -379,6 +382,21 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
             "resumed_rows": resumed, "stages": stage}
 
 
+def _check_space(out: Path, needed: int) -> None:
+    """Refuse to assemble into a disk without room for the cache (the parts stay for the resume).
+
+    A full disk in the middle of an HDF5 write can crash the process and leave a
+    ``.partial`` that fills the disk; the bytes needed are known, so ask first.
+    """
+    import shutil
+
+    free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
+    if free < needed * 1.05 + 2**20:
+        raise UserError(f"not enough disk space to assemble {out}: {free / 2**20:,.0f} MB free, about "
+                        f"{needed / 2**20:,.0f} MB needed; the extracted parts are kept, free some space and "
+                        "rerun the same command to finish")
+
+
 def _assemble(out: Path, store: PartStore, manifest, feature_dim: int, attrs: dict, dtype: str,
               compression: str) -> dict:
     """Every chunk, in manifest order, into the one cache file; then the parts go."""
@@ -387,6 +405,7 @@ def _assemble(out: Path, store: PartStore, manifest, feature_dim: int, attrs: di
         raise RuntimeError(f"cannot assemble {out}: chunks {missing[:5]} were never committed")
     failed = store.failures()
     keep = [i for i in range(len(manifest)) if i not in failed]
+    _check_space(out, len(keep) * feature_dim * np.dtype(dtype).itemsize + len(manifest) * 400)
     skipped = [(manifest.paths[i], reason) for i, reason in sorted(failed.items())]
     # Image files the scan could not take (a name that is not UTF-8, a pipe, an oversized file) are
     # image files not cached too; non-images and junk stay in the manifest's own list.

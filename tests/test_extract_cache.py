@@ -227,3 +227,31 @@ def test_a_cache_altered_after_writing_is_rebuilt_not_up_to_date(small_dataset, 
     again = _extract(small_dataset, out)
     assert again["status"] == "written" and "checksum mismatch" in capsys.readouterr().out
     assert np.array_equal(FeatureCache.open(out).read("features")["features"], original)
+
+
+def test_a_full_disk_stops_before_assembly_and_the_rerun_resumes(small_dataset, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from featcache.parts import parts_dir
+
+    out = tmp_path / "c.h5"
+    real = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(UserError, match=r"not enough disk space to assemble .*MB free, about .*parts are kept"):
+        _extract(small_dataset, out)
+    assert not out.exists() and not partial_path(out).exists() and any(parts_dir(out).glob("chunk-*"))
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    assert _extract(small_dataset, out)["status"] == "written"
+
+
+def test_parts_left_after_a_finished_assembly_are_removed(small_dataset, tmp_path, capsys):
+    from featcache.parts import parts_dir
+
+    out = tmp_path / "c.h5"
+    _extract(small_dataset, out)
+    parts_dir(out).mkdir()
+    (parts_dir(out) / "chunk-00000.npz").write_bytes(b"left by a run killed after its rename")
+    assert _extract(small_dataset, out)["status"] == "up to date"
+    assert not parts_dir(out).exists() and "removing" in capsys.readouterr().out
