@@ -5,11 +5,14 @@ Stages: ``decode`` (images/s of the decode backend alone), ``forward``
 pipeline, with where its time goes), ``fit-head`` (the 64-head sweep on the
 cache), ``finetune-step`` (training images/s, full and frozen).
 
-``compare`` runs three ways to the same answer on the same images, each in
-its own process (so each peak memory is its own), and puts them side by
-side: featcache extract + head sweep; the classic PyTorch tutorial's
-frozen-backbone training for E epochs (``bench/tutorial_baseline.py``); and
-featcache full fine-tuning for E epochs. It also times the usual naive
+``compare`` runs three ways to the same answer on the same images (the same
+manifest, ``--max-images`` subset and starting weights), each as a fresh
+command timed whole, startup included (so each wall time and peak memory is
+its own), and puts them side by side: featcache extract + head sweep; the
+classic PyTorch tutorial's "ConvNet as fixed feature extractor", as written
+there, for E epochs (``bench/tutorial_baseline.py``; E defaults to the
+tutorial's 25); and featcache full fine-tuning for E epochs. Each gives test
+AUROC with its patient-bootstrap CI. It also times the usual naive
 feature-extraction script, for the ratio to featcache's extract.
 """
 
@@ -87,9 +90,27 @@ def decode_only(manifest, spec, backend: str, workers: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None = 600, epochs: int = 2,
-              batch_size: int = 32, stages=STAGES, seed: int = 0, keep: str | None = None) -> dict:
-    """Measure ``stages`` on a stratified subset of ``data``; returns every figure."""
+def resolve_weights(backbone: str, weights: str, seed: int = 0) -> tuple[str, str]:
+    """``auto``: ImageNet when featcache's create_backbone can get it, else its seeded random init;
+    every side of ``compare`` then starts from these. Returns (weights, why, in words)."""
+    if weights not in ("auto", "imagenet", "none"):
+        raise UserError(f"bench --weights takes auto, imagenet or none, got {weights!r}")
+    if weights != "auto":
+        return weights, "asked for"
+    from featcache.backbones import create_backbone
+
+    try:
+        create_backbone(backbone, "imagenet", seed=seed)
+        return "imagenet", "ImageNet weights available"
+    except UserError as exc:
+        return "none", f"ImageNet weights unavailable, seeded random init instead ({str(exc).split('. ')[0]})"
+
+
+def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None = 600, epochs: int = 25,
+              batch_size: int = 32, stages=STAGES, seed: int = 0, keep: str | None = None,
+              subsample_all: bool = False, weights: str = "auto", n_resamples: int = 1000) -> dict:
+    """Measure ``stages`` on ``data``, ``--max-images`` train images (every split with ``subsample_all``);
+    returns every figure."""
     import torch
 
     from featcache.backbones import create_backbone
@@ -100,12 +121,15 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UserError(f"unknown bench stage {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-    manifest = scan(data, seed=seed).stratified_subset(max_images, seed)
+    manifest = scan(data, split_seed=0).limit(max_images, seed, subsample_all=subsample_all)
     device = resolve_device("auto")
     decode = resolve_backend("auto", device)
     bb = create_backbone(backbone, "none", seed=seed)
     facts = {"data": manifest.root, "images": len(manifest), "backbone": backbone, "device": device,
-             "decode": decode.mode, "threads": torch.get_num_threads(), "epochs": epochs}
+             "decode": decode.mode, "threads": torch.get_num_threads(), "epochs": epochs,
+             "max_images": max_images, "subsample_all": subsample_all,
+             "subsampled": [] if not max_images else (manifest.split_names if subsample_all else ["train"]),
+             "n": {s: int(len(manifest.indices(s))) for s in manifest.split_names}}
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="featcache-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -117,7 +141,8 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
         cache = work / f"{backbone}.h5"
         if "extract" in stages or "fit-head" in stages:
             summary = extract(data, cache, backbone=backbone, weights="none", batch_size=batch_size, seed=seed,
-                              max_images=max_images, overwrite=True, progress=sys.stdout.isatty())
+                              max_images=max_images, subsample_all=subsample_all, overwrite=True,
+                              progress=sys.stdout.isatty())
             facts["extract"] = {k: summary[k] for k in ("images_per_second", "seconds", "stages")}
             if "forward_images_per_s" in facts:
                 facts["extract_fraction_of_forward"] = summary["images_per_second"] / facts["forward_images_per_s"]
@@ -130,8 +155,11 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
         if "finetune-step" in stages:
             facts["finetune_step"] = _train_steps(backbone, device, batch_size)
         if "compare" in stages:
-            facts["compare"] = _compare(data, work, backbone=backbone, max_images=max_images, epochs=epochs,
-                                        batch_size=batch_size, seed=seed)
+            weights, why = resolve_weights(backbone, weights, seed)
+            facts["weights"] = {"weights": weights, "why": why}
+            facts["compare"] = _compare(data, work, backbone=backbone, max_images=max_images,
+                                        subsample_all=subsample_all, epochs=epochs, batch_size=batch_size,
+                                        seed=seed, weights=weights, n_resamples=n_resamples)
     finally:
         if not keep:  # caches and runs of a benchmark are scratch unless asked for
             shutil.rmtree(work, ignore_errors=True)
@@ -186,45 +214,68 @@ def _train_steps(backbone: str, device: str, batch_size: int) -> dict:
     return out
 
 
-def _compare(data, work: Path, *, backbone, max_images, epochs, batch_size, seed) -> dict:
+def _compare(data, work: Path, *, backbone, max_images, subsample_all, epochs, batch_size, seed, weights,
+             n_resamples) -> dict:
+    """featcache extract + sweep, the tutorial, featcache fine-tuning and the naive extraction loop on the
+    same images and weights, each a fresh command timed whole (startup included), with its peak RSS."""
     if not BASELINES.is_file():
         raise UserError(f"bench compare needs {BASELINES} (a source checkout of featcache)")
     featcache = [sys.executable, "-m", "featcache"]
-    subset = ["--max-images", str(max_images)] if max_images else []
-    common = ["--weights", "none", "--seed", str(seed), "--batch-size", str(batch_size), "--no-progress"]
+    subset = ["--max-images", str(max_images), *(["--subsample-all"] if subsample_all else [])] if max_images else []
+    same = ["--backbone", backbone, "--weights", weights, "--seed", str(seed)]
+    ci = ["--bootstrap", str(n_resamples)]
+
+    def n_of(metrics: dict) -> dict:
+        return {"train": metrics.get("n_train"), **{s: metrics[s]["n"] for s in ("val", "test") if s in metrics}}
+
     rows = {}
     cache = work / "compare.h5"
     _, t_extract, m_extract = measured([*featcache, "extract", str(data), "--out", str(cache), "--overwrite",
-                                        "--backbone", backbone, *common, *subset])
+                                        *same, "--batch-size", str(batch_size), "--no-progress", *subset])
     _, t_fit, m_fit = measured([*featcache, "fit-head", str(cache), "--out", str(work / "compare-sweep"),
-                                "--heads", "sweep", "--bootstrap", "0"])
+                                "--heads", "sweep", "--seed", str(seed), *ci])
     sweep = json.loads((work / "compare-sweep" / "metrics.json").read_text())
-    rows["featcache extract + head sweep"] = {"seconds": t_extract + t_fit, "peak_memory_mb": max(m_extract, m_fit),
-                                              "test_auroc": sweep["test"]["auroc"],
-                                              "images_per_second": json.loads(_attr(cache, "extract"))[
-                                                  "images_per_second"]}
+    extracted = json.loads(_attr(cache, "extract"))
+    rows["featcache extract + head sweep"] = {
+        "seconds": t_extract + t_fit, "peak_memory_mb": max(m_extract, m_fit),
+        "images_per_second": extracted["images_per_second"],
+        "test_auroc": sweep["test"]["auroc"], "test_auroc_ci": sweep["test"].get("ci", {}).get("auroc"),
+        "n": n_of(sweep),
+        # where featcache's wall time goes: the rest of each command is startup, imports, scan, bootstrap
+        "breakdown": {"extract_command_s": t_extract, "extract_in_process_s": extracted["seconds"],
+                      "fit_head_command_s": t_fit,
+                      "sweep_fit_s": sweep["fit_seconds"]}}
     out, t_tut, m_tut = measured([sys.executable, str(BASELINES), "tutorial", str(data), "--epochs", str(epochs),
-                                  "--batch-size", str(batch_size), *subset])
+                                  *same, *ci, *subset])
     tut = json.loads(out.strip().splitlines()[-1])
-    rows[f"tutorial frozen backbone, {epochs} epochs"] = {"seconds": t_tut, "peak_memory_mb": m_tut,
-                                                          "test_auroc": tut["test_auroc"],
-                                                          "images_per_second": tut["images_per_second"]}
+    rows[f"PyTorch tutorial, {epochs} epochs"] = {
+        "seconds": t_tut, "peak_memory_mb": m_tut, "images_per_second": tut["images_per_second"],
+        "test_auroc": tut["test_auroc"], "test_auroc_ci": tut["test_auroc_ci"], "n": tut["n"],
+        "settings": {k: tut[k] for k in ("batch_size", "lr", "momentum", "step_size", "gamma", "epochs", "workers",
+                                         "device", "weights", "best_epoch", "best_val_accuracy", "train_seconds")}}
     run = work / "compare-finetune"
     _, t_ft, m_ft = measured([*featcache, "finetune", str(data), "--out", str(run), "--overwrite", "--epochs",
-                              str(epochs), "--backbone", backbone, "--bootstrap", "0", *common, *subset])
+                              str(epochs), *same, "--batch-size", str(batch_size), "--no-progress", *ci, *subset])
     ft = json.loads((run / "metrics.json").read_text())
-    rows[f"featcache full fine-tuning, {epochs} epochs"] = {
-        "seconds": t_ft, "peak_memory_mb": m_ft, "test_auroc": ft["test"]["auroc"],
-        "images_per_second": json.loads((run / "run.json").read_text())["images_per_second"]}
-    out, t_naive, _ = measured([sys.executable, str(BASELINES), "naive", str(data), "--batch-size", str(batch_size),
-                                *subset])
+    rows[f"featcache full finetune, {epochs} epochs"] = {
+        "seconds": t_ft, "peak_memory_mb": m_ft,
+        "images_per_second": json.loads((run / "run.json").read_text())["images_per_second"],
+        "test_auroc": ft["test"]["auroc"], "test_auroc_ci": ft["test"].get("ci", {}).get("auroc"), "n": n_of(ft)}
+    out, t_naive, _ = measured([sys.executable, str(BASELINES), "naive", str(data), *same,
+                                "--batch-size", str(batch_size), *subset])
     naive = json.loads(out.strip().splitlines()[-1])
-    base = rows["featcache extract + head sweep"]["seconds"]
+    featcache_row = rows["featcache extract + head sweep"]
+    base = featcache_row["seconds"]
     for row in rows.values():
         row["time_vs_featcache"] = row["seconds"] / base
-    return {"rows": rows, "naive_extract_images_per_second": naive["images_per_second"],
-            "featcache_extract_images_per_second": rows["featcache extract + head sweep"]["images_per_second"],
-            "tutorial_vs_cache_time": t_tut / base}
+    tutorial_auroc = tut["test_auroc"]
+    return {"rows": rows, "weights": weights, "bootstrap": n_resamples,
+            "naive_extract_images_per_second": naive["images_per_second"],
+            "naive": {k: naive[k] for k in ("device", "workers", "batch_size", "grad", "seconds")},
+            "featcache_extract_images_per_second": featcache_row["images_per_second"],
+            "tutorial_vs_cache_time": t_tut / base, "finetune_vs_cache_time": t_ft / base,
+            "auroc_featcache_minus_tutorial": (None if tutorial_auroc is None or featcache_row["test_auroc"] is None
+                                               else featcache_row["test_auroc"] - tutorial_auroc)}
 
 
 def _attr(cache: Path, name: str) -> str:
@@ -261,19 +312,46 @@ def render(facts: dict) -> list:
         t = facts["finetune_step"]
         stages.add_row(f"training step, full ({t['amp']})", f"{t['full']:,.1f} images/s")
         stages.add_row("training step, frozen backbone", f"{t['frozen']:,.1f} images/s")
-    out.append(stages)
+    if stages.row_count:  # --stages compare alone has none
+        out.append(stages)
     if "compare" in facts:
         c = facts["compare"]
-        table = Table(title=f"the same images three ways ({facts['epochs']} epochs for the trained ones)",
-                      title_justify="left")
-        for col in ("approach", "wall s", "vs featcache", "images/s", "peak MB", "test AUROC"):
-            table.add_column(col, justify="left" if col == "approach" else "right")
+        n = facts.get("n", {})
+        if facts.get("subsampled"):
+            whole = [s for s in n if s not in facts["subsampled"]]
+            out.append(f"--max-images {facts['max_images']}: stratified subset of {', '.join(facts['subsampled'])}"
+                       + (f"; {', '.join(whole)} whole" if whole else " (--subsample-all)") + " - "
+                       + ", ".join(f"{s} {k}" for s, k in n.items()))
+        else:
+            out.append("every image of every split - " + ", ".join(f"{s} {k}" for s, k in n.items()))
+        if "weights" in facts:
+            out.append(f"every side starts from weights {facts['weights']['weights']} "
+                       f"({facts['weights']['why']}); test AUROC CIs: patient bootstrap, {c['bootstrap']} resamples")
+        from rich import box
+
+        table = Table(title=f"the same images three ways ({facts['epochs']} epochs for the trained ones; "
+                            f"each a fresh command, wall time including startup; time ratio: / featcache's)",
+                      title_justify="left", box=box.SIMPLE_HEAD)
+        for col in ("approach", "wall s", "time ratio", "images/s", "peak MB", "test AUROC (95% CI)"):
+            table.add_column(col, justify="left" if col == "approach" else "right", no_wrap=col != "approach")
         for name, r in c["rows"].items():
+            lo_hi = r.get("test_auroc_ci")
+            auroc = "-" if r["test_auroc"] is None else f"{r['test_auroc']:.3f}"
             table.add_row(name, f"{r['seconds']:.1f}", f"{r['time_vs_featcache']:.2f}x", f"{r['images_per_second']:.1f}",
-                          f"{r['peak_memory_mb']:.0f}", "-" if r["test_auroc"] is None else f"{r['test_auroc']:.3f}")
+                          f"{r['peak_memory_mb']:.0f}", auroc + (f" ({lo_hi[0]:.3f}-{lo_hi[1]:.3f})" if lo_hi else ""))
         out.append(table)
-        out.append(f"tutorial time / featcache time: [bold]{c['tutorial_vs_cache_time']:.2f}x[/]; featcache extract "
-                   f"{c['featcache_extract_images_per_second']:.1f} images/s vs a naive ImageFolder + PIL + "
-                   f"DataLoader loop {c['naive_extract_images_per_second']:.1f} images/s "
-                   f"({c['featcache_extract_images_per_second'] / c['naive_extract_images_per_second']:.2f}x)")
+        gap = c.get("auroc_featcache_minus_tutorial")
+        out.append(f"tutorial time / featcache time: [bold]{c['tutorial_vs_cache_time']:.2f}x[/]; fine-tuning time / "
+                   f"featcache time: [bold]{c['finetune_vs_cache_time']:.2f}x[/]"
+                   + ("" if gap is None else f"; featcache test AUROC - tutorial's: {gap:+.3f}"))
+        b = c["rows"]["featcache extract + head sweep"].get("breakdown")
+        if b:
+            out.append(f"featcache's wall time: extract command {b['extract_command_s']:.1f} s (decode + forward + "
+                       f"cache {b['extract_in_process_s']:.1f} s), fit-head command {b['fit_head_command_s']:.1f} s "
+                       f"(sweep fit {b['sweep_fit_s']:.2f} s); the rest: process startup, imports, scan, bootstrap")
+        out.append(f"featcache extract {c['featcache_extract_images_per_second']:.1f} images/s vs a naive ImageFolder + "
+                   f"PIL + DataLoader loop {c['naive_extract_images_per_second']:.1f} images/s "
+                   f"({c['featcache_extract_images_per_second'] / c['naive_extract_images_per_second']:.2f}x; "
+                   f"{c['naive']['workers']} workers, batch {c['naive']['batch_size']}, {c['naive']['device']}, "
+                   f"inference_mode)")
     return out

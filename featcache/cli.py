@@ -245,8 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the classic tutorial's frozen-backbone training, and full fine-tuning.")
     p.add_argument("data", metavar="DATA")
     p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--max-images", type=int, default=600, help="stratified subset (default %(default)s; 0: all)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs of the trained approaches (default %(default)s)")
+    p.add_argument("--max-images", type=int, default=600,
+                   help="stratified subset of N train images, val and test whole (default %(default)s; 0: all)")
+    p.add_argument("--subsample-all", action="store_true",
+                   help="--max-images subsamples every split, val and test too, on every side")
+    p.add_argument("--epochs", type=int, default=25,
+                   help="epochs of the trained approaches (default %(default)s, the PyTorch tutorial's)")
+    p.add_argument("--weights", default="auto", metavar="auto|imagenet|none",
+                   help="compare's starting weights, the same on every side (default auto: ImageNet when it "
+                        "can be had, else seeded random init)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="patient-bootstrap resamples of every compare side's test CI (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help="decode forward extract fit-head finetune-step compare (default: all)")
@@ -515,7 +524,8 @@ def _cmd_bench(args) -> int:
     from featcache.console import get_console
 
     facts = run_bench(args.data, backbone=args.backbone, max_images=args.max_images or None, epochs=args.epochs,
-                      batch_size=args.batch_size, stages=tuple(args.stages or STAGES), keep=args.keep)
+                      batch_size=args.batch_size, stages=tuple(args.stages or STAGES), keep=args.keep,
+                      subsample_all=args.subsample_all, weights=args.weights, n_resamples=args.bootstrap)
     console = get_console()
     for renderable in render(facts):
         console.print(renderable)

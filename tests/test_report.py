@@ -165,15 +165,18 @@ def test_models_metadata_and_one_measurement():
 
 
 def test_bench_prints_the_fraction_and_the_ratios(tmp_path, capsys):
-    assert main(["bench", str(DEMO_DATA), "--max-images", "100", "--epochs", "1", "--json",
-                 str(tmp_path / "bench.json")]) == 0
+    assert main(["bench", str(DEMO_DATA), "--max-images", "60", "--subsample-all", "--epochs", "1",
+                 "--weights", "none", "--bootstrap", "50", "--json", str(tmp_path / "bench.json")]) == 0
     shown = capsys.readouterr().out
     assert "extract / forward-only" in shown and "tutorial time / featcache time" in shown
-    assert "naive ImageFolder" in shown
+    assert "fine-tuning time / featcache time" in shown and "naive ImageFolder" in shown
+    assert "stratified subset of train, val, test (--subsample-all)" in shown
     facts = json.loads((tmp_path / "bench.json").read_text())
     assert 0 < facts["extract_fraction_of_forward"] < 2
+    assert facts["subsampled"] == ["train", "val", "test"] and sum(facts["n"].values()) <= 60
     rows = facts["compare"]["rows"]
     assert len(rows) == 3 and all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 for r in rows.values())
+    assert all(len(r["test_auroc_ci"]) == 2 and r["n"]["test"] == facts["n"]["test"] for r in rows.values())
     assert set(facts["extract"]["stages"]) == {"decode_wait", "host_to_device", "forward", "cache_write", "assemble"}
 
 
