@@ -316,6 +316,8 @@ def _cache_attrs(manifest, bb, weights, seed, fp, inputs, decode, device) -> dic
         "fingerprint": fp,
         "fingerprint_inputs": inputs,
         "feature_dim": bb.feature_dim,
+        # Read by fit-head's cost table, which then needs no torchvision import of its own.
+        "backbone_parameters": sum(p.numel() for p in bb.model.parameters()),
         "seed": seed,
         "data_root": manifest.root,
         "validation": manifest.validation,

@@ -225,15 +225,9 @@ def fit_head(
 
 def _parameters(cache: FeatureCache, head) -> dict:
     """Trainable (the head's) and total (backbone + head) parameters of a cached-feature run."""
-    from featcache.backbones import REGISTRY
-
     trainable = int(head.weight.size + head.bias.size)
-    backbone = cache.attrs.get("backbone")
-    total = None
-    if backbone in REGISTRY:  # torchvision's count includes its 1000-class ImageNet layer, which extraction drops
-        entry = REGISTRY[backbone]
-        total = int(entry.weights_enum().meta["num_params"]) - (entry.feature_dim * 1000 + 1000) + trainable
-    return {"trainable": trainable, "total": total}
+    backbone = cache.attrs.get("backbone_parameters")  # recorded at extraction (caches since this version)
+    return {"trainable": trainable, "total": None if backbone is None else int(backbone) + trainable}
 
 
 def _json_attr(value):
