@@ -255,9 +255,13 @@ def load_tensors(path: Path, what: str):
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} is not {what}: it holds objects other than tensors, which are never loaded "
-                        "(only plain tensors and containers are read)") from None
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" in str(exc).lower():  # torch's safe loader met code it will not run
+            raise UserError(f"{path} is not {what}: it holds objects other than tensors, which are never "
+                            "loaded (only plain tensors and containers are read)") from None
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+        raise UserError(f"cannot read {path} as {what}: not a PyTorch file"
+                        + (f" ({first[0][:200]})" if first else "")) from None
     except Exception as exc:
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
         raise UserError(f"cannot read {path} as {what}: {exc.__class__.__name__}"
