@@ -36,27 +36,22 @@ def test_demo_runs_on_the_embedded_subset_and_says_random_init_loudly(tmp_path, 
 
 @pytest.mark.slow
 def test_full_shared_set(shared_data, tmp_path):
-    """The acceptance runs on all 5,840 images: schema and AUROC, DALI against torchvision, sweep against logistic."""
-    runs = {}
-    for backend in ("torchvision", "dali"):
-        cache, run = tmp_path / f"{backend}.h5", tmp_path / f"run-{backend}"
-        assert main(["extract", str(shared_data), "--out", str(cache), "--weights", "none", "--no-progress",
-                     "--backend", backend]) == 0
-        assert main(["fit-head", str(cache), "--out", str(run)]) == 0
-        runs[backend] = (cache, json.loads((run / "metrics.json").read_text()))
-    cache, metrics = runs["torchvision"]
+    """The acceptance run on all 5,840 images: schema and AUROC, sweep against logistic.
+
+    Decode backends are compared image by image in test_decode's parity tests (on real images, with
+    criteria that tell a match from a near miss), so one full extraction is enough here.
+    """
+    cache, run = tmp_path / "torchvision.h5", tmp_path / "run-torchvision"
+    assert main(["extract", str(shared_data), "--out", str(cache), "--weights", "none", "--no-progress",
+                 "--backend", "torchvision"]) == 0
+    assert main(["fit-head", str(cache), "--out", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
     with h5py.File(cache, "r") as f:
         assert f["features"].shape == (5840, 512)
         splits = f["splits"].asstr()[()]
         assert int(np.sum(splits == "test")) == 624
         assert f.attrs["complete"]
     assert metrics["test"]["auroc"] >= 0.85
-    # DALI writes the same rows and labels, and fit-head agrees within one point.
-    with h5py.File(cache, "r") as a, h5py.File(runs["dali"][0], "r") as b:
-        assert a["paths"].asstr()[()].tolist() == b["paths"].asstr()[()].tolist()
-        assert a["labels"][()].tolist() == b["labels"][()].tolist()
-    for key in ("auroc", "accuracy", "sensitivity", "specificity"):
-        assert abs(runs["dali"][1]["test"][key] - metrics["test"][key]) <= 0.01, key
     # The sweep's best validation AUROC is at least the logistic head's minus 0.01.
     assert main(["fit-head", str(cache), "--out", str(tmp_path / "sweep"), "--heads", "sweep"]) == 0
     sweep = json.loads((tmp_path / "sweep" / "metrics.json").read_text())

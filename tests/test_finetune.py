@@ -127,7 +127,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
 def test_launcher_reports_exit_2_only_for_a_user_mistake(monkeypatch):
     from featcache import distributed
 
-    def fake_run(cmd, env):
+    def fake_run(cmd, env, **_):
         if "--bad-input" in cmd:  # the worker's CLI notes its UserError, then torchrun exits 1
             monkeypatch.setenv(distributed.USER_ERROR_FILE_ENV, env[distributed.USER_ERROR_FILE_ENV])
             distributed.note_user_error("--backbone resnet19 is not a backbone")

@@ -47,6 +47,8 @@ def check(raw: bytes) -> None:
     except Image.DecompressionBombError:
         raise Refused(f"more than {MAX_PIXELS // 2**20} megapixels") from None
     except (OSError, ValueError, SyntaxError) as exc:  # a header PIL cannot parse: broken, whatever it is
+        if "truncated" in str(exc).lower():
+            raise Refused("truncated image") from None
         raise Refused(f"unreadable image header ({str(exc)[:80]})") from None
     if fmt not in FORMATS:
         raise Refused(f"{fmt} data, not JPEG or PNG")
