@@ -312,9 +312,18 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def _listing(folder: Path) -> list[Path]:
+    """The sorted entries of a folder the layout depends on; one that cannot be read is a user error."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise UserError(f"cannot read the folder {folder} ({exc.strerror or exc.__class__.__name__}); "
+                        "check its permissions") from None
+
+
 def _find_splits(root: Path, skipped: list) -> tuple[str, dict[str, Path]]:
     dirs = []
-    for entry in sorted(root.iterdir()):
+    for entry in _listing(root):
         if entry.is_dir():
             if _is_hidden(entry.name) or entry.name in JUNK_FOLDERS or not _is_utf8(entry.name):
                 skipped.append((_printable(entry.name) + "/", JUNK_DIR if _is_utf8(entry.name) else NOT_UTF8))
@@ -336,7 +345,7 @@ def _find_splits(root: Path, skipped: list) -> tuple[str, dict[str, Path]]:
         )
     ordered = {s: split_dirs[s] for s in SPLITS if s in split_dirs}
     for split_dir in ordered.values():
-        for entry in sorted(split_dir.iterdir()):
+        for entry in _listing(split_dir):
             rel = _printable(entry.relative_to(root).as_posix())
             if entry.is_dir() and not _is_utf8(entry.name):
                 skipped.append((rel + "/", NOT_UTF8))
@@ -349,7 +358,7 @@ def _find_splits(root: Path, skipped: list) -> tuple[str, dict[str, Path]]:
 
 def _class_folders(split_dir: Path) -> list[str]:
     return sorted(
-        e.name for e in split_dir.iterdir()
+        e.name for e in _listing(split_dir)
         if e.is_dir() and not _is_hidden(e.name) and e.name not in JUNK_FOLDERS and _is_utf8(e.name)
     )
 

@@ -278,3 +278,34 @@ def test_only_regular_files_of_a_sane_size_are_images(tmp_path, monkeypatch):
     assert reasons["train/NORMAL/pipe.jpeg"].startswith("not a regular file")
     assert reasons["train/NORMAL/zero.jpeg"].startswith("not a regular file")
     assert reasons["train/PNEUMONIA/huge.png"].startswith("larger than the file size cap")
+
+
+def test_folders_that_cannot_be_read_are_named(tmp_path, monkeypatch):
+    """Simulated (tests run as root, which reads any folder): the layout's folders and a class's subfolders."""
+    from pathlib import Path
+
+    root = make_dataset(tmp_path / "d", {"train": kermany_names("", 3, 3)}, size=(8, 8))
+    (root / "train" / "NORMAL" / "locked").mkdir()
+    real_iterdir, real_walk = Path.iterdir, os.walk
+
+    def iterdir(self):
+        if self == root / "train":
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(UserError, match=r"cannot read the folder .*train \(Permission denied\)"):
+        scan(root)
+    monkeypatch.setattr(Path, "iterdir", real_iterdir)
+
+    def walk(top, **kw):
+        onerror = kw.get("onerror")
+        for entry in real_walk(top, **kw):
+            if entry[0].endswith("locked"):
+                onerror(PermissionError(13, "Permission denied", entry[0]))
+                continue
+            yield entry
+
+    monkeypatch.setattr(os, "walk", walk)
+    reasons = dict(scan(root, min_val=0).skipped)
+    assert reasons["train/NORMAL/locked/"] == "folder cannot be read"
