@@ -320,6 +320,7 @@ def _cache_attrs(manifest, bb, weights, seed, fp, inputs, decode, device) -> dic
         "backbone_parameters": sum(p.numel() for p in bb.model.parameters()),
         "seed": seed,
         "data_root": manifest.root,
+        "layout": manifest.layout,
         "validation": manifest.validation,
         "label_rules": [list(r) for r in manifest.label_rules],
         "decode": {"backend": decode.name, "mode": decode.mode, "reason": decode.reason, "device": device},

@@ -543,6 +543,7 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
         "featcache_version": __version__,
         "device": device,
         "validation": manifest.validation,
+        "layout": manifest.layout,
         "counts": {s: dict(zip(classes, n)) for s, n in manifest.counts().items()},
     }
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")

@@ -216,6 +216,7 @@ def fit_head(
         "device": {"extract": (_json_attr(cache.attrs.get("decode")) or {}).get("device"),
                    "fit": device if heads == "sweep" else "cpu"},
         "validation": _json_attr(cache.attrs.get("validation")),
+        "layout": cache.attrs.get("layout"),
         "counts": {s: {c: int((data[s][1] == k).sum()) for k, c in enumerate(classes)} for s in data},
     }
     (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")

@@ -83,6 +83,9 @@ def is_random_init(weights: str | None) -> bool:
     return bool(weights) and weights.startswith("none:")
 
 
+LAYOUT_WORDS = {"splits": "folders: split/class", "flat": "folders: class only"}
+
+
 def provenance(runs: list[dict]) -> list[dict]:
     """Per run: backbone, weights, data, images per split and class, validation carve, version, device."""
     rows = []
@@ -101,7 +104,9 @@ def provenance(runs: list[dict]) -> list[dict]:
         rows.append({"run": r["name"], "backbone": r["backbone"], "weights": metrics.get("weights"),
                      "weights_words": weights_words(metrics.get("weights")),
                      "random_init": is_random_init(metrics.get("weights")),
-                     "data_root": info.get("data_root"), "counts": counts, "n_train": metrics.get("n_train"),
+                     "data_root": info.get("data_root") and (
+                         f"{info['data_root']} ({LAYOUT_WORDS.get(info.get('layout'), 'layout not recorded')})"),
+                     "counts": counts, "n_train": metrics.get("n_train"),
                      "validation": carve, "featcache_version": info.get("featcache_version"),
                      "device": _device_words(info.get("device"))})
     return rows

@@ -129,6 +129,7 @@ def test_report_sections_and_numbers(fixture_runs, tmp_path, capsys):
     assert prov["r18-logistic"]["weights_words"] == "random init (seed 0)"
     assert prov["r18-logistic"]["counts"]["test"] == {"NORMAL": 40, "PNEUMONIA": 60}
     assert prov["r18-logistic"]["featcache_version"] and "carved from train" in prov["r18-logistic"]["validation"]
+    assert prov["r18-logistic"]["data_root"].endswith("(folders: split/class)")
     per_run = facts["per_run"]["r18-logistic"]
     assert per_run["confusion_matrix"] == logistic["test"]["confusion_matrix"]
     assert per_run["classification_report"]["PNEUMONIA"]["recall"] == pytest.approx(logistic["test"]["sensitivity"])
