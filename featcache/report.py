@@ -300,6 +300,10 @@ def _cached_vs_tuned(c: dict, t: dict) -> str:
     return text
 
 
+# A cell that holds a figure ("0.828 [0.704, 0.927]", "11.18 M", "1,026", "-"): right-aligned in HTML.
+NUMBER_CELL = re.compile(r"[-+]?[\d,.]+(%| M| ± [\d.]+)?( \[[-+\d., ]+\])?|-")
+
+
 class _Doc:
     def __init__(self):
         self.blocks: list[tuple] = []
@@ -342,7 +346,8 @@ class _Doc:
                 body.append(f"<p>{html.escape(block[1])}</p>")
             elif block[0] == "table":
                 head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
-                rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                rows = "".join("<tr>" + "".join(f"<td{' class=n' if NUMBER_CELL.fullmatch(c) else ''}>"
+                                                f"{html.escape(c)}</td>" for c in row) + "</tr>"
                                for row in block[2])
                 body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
             else:
@@ -353,7 +358,8 @@ class _Doc:
                  # Wide tables (paths, a dozen cost columns) wrap inside the page instead of overflowing it.
                  "table{border-collapse:collapse;margin:1em 0;font-size:0.85em;max-width:100%}"
                  "th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;overflow-wrap:anywhere}"
-                 "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+                 # Numbers right-aligned, words left; headers break between words only.
+                 "th{background:#f3f3f3;overflow-wrap:normal}td{text-align:left}td.n{text-align:right}"
                  "img{max-width:100%}figcaption{color:#555;font-size:0.85em}")
         return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                 f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
