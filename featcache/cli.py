@@ -351,6 +351,11 @@ def _cmd_extract(args) -> int:
     from featcache.manifest import scan
 
     _require(args, "data", "out")
+    from pathlib import Path
+
+    from featcache.extract import validate_options
+
+    validate_options(Path(args.out), args.backbone, args.dtype, args.compression, args.chunk_rows)  # before the scan
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_extract(args)
     manifest = scan(args.data, **_scan_options(args)).limit(args.max_images, args.seed,

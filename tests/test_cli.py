@@ -143,3 +143,19 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
     assert main(["scan", str(data), "--min-val", "0", "--out", str(tmp_path / "new" / "deeper" / "m.json")]) == 0
     assert main(["models", "--no-measure", "--json", str(tmp_path / "made" / "models.json")]) == 0
     assert (tmp_path / "new" / "deeper" / "m.json").is_file() and (tmp_path / "made" / "models.json").is_file()
+
+
+def test_read_only_output_is_one_line(tmp_path, monkeypatch, capsys):
+    """Simulated: tests run as root, for whom every folder is writable."""
+    from featcache import outputs
+    from featcache.cli import main
+
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(outputs.os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))
+    for argv in (["extract", str(tmp_path), "--out", str(locked / "c.h5")],
+                 ["fit-head", str(tmp_path / "c.h5"), "--out", str(locked / "run")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{locked} is not writable" in err and len(err.strip().splitlines()) == 1
