@@ -259,9 +259,8 @@ def load_tensors(path: Path, what: str):
         if "unsupported global" in str(exc).lower():  # torch's safe loader met code it will not run
             raise UserError(f"{path} is not {what}: it holds objects other than tensors, which are never "
                             "loaded (only plain tensors and containers are read)") from None
-        first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
-        raise UserError(f"cannot read {path} as {what}: not a PyTorch file"
-                        + (f" ({first[0][:200]})" if first else "")) from None
+        # torch's first line here is its advice to load unsafely: nothing of it is passed on.
+        raise UserError(f"cannot read {path} as {what}: not a PyTorch file") from None
     except Exception as exc:
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
         raise UserError(f"cannot read {path} as {what}: {exc.__class__.__name__}"

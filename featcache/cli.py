@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", metavar="auto|torchvision|pil|dali",
                    help="decode backend (default auto: DALI on a GPU; on CPU, PIL reduced-scale decode for "
                         "full-size JPEGs, else torchvision)")
-    p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda", help="(default auto: cuda when present)")
+    p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda",
+                   help="(default auto: cuda when present)")
     p.add_argument("--workers", type=_count, default=None, help="decode worker processes (default: half the cores)")
     p.add_argument("--dtype", default="float32", metavar="float32|float16", help="stored feature type")
     p.add_argument("--amp", default="off", metavar="off|auto|bf16|fp16",
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default="logistic", metavar="logistic|sweep",
                    help="logistic: scikit-learn, C from a grid; sweep: dozens of linear heads trained at once "
                         "(lr x weight decay x class weight x normalization) (default %(default)s)")
-    p.add_argument("--C", type=_positive_float, default=None, help="logistic: inverse L2 strength (default: chosen on val)")
+    p.add_argument("--C", type=_positive_float, default=None,
+                   help="logistic: inverse L2 strength (default: chosen on val)")
     p.add_argument("--class-weight", default=None, metavar="none|balanced",
                    help="default: none for logistic, both (a grid axis) for sweep")
     p.add_argument("--threshold", default="0.5", metavar="0.5|youden|f1",
@@ -159,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="shuffle", metavar="shuffle|balanced",
                    help="sweep minibatches: plain shuffling, or classes drawn equally often")
     p.add_argument("--epochs", type=_positive_int, default=20, help="sweep epochs (default %(default)s)")
-    p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda", help="where the sweep trains")
+    p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda",
+                   help="where the sweep trains")
     p.add_argument("--bootstrap", type=_count, default=1000, metavar="N",
                    help="patient-bootstrap resamples for 95%% CIs; 0 turns them off (default %(default)s)")
     p.add_argument("--seed", type=_count, default=0, help="seeds the sweep's minibatches and the bootstrap")

@@ -123,6 +123,7 @@ def die_with_parent() -> None:
     if os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
 
+
 # A worker that stops on a user mistake writes its message here, so the launcher
 # can tell "fix your input" (exit 2) from a crash (torchrun's own non-zero status).
 USER_ERROR_FILE_ENV = "FEATCACHE_USER_ERROR_FILE"

@@ -295,7 +295,8 @@ def finetune(
         y_val = np.asarray(manifest.labels)[split_rows["val"]]
         val_auroc = selection_score(y_val, val_probs, positive)
         # Every rank saw 1/world of the training images in the same wall time: throughput is their sum.
-        images, slowest = np.sum(dist.gather(train["images"])), max(dist.gather(train_seconds))
+        shares = dist.gather((train["images"], train_seconds))
+        images, slowest = sum(n for n, _ in shares), max(s for _, s in shares)
         record = {
             "epoch": epoch + 1,
             "train_loss": train["loss"],
@@ -346,6 +347,13 @@ def finetune(
                           wall=time.perf_counter() - wall_start, amp_words=amp_words, rank_facts=rank_facts)
     dist.barrier()
     return metrics
+
+
+def load_torchvision_state_dict(model, state: dict, entry) -> None:
+    """The inverse of :func:`torchvision_state_dict`: ``best.pt``'s keys back into a Classifier."""
+    prefix = entry.head_prefixes[0]
+    model.head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    model.extractor.body.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)})
 
 
 def _weights_digest(model) -> str:
@@ -479,9 +487,7 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
 
     best_ckpt = torch.load(out / "best.pt", map_location=device, weights_only=True)
     state = best_ckpt["model"]
-    prefix = entry.head_prefixes[0]
-    model.head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    model.extractor.body.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)})
+    load_torchvision_state_dict(model, state, entry)
     labels = np.asarray(manifest.labels)
     patients = np.asarray(manifest.patients, dtype=object)
     splits, inference = {}, {}

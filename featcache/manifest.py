@@ -326,11 +326,11 @@ def _find_splits(root: Path, skipped: list) -> tuple[str, dict[str, Path]]:
     for entry in _listing(root):
         if entry.is_dir():
             if _is_hidden(entry.name) or entry.name in JUNK_FOLDERS or not _is_utf8(entry.name):
-                skipped.append((_printable(entry.name) + "/", JUNK_DIR if _is_utf8(entry.name) else NOT_UTF8))
+                skipped.append((printable_path(entry.name) + "/", JUNK_DIR if _is_utf8(entry.name) else NOT_UTF8))
             else:
                 dirs.append(entry)
         else:
-            skipped.append((_printable(entry.name), _file_skip_reason(entry.name) or OUTSIDE_CLASS))
+            skipped.append((printable_path(entry.name), _file_skip_reason(entry.name) or OUTSIDE_CLASS))
     split_dirs = {d.name: d for d in dirs if d.name in SPLITS}
     if not split_dirs:
         if not dirs:
@@ -346,7 +346,7 @@ def _find_splits(root: Path, skipped: list) -> tuple[str, dict[str, Path]]:
     ordered = {s: split_dirs[s] for s in SPLITS if s in split_dirs}
     for split_dir in ordered.values():
         for entry in _listing(split_dir):
-            rel = _printable(entry.relative_to(root).as_posix())
+            rel = printable_path(entry.relative_to(root).as_posix())
             if entry.is_dir() and not _is_utf8(entry.name):
                 skipped.append((rel + "/", NOT_UTF8))
             elif entry.is_dir() and (_is_hidden(entry.name) or entry.name in JUNK_FOLDERS):
@@ -393,7 +393,7 @@ def _file_skip_reason(name: str) -> str | None:
     return None
 
 
-def _printable(rel: str) -> str:
+def printable_path(rel: str) -> str:
     """A path for ``skipped`` (stored as UTF-8): undecodable bytes shown as \\xNN escapes."""
     return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
@@ -419,12 +419,12 @@ def _walk_class(root: Path, class_dir: Path, skipped: list):
 
     def unreadable(error: OSError):
         where = Path(error.filename) if error.filename else class_dir
-        skipped.append((_printable(where.relative_to(root).as_posix()) + "/", FOLDER_UNREADABLE))
+        skipped.append((printable_path(where.relative_to(root).as_posix()) + "/", FOLDER_UNREADABLE))
 
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True, onerror=unreadable):
         here = Path(dirpath)
         for d in list(dirnames):
-            rel = _printable((here / d).relative_to(root).as_posix()) + "/"
+            rel = printable_path((here / d).relative_to(root).as_posix()) + "/"
             real = os.path.realpath(here / d)
             reason = (JUNK_DIR if _is_hidden(d) or d in JUNK_FOLDERS else NOT_UTF8 if not _is_utf8(d)
                       else LINK_OUT if os.path.commonpath([top, real]) != top
@@ -440,7 +440,7 @@ def _walk_class(root: Path, class_dir: Path, skipped: list):
             rel = path.relative_to(root).as_posix()
             reason = _file_skip_reason(name) or (None if _is_utf8(name) else NOT_UTF8)
             if reason:
-                skipped.append((_printable(rel), reason))
+                skipped.append((printable_path(rel), reason))
                 continue
             try:
                 st = path.stat()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import UserError
-from featcache.manifest import IMAGE_EXTENSIONS, _printable
+from featcache.manifest import IMAGE_EXTENSIONS, printable_path
 
 
 @dataclass(frozen=True)
@@ -118,13 +118,11 @@ def _decode_backend(mode: str | None) -> str:
 
 
 def _finetuned_scorer(run_dir: Path, device: str):
-    """(score(images) -> probs, spec, config) of a finetune run's best.pt."""
+    """(score(images) -> probs, spec, decode backend, config) of a finetune run's best.pt."""
     import torch
 
-    from featcache.backbones import create_backbone, get_entry
-    from featcache.finetune import _classifier_class
-
-    from featcache.backbones import load_tensors
+    from featcache.backbones import create_backbone, get_entry, load_tensors
+    from featcache.finetune import _classifier_class, load_torchvision_state_dict
 
     payload = load_tensors(run_dir / "best.pt", "a featcache checkpoint")
     try:
@@ -137,9 +135,7 @@ def _finetuned_scorer(run_dir: Path, device: str):
     backbone = create_backbone(settings["backbone"], "none")  # every tensor is replaced by best.pt's below
     model = _classifier_class()(backbone.model, backbone.feature_dim, len(settings["classes"]),
                                 settings["freeze_backbone"], settings.get("recipe") == "tutorial")
-    state, prefix = payload["model"], entry.head_prefixes[0]
-    model.head.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    model.extractor.body.load_state_dict({k: v for k, v in state.items() if not k.startswith(prefix)})
+    load_torchvision_state_dict(model, payload["model"], entry)
     model = model.to(device, memory_format=torch.channels_last).eval()
     config = {k: metrics.get(k) for k in ("classes", "positive_class", "threshold", "threshold_rule")}
 
@@ -201,13 +197,13 @@ def predict(run_dir: str | os.PathLike, inputs: list[str], *, out_csv: str | os.
     with torch.inference_mode():
         for batch in loader:
             for i, reason in batch.failed:
-                rows[i] = {"path": _printable(files[i]), "prediction": "", "error": reason}
+                rows[i] = {"path": printable_path(files[i]), "prediction": "", "error": reason}
             if len(batch.indices):
                 probs = score(batch.images.to(device).contiguous(memory_format=torch.channels_last))
                 for i, p in zip(batch.indices.tolist(), probs):
                     label = (classes[positive] if p[positive] >= threshold else classes[1 - positive]) \
                         if positive is not None else classes[int(np.argmax(p))]
-                    rows[i] = {"path": _printable(files[i]), **{f"p_{c}": float(v) for c, v in zip(classes, p)},
+                    rows[i] = {"path": printable_path(files[i]), **{f"p_{c}": float(v) for c, v in zip(classes, p)},
                                "prediction": label, **decision, "error": ""}
     result = [rows[i] for i in range(len(files))]
     if out_csv:
