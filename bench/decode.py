@@ -87,15 +87,15 @@ def main(argv=None) -> int:
 
     from rich.table import Table
 
-    from featcache.backbones import get_entry
-    from featcache.console import get_console
+    from featcache.backbones.registry import get_entry
+    from featcache.runtime.console import get_console
     from featcache.decode.dali import dali_available
-    from featcache.manifest import scan
+    from featcache.data.manifest import scan
 
     console = get_console()
     folders = list(args.data)
     if args.n:
-        from featcache.synth import synth
+        from featcache.data.synth import synth
 
         target = REPO / "runs" / "bench" / f"synth-{args.n}"
         synth(target, args.n, progress=sys.stdout.isatty())

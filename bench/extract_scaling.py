@@ -69,8 +69,8 @@ def main(argv=None) -> int:
 
     from rich.table import Table
 
-    from featcache.cache import FeatureCache
-    from featcache.console import get_console
+    from featcache.cache.h5 import FeatureCache
+    from featcache.runtime.console import get_console
 
     console = get_console()
     report = {"nproc": [], "memory": []}

@@ -41,13 +41,13 @@ def main(argv=None) -> int:
     import h5py
     from rich.table import Table
 
-    from featcache.backbones import create_backbone
+    from featcache.backbones.registry import create_backbone
     from featcache.bench import forward_only
-    from featcache.console import get_console
+    from featcache.runtime.console import get_console
     from featcache.decode import default_workers
-    from featcache.amp import autocast
+    from featcache.runtime.amp import autocast
     from featcache.extract import extract, resolve_inference_amp
-    from featcache.manifest import scan
+    from featcache.data.manifest import scan
 
     console = get_console()
     manifest = scan(args.data)

@@ -79,7 +79,7 @@ def stopwatch(fn):
 
 def sweep_side(grid, data, K, positive):
     """The batched sweep: fit all heads at once; score every head on val, select, score the choice on test."""
-    from featcache.heads import LinearHeadSweep
+    from featcache.heads.sweep import LinearHeadSweep
 
     X, y = data["train"]
     fit_s, sweep = timed(lambda: LinearHeadSweep(grid).fit(X, y, K))
@@ -96,7 +96,7 @@ def sweep_side(grid, data, K, positive):
 
 def one_by_one_side(grid, data, K, positive):
     """The same grid, one head per LinearHeadSweep: the same code and math, no batching across heads."""
-    from featcache.heads import LinearHeadSweep
+    from featcache.heads.sweep import LinearHeadSweep
 
     X, y = data["train"]
     fit_s, fits = timed(lambda: [LinearHeadSweep([config]).fit(X, y, K) for config in grid])
@@ -114,7 +114,7 @@ def one_by_one_side(grid, data, K, positive):
 def choose_and_test(heads: dict, val_probs: dict, data, positive) -> dict:
     """Select a sweep head on val by featcache's rule, then score only that head on test."""
     from featcache.fit import select, selection_score
-    from featcache.heads import regularization_order
+    from featcache.heads.sweep import regularization_order
 
     yv = data["val"][1]
     candidates = [{"name": c.name, "val_auroc": selection_score(yv, p, positive), "rank": regularization_order(c),
@@ -127,7 +127,7 @@ def choose_and_test(heads: dict, val_probs: dict, data, positive) -> dict:
 def logistic_side(data, positive):
     """scikit-learn over featcache's C grid: fit each C, select on val as fit-head does, test the choice."""
     from featcache.fit import select, selection_score
-    from featcache.heads import DEFAULT_C_GRID, LogisticHead
+    from featcache.heads.sweep import DEFAULT_C_GRID, LogisticHead
 
     X, y = data["train"]
     fit_s, fits = timed(lambda: [LogisticHead(C=c).fit(X, y) for c in DEFAULT_C_GRID])
@@ -204,7 +204,7 @@ def print_table(console, title, rows, sweep_fit):
 
 
 def main(argv=None) -> int:
-    from featcache.console import get_error_console
+    from featcache.runtime.console import get_error_console
     from featcache.errors import UserError
 
     try:
@@ -222,10 +222,10 @@ def run(argv=None) -> int:
 
     import torch
 
-    from featcache.cache import FeatureCache
-    from featcache.console import get_console
-    from featcache.heads import busy_cores, cpu_cores, sweep_grid
-    from featcache.metrics import positive_class_index
+    from featcache.cache.h5 import FeatureCache
+    from featcache.runtime.console import get_console
+    from featcache.heads.sweep import busy_cores, cpu_cores, sweep_grid
+    from featcache.eval.metrics import positive_class_index
 
     console = get_console()
     if not console.is_terminal:

@@ -5,7 +5,7 @@
 "Mean cosine >= 0.99" cannot tell a right decode from a wrong one (random-init
 features of two *different* X-rays have cosine ~0.993), so this reports, for
 DALI (CPU pipelines) vs torchvision, PIL vs torchvision, and `--amp bf16` vs
-fp32 on the same decode (featcache.parity):
+fp32 on the same decode (featcache.eval.parity):
 
   (a) mean absolute difference of the uint8 224x224 crops, in grey levels (<= 2);
   (b) fraction of rows whose nearest row (cosine) on the other side is the same
@@ -54,9 +54,9 @@ def measure(manifest, *, backbone: str, weights: str, seed: int, backends: list[
     """Decode every row with every backend in lockstep; crop differences on the fly, features kept."""
     import torch
 
-    from featcache import parity
-    from featcache.amp import autocast
-    from featcache.backbones import create_backbone
+    from featcache.eval import parity
+    from featcache.runtime.amp import autocast
+    from featcache.backbones.registry import create_backbone
     from featcache.decode import make_loader
 
     bb = create_backbone(backbone, weights, seed=seed)
@@ -127,7 +127,7 @@ def measure(manifest, *, backbone: str, weights: str, seed: int, backends: list[
 def print_table(console, title: str, pairs: dict) -> None:
     from rich.table import Table
 
-    from featcache import parity
+    from featcache.eval import parity
 
     table = Table(title=title, title_justify="left")
     cols = ("pairing", "(a) grey levels", "(b) nearest same", "(c) distance ratio", "pass", "cos same", "cos diff")
@@ -180,8 +180,8 @@ def main(argv=None) -> int:
 
     from rich.console import Console
 
-    from featcache.console import get_console
-    from featcache.manifest import scan
+    from featcache.runtime.console import get_console
+    from featcache.data.manifest import scan
 
     if REFERENCE not in args.backends:
         args.backends.insert(0, REFERENCE)
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     console = Console(highlight=False, width=max(get_console().width, 124))  # the table fits unwrapped
     folders = [Path(d) for d in args.data] or [SHARED]
     if args.synth:
-        from featcache.synth import synth
+        from featcache.data.synth import synth
 
         target = REPO / "runs" / "bench" / f"synth-{args.synth}"
         synth(target, args.synth, progress=sys.stdout.isatty())

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     from featcache.bench import train_step_images_per_s
-    from featcache.console import get_console
+    from featcache.runtime.console import get_console
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []

@@ -85,7 +85,7 @@ def state_digest(state: dict) -> str:
 def featcache_backbone(name: str, weights: str, seed: int):
     """featcache's ``create_backbone`` (its ImageNet or seeded tensors); ``imagenet`` that cannot be had
     (offline) falls back to ``none`` with the same seed. Returns (backbone, why it fell back or None)."""
-    from featcache.backbones import create_backbone
+    from featcache.backbones.registry import create_backbone
     from featcache.errors import UserError
 
     try:
@@ -100,7 +100,7 @@ def torchvision_model(bb, n_classes: int | None):
     """The torchvision model of ``bb`` holding featcache's backbone tensors; its ImageNet classifier
     replaced by a new ``nn.Linear(in, n_classes)`` (``None``: by ``nn.Identity``, for features).
     Returns (model, name of the new layer)."""
-    from featcache.backbones import get_entry
+    from featcache.backbones.registry import get_entry
 
     entry = get_entry(bb.name)
     builder, _ = entry.load()
@@ -124,7 +124,7 @@ def backbone_state(model, head: str) -> dict:
 
 def tutorial(manifest, *, backbone: str, weights: str, epochs: int, batch_size: int, workers: int, device: str,
              seed: int, n_resamples: int) -> dict:
-    from featcache.metrics import evaluate, positive_class_index
+    from featcache.eval.metrics import evaluate, positive_class_index
 
     torch.manual_seed(seed)  # as the tutorial seeds torch, random and numpy
     random.seed(seed)
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
 
     from featcache.decode import default_workers
     from featcache.extract import resolve_device
-    from featcache.manifest import scan
+    from featcache.data.manifest import scan
 
     manifest = scan(args.data, split_seed=args.split_seed).limit(args.max_images, args.seed,
                                                                  subsample_all=args.subsample_all)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 
-from featcache.amp import autocast
+from featcache.runtime.amp import autocast
 from featcache.errors import UserError
 
 STAGES = ("decode", "forward", "extract", "fit-head", "finetune-step", "compare")
@@ -97,7 +97,7 @@ def resolve_weights(backbone: str, weights: str, seed: int = 0) -> tuple[str, st
         raise UserError(f"bench --weights takes auto, imagenet or none, got {weights!r}")
     if weights != "auto":
         return weights, "asked for"
-    from featcache.backbones import create_backbone
+    from featcache.backbones.registry import create_backbone
 
     try:
         create_backbone(backbone, "imagenet", seed=seed)
@@ -113,10 +113,10 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
     returns every figure."""
     import torch
 
-    from featcache.backbones import create_backbone
+    from featcache.backbones.registry import create_backbone
     from featcache.decode import resolve_backend
     from featcache.extract import extract, resolve_device
-    from featcache.manifest import scan
+    from featcache.data.manifest import scan
 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -172,7 +172,7 @@ def train_step_images_per_s(backbone: str, *, frozen: bool, amp_dtype, device: s
     cross-entropy) on one preloaded uint8 batch of random-init ``backbone``, after one warm-up step."""
     import torch
 
-    from featcache.backbones import create_backbone
+    from featcache.backbones.registry import create_backbone
     from featcache.finetune import _classifier_class
 
     bb = create_backbone(backbone, "none")
@@ -204,7 +204,7 @@ def train_step_images_per_s(backbone: str, *, frozen: bool, amp_dtype, device: s
 
 
 def _train_steps(backbone: str, device: str, batch_size: int) -> dict:
-    from featcache.amp import resolve_amp
+    from featcache.runtime.amp import resolve_amp
 
     amp_dtype, _, words = resolve_amp("auto", device)
     out = {("frozen" if frozen else "full"): train_step_images_per_s(backbone, frozen=frozen, amp_dtype=amp_dtype,

@@ -48,13 +48,13 @@ def _device(text: str) -> str:
 
 
 def _backbone_names() -> str:
-    from featcache.backbones import REGISTRY
+    from featcache.backbones.registry import REGISTRY
 
     return ", ".join(REGISTRY)
 
 
 def _add_scan_flags(p: argparse.ArgumentParser) -> None:
-    from featcache.manifest import DEFAULT_MIN_VAL, DEFAULT_VAL_FRACTION
+    from featcache.data.manifest import DEFAULT_MIN_VAL, DEFAULT_VAL_FRACTION
 
     g = p.add_argument_group("scanning the data folder")
     g.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
@@ -319,14 +319,14 @@ def _scan_options(args) -> dict:
 
 
 def _print_manifest(manifest) -> None:
-    from featcache.console import get_console
-    from featcache.tables import print_manifest
+    from featcache.runtime.console import get_console
+    from featcache.runtime.tables import print_manifest
 
     print_manifest(manifest, get_console())
 
 
 def _cmd_scan(args) -> int:
-    from featcache.manifest import scan
+    from featcache.data.manifest import scan
 
     _require(args, "data")
     if args.out:
@@ -351,7 +351,7 @@ def _extract_kwargs(args) -> dict:
 def _cmd_extract(args) -> int:
     import os
 
-    from featcache.manifest import scan
+    from featcache.data.manifest import scan
 
     _require(args, "data", "out")
     from pathlib import Path
@@ -376,14 +376,14 @@ def _launch_extract(args) -> int:
     import os
     from pathlib import Path
 
-    from featcache import distributed
-    from featcache.backbones import create_backbone
-    from featcache.console import get_console
+    from featcache.runtime import distributed
+    from featcache.backbones.registry import create_backbone
+    from featcache.runtime.console import get_console
     from featcache.decode import resolve_backend
     from featcache.extract import (PARENT_LOCK_ENV, fingerprint, fingerprint_inputs, previous_decode,
                                    resolve_device, resolve_inference_amp, take_lock, validate_options,
                                    _existing_cache_matches)
-    from featcache.manifest import scan
+    from featcache.data.manifest import scan
 
     console = get_console()
     out = Path(args.out)
@@ -427,8 +427,8 @@ def _cmd_fit_head(args) -> int:
 
 def _print_metrics(metrics: dict, out, files: str = "metrics.json, head.pt and plots (roc, pr, reliability, "
                                                     "confusion_matrix)") -> None:
-    from featcache.console import get_console
-    from featcache.tables import metrics_renderables
+    from featcache.runtime.console import get_console
+    from featcache.runtime.tables import metrics_renderables
 
     sel = metrics["selected"]
     console = get_console()
@@ -443,8 +443,8 @@ def _print_metrics(metrics: dict, out, files: str = "metrics.json, head.pt and p
 
 
 def _print_comparison(rows: list[dict], out) -> None:
-    from featcache.console import get_console
-    from featcache.tables import comparison_table
+    from featcache.runtime.console import get_console
+    from featcache.runtime.tables import comparison_table
 
     console = get_console()
     console.print(comparison_table(rows))
@@ -454,14 +454,14 @@ def _print_comparison(rows: list[dict], out) -> None:
 def _cmd_finetune(args) -> int:
     import os
 
-    from featcache import distributed
+    from featcache.runtime import distributed
 
     _require(args, "data", "out")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from featcache.backbones import get_entry
+        from featcache.backbones.registry import get_entry
 
         get_entry(args.backbone)  # the commonest mistakes fail here, once, before the launch
-        from featcache.manifest import scan
+        from featcache.data.manifest import scan
 
         scan(args.data, **_scan_options(args))
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
@@ -481,8 +481,8 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from featcache.console import get_console
-    from featcache.report import build_report
+    from featcache.runtime.console import get_console
+    from featcache.report.document import build_report
 
     facts = build_report(args.runs, args.out, title=args.title, pdf=args.pdf)
     console = get_console()
@@ -502,8 +502,8 @@ def _cmd_run(args) -> int:
 def _cmd_models(args) -> int:
     import json
 
-    from featcache.console import get_console
-    from featcache.models import model_table, render
+    from featcache.runtime.console import get_console
+    from featcache.backbones.costs import model_table, render
 
     if args.json:
         _json_output(args.json, "--json")
@@ -518,7 +518,7 @@ def _cmd_models(args) -> int:
 
 def _json_output(path: str, flag: str):
     """A JSON file to write at the end, checked (and its folder made) before the work."""
-    from featcache.outputs import output_file
+    from featcache.runtime.outputs import output_file
 
     out = output_file(path, flag)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -529,7 +529,7 @@ def _cmd_bench(args) -> int:
     import json
 
     from featcache.bench import STAGES, render, run_bench
-    from featcache.console import get_console
+    from featcache.runtime.console import get_console
 
     facts = run_bench(args.data, backbone=args.backbone, max_images=args.max_images or None, epochs=args.epochs,
                       batch_size=args.batch_size, stages=tuple(args.stages or STAGES), keep=args.keep,
@@ -544,8 +544,8 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_synth(args) -> int:
-    from featcache.console import get_console
-    from featcache.synth import synth
+    from featcache.runtime.console import get_console
+    from featcache.data.synth import synth
 
     result = synth(args.out, args.n, seed=args.seed, workers=args.workers)
     get_console().print(f"{result['images']:,} images ({result['bytes'] / 1e6:.0f} MB) in {result['out']}")
@@ -555,8 +555,8 @@ def _cmd_synth(args) -> int:
 def _cmd_inspect(args) -> int:
     import json
 
-    from featcache.console import get_console
-    from featcache.inspect import describe, render
+    from featcache.runtime.console import get_console
+    from featcache.cache.describe import describe, render
 
     info = describe(args.cache)
     if args.json:
@@ -572,7 +572,7 @@ def _cmd_predict(args) -> int:
 
     from rich.table import Table
 
-    from featcache.console import get_console
+    from featcache.runtime.console import get_console
     from featcache.predict import default_output, predict
 
     out = args.out or str(default_output(args.run))
@@ -596,7 +596,7 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from featcache.demo import run_demo
+    from featcache.data.demo import run_demo
 
     metrics, out = run_demo(args.out, weights=args.weights, data=args.data)
     _print_metrics(metrics, out)
@@ -605,7 +605,7 @@ def _cmd_demo(args) -> int:
 
 def _reparse_with_config(parser: argparse.ArgumentParser, args, argv):
     """Parse again with the config's ``[command]`` table as defaults, so flags still win."""
-    from featcache.config import load_table
+    from featcache.runtime.config import load_table
 
     sub = _subparser(parser, args.command)
     actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
@@ -665,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         sys.stderr.write(f"featcache {args.command}: error: {exc}\n")
-        from featcache.distributed import note_user_error
+        from featcache.runtime.distributed import note_user_error
 
         note_user_error(str(exc))
         return 2

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.amp import autocast
-from featcache.cache import (
+from featcache.runtime.amp import autocast
+from featcache.cache.h5 import (
     COMPRESSIONS,
     FORMAT_VERSION,
     FeatureCache,
@@ -21,10 +21,10 @@ from featcache.cache import (
     partial_path,
     write_cache,
 )
-from featcache.console import get_console, quiet_console
+from featcache.runtime.console import get_console, quiet_console
 from featcache.errors import UserError
-from featcache.manifest import HIDDEN, IMAGE_EXTENSIONS, SYSTEM
-from featcache.parts import DEFAULT_CHUNK_ROWS, PartStore
+from featcache.data.manifest import HIDDEN, IMAGE_EXTENSIONS, SYSTEM
+from featcache.cache.parts import DEFAULT_CHUNK_ROWS, PartStore
 
 # Set by `featcache extract --nproc K` for its torchrun workers: the parent
 # process holds the cache lock for them.
@@ -48,7 +48,7 @@ def resolve_device(device: str) -> str:
 
 def validate_options(out: Path, backbone: str, dtype: str, compression: str, chunk_rows: int) -> None:
     """Flag checks that need no torch and no data: they fail before anything slow."""
-    from featcache.backbones import get_entry
+    from featcache.backbones.registry import get_entry
 
     if dtype not in FEATURE_DTYPES:
         raise UserError(f"unknown feature dtype {dtype!r}; choose one of: {', '.join(FEATURE_DTYPES)}")
@@ -58,9 +58,9 @@ def validate_options(out: Path, backbone: str, dtype: str, compression: str, chu
         raise UserError(f"--chunk-rows must be at least 1, got {chunk_rows}")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file path such as {out / (backbone + '.h5')}")
-    from featcache.lock import lock_path
-    from featcache.outputs import output_file
-    from featcache.parts import parts_dir
+    from featcache.cache.lock import lock_path
+    from featcache.runtime.outputs import output_file
+    from featcache.cache.parts import parts_dir
 
     output_file(out, suffixes=(".parts", ".partial", ".lock"))
     for beside, kind in ((parts_dir(out), "folder"), (lock_path(out), "file")):
@@ -116,13 +116,13 @@ def extract(
 ) -> dict:
     """Extract features of every manifest row into ``out``; returns a summary.
 
-    Rows are committed in chunks (:mod:`featcache.parts`); rerunning after a
+    Rows are committed in chunks (:mod:`featcache.cache.parts`); rerunning after a
     crash resumes from the chunks already committed. A complete cache with
     the same fingerprint is left alone (``status`` is ``"up to date"``); a
     different one is refused unless ``overwrite``. Under torchrun each rank
     extracts its share of the chunks and rank 0 assembles the cache.
     """
-    from featcache import distributed
+    from featcache.runtime import distributed
 
     out = Path(out)
     validate_options(out, backbone, dtype, compression, chunk_rows)
@@ -153,9 +153,9 @@ def extract(
 def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, device, workers, seed, overwrite,
                     dtype, compression, chunk_rows, manifest, max_images, subsample_all, hw_decoder_load, amp,
                     scan_options, progress, dist, console, refusal):
-    from featcache.backbones import create_backbone
+    from featcache.backbones.registry import create_backbone
     from featcache.decode import resolve_backend
-    from featcache.manifest import scan
+    from featcache.data.manifest import scan
 
     device = resolve_device(device)
     if device == "cuda" and dist.active:
@@ -224,7 +224,7 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
 
 def take_lock(out: Path, wait: bool, console):
     """The cache's write lock, or None when a ``--nproc`` parent holds it for this worker."""
-    from featcache.lock import CacheLock
+    from featcache.cache.lock import CacheLock
 
     if os.environ.get(PARENT_LOCK_ENV):
         return None
@@ -288,7 +288,7 @@ def _existing_cache_matches(out: Path, fp: str, inputs: dict, overwrite: bool, c
 
 def resolve_inference_amp(amp: str, device: str):
     """(autocast dtype or None, its name for the fingerprint or None, words) for extraction."""
-    from featcache.amp import precision_name, resolve_amp
+    from featcache.runtime.amp import precision_name, resolve_amp
 
     dtype, _, words = resolve_amp(amp, device)
     if dtype is None:
@@ -333,7 +333,7 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
     import torch
 
     from featcache.decode import make_loader
-    from featcache.progress import image_progress
+    from featcache.runtime.progress import image_progress
 
     mine = [c for c in range(store.n_chunks) if c % dist.world == dist.rank]
     done = store.done()

@@ -7,7 +7,7 @@ compare key for key. The frozen mode is the classic transfer-learning
 tutorial's "fixed feature extractor": its backbone runs forward on every
 image every epoch, which is the cost featcache's cache removes.
 
-Mixed precision has one code path: ``featcache.amp.autocast`` and
+Mixed precision has one code path: ``featcache.runtime.amp.autocast`` and
 ``GradScaler(enabled=fp16)``, bf16 on CPU and GPU where supported, fp16 with
 loss scaling on CUDA.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache import __version__
-from featcache.amp import autocast
+from featcache.runtime.amp import autocast
 from featcache.errors import UserError
 
 DEFAULT_LR_FULL = 3e-4
@@ -163,14 +163,14 @@ def finetune(
     """Train, keep the best epoch by validation AUROC, report val and test into ``out``."""
     import torch
 
-    from featcache import distributed
-    from featcache.backbones import create_backbone, get_entry
-    from featcache.console import get_console, quiet_console
+    from featcache.runtime import distributed
+    from featcache.backbones.registry import create_backbone, get_entry
+    from featcache.runtime.console import get_console, quiet_console
     from featcache.decode import resolve_backend
     from featcache.extract import resolve_device
-    from featcache.manifest import scan
-    from featcache.amp import resolve_amp
-    from featcache.metrics import parse_threshold
+    from featcache.data.manifest import scan
+    from featcache.runtime.amp import resolve_amp
+    from featcache.eval.metrics import parse_threshold
 
     entry = get_entry(backbone)
     if recipe not in RECIPES:
@@ -274,7 +274,7 @@ def finetune(
     wall_start = time.perf_counter()
     device_type = device.split(":")[0]
     from featcache.fit import selection_score
-    from featcache.metrics import positive_class_index
+    from featcache.eval.metrics import positive_class_index
 
     positive = positive_class_index(classes) if len(classes) == 2 else None
     for epoch in range(start_epoch, epochs):
@@ -406,7 +406,7 @@ def _train_epoch(train_model, model, manifest, rows, spec, backend, aug, optimiz
     import torch
 
     from featcache.decode import make_loader
-    from featcache.progress import image_progress
+    from featcache.runtime.progress import image_progress
 
     # The same shuffle and augmentations after a resume: every epoch's randomness comes from its own seed.
     epoch_seed = seed * 100_003 + epoch
@@ -483,7 +483,7 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
     import torch
 
     from featcache.fit import plot_run, run_metrics, write_predictions
-    from featcache.plots import plot_learning_curves
+    from featcache.report.plots import plot_learning_curves
 
     best_ckpt = torch.load(out / "best.pt", map_location=device, weights_only=True)
     state = best_ckpt["model"]

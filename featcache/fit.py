@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from featcache import __version__
-from featcache.cache import FeatureCache
+from featcache.cache.h5 import FeatureCache
 from featcache.errors import UserError
-from featcache.heads import (
+from featcache.heads.sweep import (
     DEFAULT_C_GRID,
     DEFAULT_EPOCHS,
     DEFAULT_LRS,
@@ -31,7 +31,7 @@ from featcache.heads import (
     resolve_head_options,
     sweep_grid,
 )
-from featcache.metrics import (
+from featcache.eval.metrics import (
     DEFAULT_RESAMPLES,
     auroc,
     choose_threshold,
@@ -142,7 +142,7 @@ def fit_head(
     if epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {epochs}")
     rule = parse_threshold(threshold, target_sensitivity)
-    from featcache.outputs import output_folder
+    from featcache.runtime.outputs import output_folder
 
     output_folder(out_dir)  # before the fit, not after it
     cache = FeatureCache.open(cache_path)
@@ -291,7 +291,7 @@ def run_metrics(classes, rule, *, selected: dict, heads: list[dict], fit_seconds
 
 def plot_run(out_dir: Path, metrics: dict, curves: dict) -> None:
     """confusion_matrix.png, roc.png, pr.png and reliability.png of a run."""
-    from featcache.plots import plot_confusion_matrix, plot_pr, plot_reliability, plot_roc
+    from featcache.report.plots import plot_confusion_matrix, plot_pr, plot_reliability, plot_roc
 
     classes, positive_name = metrics["classes"], metrics["positive_class"]
     positive = classes.index(positive_name) if positive_name else None
@@ -323,7 +323,7 @@ def _save_head(path: Path, head, metrics: dict, cache: FeatureCache) -> None:
 
 def fit_heads(caches: list[str], out_dir: str | os.PathLike, **options) -> list[dict]:
     """Fit every cache into ``out_dir/<cache name>/`` and write ``comparison.json``."""
-    from featcache.outputs import output_folder
+    from featcache.runtime.outputs import output_folder
 
     out_dir = output_folder(out_dir)
     names = _run_names(caches)

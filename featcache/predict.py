@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import UserError
-from featcache.manifest import IMAGE_EXTENSIONS, printable_path
+from featcache.data.manifest import IMAGE_EXTENSIONS, printable_path
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ def check_output(run_dir: str | os.PathLike, out_csv: str | os.PathLike) -> None
 
 def load_run(run_dir: str | os.PathLike):
     """(LinearHead, config) of a fit-head run; ``head.pt`` is read with ``weights_only=True``."""
-    from featcache.backbones import load_tensors
-    from featcache.heads import LinearHead
+    from featcache.backbones.registry import load_tensors
+    from featcache.heads.sweep import LinearHead
 
     path = Path(run_dir) / "head.pt"
     if not path.is_file():
@@ -121,7 +121,7 @@ def _finetuned_scorer(run_dir: Path, device: str):
     """(score(images) -> probs, spec, decode backend, config) of a finetune run's best.pt."""
     import torch
 
-    from featcache.backbones import create_backbone, get_entry, load_tensors
+    from featcache.backbones.registry import create_backbone, get_entry, load_tensors
     from featcache.finetune import _classifier_class, load_torchvision_state_dict
 
     payload = load_tensors(run_dir / "best.pt", "a featcache checkpoint")
@@ -149,7 +149,7 @@ def _head_scorer(run_dir, weights, device):
     """(score(images) -> probs, spec, decode backend, config) of a fit-head run: its backbone, then head.pt."""
     import torch
 
-    from featcache.backbones import create_backbone
+    from featcache.backbones.registry import create_backbone
 
     head, config = load_run(run_dir)
     name, seed = weights_for(config, weights)

@@ -53,7 +53,7 @@ def _check(table: dict, allowed: dict, where: str) -> None:
 
 def read_config(path: str | os.PathLike) -> dict:
     """The config as a dict, checked: unknown keys and wrong types are user errors."""
-    from featcache.config import read_toml
+    from featcache.runtime.config import read_toml
 
     file = Path(path)
     config = read_toml(file)
@@ -80,12 +80,12 @@ def _weights_tag(weights: str) -> str:
 def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str | None = None,
                out: str | None = None) -> dict:
     """Run every step of the config at ``path``; returns the report's numbers."""
-    from featcache.backbones import get_entry
-    from featcache.console import get_console
+    from featcache.backbones.registry import get_entry
+    from featcache.runtime.console import get_console
     from featcache.extract import extract
     from featcache.finetune import finetune
     from featcache.fit import fit_head
-    from featcache.report import build_report
+    from featcache.report.document import build_report
 
     config = read_config(path)
     for table in (*config["fixed"], *config["finetune"]):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from featcache.cache import FeatureCache
+from featcache.cache.h5 import FeatureCache
 from helpers import kermany_names, make_dataset, write_awkward_images
 
 PEAK_WRAPPER = """

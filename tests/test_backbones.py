@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featcache.backbones import REGISTRY, create_backbone, get_entry, register
+from featcache.backbones.registry import REGISTRY, create_backbone, get_entry, register
 from featcache.errors import UserError
 
 EXPECTED = {

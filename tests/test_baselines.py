@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from featcache.demo import DEMO_DATA
+from featcache.data.demo import DEMO_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "bench" / "tutorial_baseline.py"
@@ -29,7 +29,7 @@ def _run(baseline, capsys, *argv) -> dict:
 
 
 def _no_imagenet(monkeypatch):
-    import featcache.backbones as backbones
+    import featcache.backbones.registry as backbones
     from featcache.errors import UserError
 
     def offline(entry, weights):
@@ -39,7 +39,7 @@ def _no_imagenet(monkeypatch):
 
 
 def test_tutorial_baseline_is_the_tutorial_recipe_from_featcache_weights(baseline, capsys):
-    from featcache.backbones import create_backbone
+    from featcache.backbones.registry import create_backbone
     from featcache.extract import resolve_device
 
     defaults = baseline.build_parser().parse_args(["tutorial", "DATA"])
@@ -84,7 +84,7 @@ def test_naive_loop_uses_featcache_device_workers_and_inference_mode(baseline, c
                "--weights", "none")
     assert (got["workers"], got["batch_size"], got["device"]) == (default_workers(), 32, resolve_device("auto"))
     assert got["grad"] == "torch.inference_mode" and got["weights"] == "none:seed=0"
-    from featcache.manifest import scan
+    from featcache.data.manifest import scan
 
     assert got["rows"] == len(scan(DEMO_DATA).limit(16, 0, subsample_all=True))
 

@@ -147,7 +147,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
 
 def test_read_only_output_is_one_line(tmp_path, monkeypatch, capsys):
     """Simulated: tests run as root, for whom every folder is writable."""
-    from featcache import outputs
+    from featcache.runtime import outputs
     from featcache.cli import main
 
     locked = tmp_path / "ro"

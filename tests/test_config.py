@@ -49,7 +49,7 @@ def test_shipped_configs_are_valid(tmp_path):
     from pathlib import Path
 
     from featcache.cli import _subparser, build_parser
-    from featcache.config import load_table
+    from featcache.runtime.config import load_table
 
     parser = build_parser()
     # Command-table configs (for --config); run configs are checked in test_report.

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from featcache import parity
-from featcache.backbones import create_backbone, get_entry
+from featcache.eval import parity
+from featcache.backbones.registry import create_backbone, get_entry
 from featcache.decode import make_loader, resolve_backend
-from featcache.demo import DEMO_DATA
-from featcache.manifest import scan
-from featcache.synth import plan, render, synth
+from featcache.data.demo import DEMO_DATA
+from featcache.data.manifest import scan
+from featcache.data.synth import plan, render, synth
 from helpers import link_subset, make_dataset, write_awkward_images
 
 BACKENDS = ["torchvision", "pil", "dali"]
@@ -59,7 +59,7 @@ def test_dali_rows_are_exact_with_a_partial_last_batch(batch_size):
     assert not failed and sorted(images) == sorted(manifest.paths[r] for r in rows)
 
 
-# Parity between decodes (and precisions) with the criteria of featcache.parity: (a) crops within 2 grey
+# Parity between decodes (and precisions) with the criteria of featcache.eval.parity: (a) crops within 2 grey
 # levels on average, (b) the nearest other-side row is the same image for >= 99.5 % of rows, (c) same-image
 # feature distance <= 5 % of the median different-image distance. "Mean cosine >= 0.99" is not one of them:
 # random-init features of two different X-rays already have cosine 0.993-0.995 (test_parity_rejects_...).
@@ -75,7 +75,7 @@ _BACKBONE = None
 
 def forward(crops: torch.Tensor, amp: str = "off") -> np.ndarray:
     """Random-init (seed 0) resnet18 features of uint8 crops, fp32 or under bf16 autocast."""
-    from featcache.amp import autocast
+    from featcache.runtime.amp import autocast
 
     global _BACKBONE
     if _BACKBONE is None:
@@ -125,7 +125,7 @@ def full_size_synth(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_caches(real_images, tmp_path_factory):
     """``get(backend, amp)``: the cache `extract` writes for the real subset, made once per module."""
-    from featcache.cache import FeatureCache
+    from featcache.cache.h5 import FeatureCache
     from featcache.extract import extract
 
     folder, made = tmp_path_factory.mktemp("caches"), {}

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.backbones import create_backbone
-from featcache.cache import FeatureCache, partial_path
+from featcache.backbones.registry import create_backbone
+from featcache.cache.h5 import FeatureCache, partial_path
 from featcache.cli import main
 from featcache.decode.cpu import load_torchvision as load_image
 from featcache.errors import UserError
 from featcache.extract import extract
-from featcache.manifest import scan
+from featcache.data.manifest import scan
 from helpers import write_image
 
 
@@ -233,7 +233,7 @@ def test_a_full_disk_stops_before_assembly_and_the_rerun_resumes(small_dataset, 
     import shutil
     from collections import namedtuple
 
-    from featcache.parts import parts_dir
+    from featcache.cache.parts import parts_dir
 
     out = tmp_path / "c.h5"
     real = shutil.disk_usage
@@ -247,7 +247,7 @@ def test_a_full_disk_stops_before_assembly_and_the_rerun_resumes(small_dataset, 
 
 
 def test_parts_left_after_a_finished_assembly_are_removed(small_dataset, tmp_path, capsys):
-    from featcache.parts import parts_dir
+    from featcache.cache.parts import parts_dir
 
     out = tmp_path / "c.h5"
     _extract(small_dataset, out)

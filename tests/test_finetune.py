@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from featcache.cli import main
-from featcache.demo import DEMO_DATA
+from featcache.data.demo import DEMO_DATA
 from featcache.errors import UserError
 from featcache.finetune import finetune
 
@@ -23,7 +23,7 @@ QUICK = dict(weights="none", epochs=1, batch_size=16, max_images=90, amp="off", 
 def test_frozen_and_full_share_the_loop_and_the_fit_head_keys(tmp_path):
     frozen = finetune(DEMO_DATA, tmp_path / "frozen", freeze_backbone=True, **QUICK)
     full = finetune(DEMO_DATA, tmp_path / "full", **QUICK)
-    from featcache.backbones import create_backbone
+    from featcache.backbones.registry import create_backbone
 
     initial = create_backbone("resnet18", "none").model.body.state_dict()
     for name, expect_changed in (("frozen", False), ("full", True)):
@@ -125,7 +125,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
 
 
 def test_launcher_reports_exit_2_only_for_a_user_mistake(monkeypatch):
-    from featcache import distributed
+    from featcache.runtime import distributed
 
     def fake_run(cmd, env, **_):
         if "--bad-input" in cmd:  # the worker's CLI notes its UserError, then torchrun exits 1
@@ -168,7 +168,7 @@ def test_finetune_choices_are_blind_to_the_test_labels(tmp_path):
 
 
 def test_tutorial_recipe_in_featcaches_loop(tmp_path):
-    from featcache.backbones import create_backbone
+    from featcache.backbones.registry import create_backbone
 
     metrics = finetune(DEMO_DATA, tmp_path / "tut", recipe="tutorial",
                        **{**QUICK, "epochs": 2, "batch_size": None, "max_images": 40})

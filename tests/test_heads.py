@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.cache import write_cache
+from featcache.cache.h5 import write_cache
 from featcache.errors import UserError
 from featcache.fit import fit_head
-from featcache.heads import DEFAULT_C_GRID, LinearHead
+from featcache.heads.sweep import DEFAULT_C_GRID, LinearHead
 
 
 def synthetic_cache(path, *, sizes=None, dim=32, shift=0.8, seed=0, classes=("NORMAL", "PNEUMONIA")):
@@ -139,8 +139,8 @@ def test_sweep_trains_dozens_of_heads_and_matches_logistic(tmp_path):
 
 
 def test_exported_heads_reproduce_their_scores(tmp_path):
-    from featcache.cache import FeatureCache
-    from featcache.heads import LinearHeadSweep, LogisticHead, sweep_grid
+    from featcache.cache.h5 import FeatureCache
+    from featcache.heads.sweep import LinearHeadSweep, LogisticHead, sweep_grid
 
     cache = FeatureCache.open(synthetic_cache(tmp_path / "c.h5"))
     X, y, _ = cache.arrays("train")
@@ -215,8 +215,8 @@ def test_several_caches_give_one_comparison(tmp_path):
 @pytest.mark.parametrize("classes", [("NORMAL", "PNEUMONIA"), ("BACTERIA", "NORMAL", "VIRUS")])
 def test_exported_logistic_head_is_scikit_learns_model(tmp_path, classes):
     """head.pt's softmax must give scikit-learn's probabilities: for 3+ classes only a multinomial fit does."""
-    from featcache.cache import FeatureCache
-    from featcache.heads import LogisticHead
+    from featcache.cache.h5 import FeatureCache
+    from featcache.heads.sweep import LogisticHead
 
     cache = FeatureCache.open(synthetic_cache(tmp_path / "c.h5", classes=classes, shift=1.0))
     X, y, _ = cache.arrays("train")
@@ -229,7 +229,7 @@ def test_exported_logistic_head_is_scikit_learns_model(tmp_path, classes):
 
 
 def test_threads_follow_the_problem_size_and_the_free_cores():
-    from featcache.heads import MIN_MACS_PER_THREAD, choose_threads
+    from featcache.heads.sweep import MIN_MACS_PER_THREAD, choose_threads
 
     default_grid_512d = 2 * 64 * 256 * 512 * 2  # multiply-adds of one step of --heads sweep on resnet18 features
     assert choose_threads(default_grid_512d, cores=2, busy=0) == 2
@@ -245,7 +245,7 @@ def test_threads_follow_the_problem_size_and_the_free_cores():
 @pytest.mark.parametrize("busy, inside", [([0, 0], [2, 2]), ([1, 1], [1, 1]), ([0, 1], [2, 1])])
 def test_sweep_sets_torch_threads_for_the_fit_and_restores_them(monkeypatch, busy, inside):
     """Two free cores: two threads; a busy core, from the start or from the second epoch on: one."""
-    import featcache.heads as heads
+    import featcache.heads.sweep as heads
 
     X = np.random.default_rng(0).normal(size=(600, 512)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int64)
@@ -278,7 +278,7 @@ def test_a_busy_neighbour_is_seen_as_a_busy_core():
     import sys
     import time
 
-    from featcache.heads import busy_cores
+    from featcache.heads.sweep import busy_cores
 
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from featcache.errors import UserError
-from featcache.manifest import _patient_id, _compile_patient_regex, carve_patients, scan
+from featcache.data.manifest import _patient_id, _compile_patient_regex, carve_patients, scan
 from helpers import kermany_names, make_dataset
 
 
@@ -260,14 +260,14 @@ def test_names_that_are_not_utf8_are_skipped_at_scan_and_extract_finishes(tmp_pa
     assert ("train/NORMAL/x\\xff.jpeg", "name is not valid UTF-8") in m.skipped
     summary = extract(root, tmp_path / "c.h5", weights="none", workers=0, progress=False, manifest=m)
     assert summary["status"] == "written"
-    from featcache.cache import FeatureCache
+    from featcache.cache.h5 import FeatureCache
 
     skipped = FeatureCache.open(tmp_path / "c.h5").read("skipped")["skipped"]
     assert any("x\\xff.jpeg" in str(row[0]) for row in skipped)
 
 
 def test_only_regular_files_of_a_sane_size_are_images(tmp_path, monkeypatch):
-    from featcache import manifest as manifest_module
+    from featcache.data import manifest as manifest_module
 
     root = make_dataset(tmp_path / "d", {"train": kermany_names("", 3, 3)}, size=(8, 8))
     os.mkfifo(root / "train" / "NORMAL" / "pipe.jpeg")  # would hang any decoder

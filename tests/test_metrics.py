@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from featcache.errors import UserError
-from featcache.metrics import (
+from featcache.eval.metrics import (
     auroc,
     binary_metrics,
     choose_threshold,
@@ -91,7 +91,7 @@ def test_target_sensitivity_threshold_by_hand():
 
 
 def test_multiclass_metrics_by_hand():
-    from featcache.metrics import multiclass_metrics
+    from featcache.eval.metrics import multiclass_metrics
 
     y = np.array([0, 0, 1, 1, 2, 2])
     probs = np.array([[.8, .1, .1], [.3, .6, .1], [.2, .7, .1], [.1, .8, .1], [.1, .2, .7], [.5, .1, .4]])
@@ -107,7 +107,7 @@ def test_multiclass_metrics_by_hand():
 
 
 def test_calibration_by_hand():
-    from featcache.metrics import calibration
+    from featcache.eval.metrics import calibration
 
     y = np.array([1, 0, 1, 1])
     p1 = np.array([0.9, 0.9, 0.2, 0.6])
@@ -119,7 +119,7 @@ def test_calibration_by_hand():
 
 
 def test_bootstrap_is_seeded_and_resamples_whole_patients():
-    from featcache.metrics import bootstrap_ci
+    from featcache.eval.metrics import bootstrap_ci
 
     rng = np.random.default_rng(0)
     y = np.repeat(rng.integers(0, 2, 50), 4)  # 50 patients, 4 identical-label images each
@@ -144,7 +144,7 @@ def test_bootstrap_is_seeded_and_resamples_whole_patients():
 def test_three_class_balanced_accuracy_without_a_class_matches_scikit_learn():
     from sklearn.metrics import balanced_accuracy_score
 
-    from featcache.metrics import multiclass_metrics
+    from featcache.eval.metrics import multiclass_metrics
 
     # No true "c" here, yet one image is predicted "c": scikit-learn drops c
     # from the mean (and warns that y_pred holds a class y_true lacks).
@@ -180,7 +180,7 @@ def _accuracy(yy, pp):
 
 
 def test_patient_resamples_draw_whole_patients_of_unequal_size():
-    from featcache.metrics import bootstrap_ci, patient_groups, patient_resamples
+    from featcache.eval.metrics import bootstrap_ci, patient_groups, patient_resamples
 
     y, probs, patients, _ = _clustered_sample()
     members = patient_groups(patients)
@@ -201,7 +201,7 @@ def test_patient_resamples_draw_whole_patients_of_unequal_size():
 
 
 def test_patient_bootstrap_widens_with_within_patient_correlation():
-    from featcache.metrics import bootstrap_ci
+    from featcache.eval.metrics import bootstrap_ci
 
     y, probs, patients, rng = _clustered_sample()
     # The same rows and the same patient sizes; only which images share a patient
@@ -218,7 +218,7 @@ def test_patient_bootstrap_widens_with_within_patient_correlation():
 def test_average_ranks_match_scipy_rankdata():
     from scipy.stats import rankdata
 
-    from featcache.metrics import average_ranks
+    from featcache.eval.metrics import average_ranks
 
     rng = np.random.default_rng(3)
     for n in (1, 2, 7, 500):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.cache import FeatureCache
+from featcache.cache.h5 import FeatureCache
 from featcache.cli import main
 from featcache.errors import UserError
 from featcache.predict import load_run, predict
@@ -94,7 +94,7 @@ def test_predict_never_writes_over_the_runs_files(fitted_run, tmp_path, capsys):
 def test_predict_applies_a_finetuned_run_with_its_threshold(tmp_path):
     import json
 
-    from featcache.demo import DEMO_DATA
+    from featcache.data.demo import DEMO_DATA
     from featcache.finetune import finetune
 
     run = tmp_path / "ft"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from featcache.cli import main
-from featcache.demo import DEMO_DATA
+from featcache.data.demo import DEMO_DATA
 from featcache.errors import UserError
 from featcache.extract import extract
 from featcache.fit import fit_head
@@ -73,7 +73,7 @@ def permuted_runs(fixture_runs, tmp_path_factory):
 
 
 def test_report_choices_are_blind_to_the_test_labels(fixture_runs, permuted_runs, tmp_path):
-    from featcache.report import build_report
+    from featcache.report.document import build_report
 
     names = ("r18-logistic", "r18-sweep", "ft-light", "ft-none")
     a = build_report([str(fixture_runs / n) for n in names], tmp_path / "a")
@@ -147,13 +147,13 @@ def test_report_sections_and_numbers(fixture_runs, tmp_path, capsys):
 
 def test_report_refuses_folders_that_are_not_runs(tmp_path):
     with pytest.raises(UserError, match="not a run folder"):
-        from featcache.report import build_report
+        from featcache.report.document import build_report
 
         build_report([str(tmp_path)], tmp_path / "out")
 
 
 def test_models_metadata_and_one_measurement():
-    from featcache.models import measure, model_table
+    from featcache.backbones.costs import measure, model_table
 
     rows = {r["name"]: r for r in model_table(measure_speed=False)}
     assert set(rows) == {"resnet18", "vgg16", "resnet50", "mobilenet_v2"}
@@ -228,7 +228,7 @@ def test_small_config_runs_end_to_end(shared_data, tmp_path):
 
 
 def test_task_d_says_how_each_frozen_run_was_trained():
-    from featcache.report import recipe_words
+    from featcache.report.document import recipe_words
 
     def run(**settings):
         return {"kind": "finetune", "run": {"settings": settings}, "metrics": {}}
@@ -246,7 +246,7 @@ def _effect(cw, rule, val_ba, test_ba, test_sens=0.9, test_spec=0.5):
 
 
 def test_weighting_sentence_says_only_what_the_numbers_show():
-    from featcache.report import weighting_sentence
+    from featcache.report.document import weighting_sentence
 
     base = _effect("none", "0.5", 0.80, 0.758)
     effects = [base, _effect("balanced", "youden", 0.85, 0.7581), _effect("none", "youden", 0.70, 0.9)]
@@ -271,7 +271,7 @@ def _row(run, strategy, val, wall, test=0.8):
 
 
 def test_verdict_never_says_1_0x_and_files_frozen_training_under_task_c():
-    from featcache.report import choose_runs, verdict
+    from featcache.report.document import choose_runs, verdict
 
     rows = [_row("sweep", "cached features + sweep", 0.90, 100.0), _row("frozen", "finetune-frozen", 0.95, 102.0),
             _row("tut", "finetune-tutorial-recipe", 0.85, 300.0), _row("full", "finetune-full", 0.93, 400.0)]
@@ -284,7 +284,7 @@ def test_verdict_never_says_1_0x_and_files_frozen_training_under_task_c():
 
 
 def test_overfitting_looks_at_the_whole_curve():
-    from featcache.analysis import overfitting
+    from featcache.report.analysis import overfitting
 
     # The best epoch is the last and the gap never grows, but val loss is 20x the train loss.
     history = [{"epoch": e + 1, "train_loss": 0.05, "val_loss": 1.0, "val_auroc": 0.8 + 0.01 * e,
@@ -296,7 +296,7 @@ def test_overfitting_looks_at_the_whole_curve():
 
 
 def test_warnings_are_computed_from_the_runs():
-    from featcache.analysis import run_warnings
+    from featcache.report.analysis import run_warnings
 
     def run(name, *, cm_test, threshold=0.5, rule="fixed", n_val=200, selected=None, heads=(), history=()):
         return {"name": name, "history": list(history), "metrics": {
@@ -324,7 +324,7 @@ def test_classification_report_matches_scikit_learn(k):
     from sklearn.metrics import classification_report as sk_report
     from sklearn.metrics import confusion_matrix
 
-    from featcache.analysis import classification_report
+    from featcache.report.analysis import classification_report
 
     rng = np.random.default_rng(k)
     y = rng.integers(0, k, 300)
@@ -347,9 +347,9 @@ def _predictions(scores, labels, patients):
 
 
 def test_paired_comparison_by_patient_bootstrap_and_mcnemar():
-    from featcache.analysis import paired_comparison
-    from featcache.metrics import auroc
-    from featcache.report import b_vs_c_sentence
+    from featcache.report.analysis import paired_comparison
+    from featcache.eval.metrics import auroc
+    from featcache.report.document import b_vs_c_sentence
 
     rng = np.random.default_rng(0)
     y = rng.random(400) < 0.6
@@ -371,7 +371,7 @@ def test_paired_comparison_by_patient_bootstrap_and_mcnemar():
 
 
 def test_recommendations_follow_from_the_findings():
-    from featcache.analysis import recommendations
+    from featcache.report.analysis import recommendations
 
     healthy = {"provenance": [{"run": "a", "random_init": False}],
                "task_d": [{"run": "a", "sensitivity": 0.92, "specificity": 0.88}],
@@ -388,8 +388,8 @@ def test_recommendations_follow_from_the_findings():
 
 
 def test_report_is_portable_and_never_half_written(fixture_runs, tmp_path, monkeypatch):
-    from featcache import report as report_module
-    from featcache.report import build_report
+    from featcache.report import document as report_module
+    from featcache.report.document import build_report
 
     # A copied project: run folders and the cache moved together, report run from another directory.
     project = tmp_path / "copy"
@@ -418,7 +418,7 @@ def test_report_is_portable_and_never_half_written(fixture_runs, tmp_path, monke
 def test_report_pdf_has_every_section(fixture_runs, tmp_path):
     import re
 
-    from featcache.report import build_report
+    from featcache.report.document import build_report
 
     names = ("r18-logistic", "r18-sweep", "ft-light", "ft-none")
     build_report([str(fixture_runs / n) for n in names], tmp_path / "r", title="pdf report", pdf=True)
@@ -430,7 +430,7 @@ def test_report_pdf_has_every_section(fixture_runs, tmp_path):
 
 
 def test_runs_on_different_test_sets_are_never_mixed_in_one_table(fixture_runs, tmp_path):
-    from featcache.report import build_report
+    from featcache.report.document import build_report
 
     other = tmp_path / "other"
     shutil.copytree(fixture_runs / "ft-none", other)
@@ -444,7 +444,7 @@ def test_runs_on_different_test_sets_are_never_mixed_in_one_table(fixture_runs, 
 
 
 def test_run_repeats_over_seeds_and_the_report_shows_mean_and_sd(tmp_path):
-    from featcache.report import seed_groups
+    from featcache.report.document import seed_groups
     from featcache.run import run_config
 
     config = tmp_path / "seeds.toml"
@@ -489,7 +489,7 @@ def test_html_report_renders_every_image_and_no_table_overflows(fixture_runs, tm
     import html as html_module
     import subprocess
 
-    from featcache.report import build_report
+    from featcache.report.document import build_report
 
     browser = _chromium()
     names = ("r18-logistic", "r18-sweep", "ft-light", "ft-none")

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featcache.cache import FeatureCache, partial_path
+from featcache.cache.h5 import FeatureCache, partial_path
 from featcache.cli import main
-from featcache.lock import lock_path
-from featcache.parts import parts_dir
+from featcache.cache.lock import lock_path
+from featcache.cache.parts import parts_dir
 from helpers import kermany_names, make_dataset
 
 EXTRACT = ["--weights", "none", "--workers", "0", "--batch-size", "2", "--chunk-rows", "4", "--no-progress"]
@@ -84,7 +84,7 @@ def test_sigkill_at_several_points_then_resume(dataset, reference, tmp_path):
 
 
 def test_second_writer_is_refused_and_the_first_completes_intact(tmp_path):
-    from featcache.demo import DEMO_DATA
+    from featcache.data.demo import DEMO_DATA
 
     args = ["--weights", "none", "--workers", "0", "--chunk-rows", "16", "--no-progress"]
     reference = tmp_path / "reference.h5"
@@ -104,7 +104,7 @@ def test_second_writer_is_refused_and_the_first_completes_intact(tmp_path):
 
 
 def test_wait_queues_behind_the_holder(dataset, reference, tmp_path):
-    from featcache.lock import CacheLock
+    from featcache.cache.lock import CacheLock
 
     out = tmp_path / "queued.h5"
     with CacheLock(out):
@@ -212,7 +212,7 @@ def test_cache_reads_in_dataloader_workers(reference):
 MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import torch.nn as nn
-    from featcache import backbones
+    from featcache.backbones import registry as backbones
     from featcache.extract import extract
 
     def _tiny():

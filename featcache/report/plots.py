@@ -67,7 +67,7 @@ def plot_roc(curves: dict, positive: int | None, path: Path, *, title: str, thre
     Two classes: one curve per split, with the operating point of
     ``threshold`` marked. More classes: one-vs-rest curves of the last split.
     """
-    from featcache.metrics import auroc, roc_curve
+    from featcache.eval.metrics import auroc, roc_curve
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
@@ -103,7 +103,7 @@ def plot_pr(curves: dict, positive: int | None, path: Path, *, title: str, class
 
 
 def plot_reliability(tables: dict, path: Path, *, title: str, binary: bool) -> None:
-    """Reliability diagram from :func:`featcache.metrics.calibration` bins, one line per split."""
+    """Reliability diagram from :func:`featcache.eval.metrics.calibration` bins, one line per split."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
     ax.plot([0, 1], [0, 1], ls="--", lw=0.8, color="grey", label="perfect calibration")

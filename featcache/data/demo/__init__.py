@@ -14,7 +14,7 @@ def _pick_weights(weights: str, console) -> str:
     """``auto`` means ImageNet when it can be had, else a loud random init."""
     if weights != "auto":
         return weights
-    from featcache.backbones import create_backbone
+    from featcache.backbones.registry import create_backbone
 
     try:
         create_backbone(DEMO_BACKBONE, "imagenet")
@@ -30,11 +30,11 @@ def _pick_weights(weights: str, console) -> str:
 
 def run_demo(out: str, *, weights: str = "auto", data: str | None = None) -> tuple[dict, Path]:
     """scan -> extract -> fit-head on ``data`` (the embedded subset by default)."""
-    from featcache.console import get_console
+    from featcache.runtime.console import get_console
     from featcache.extract import extract
     from featcache.fit import fit_head
-    from featcache.manifest import scan
-    from featcache.tables import print_manifest
+    from featcache.data.manifest import scan
+    from featcache.runtime.tables import print_manifest
 
     console = get_console()
     data = Path(data) if data else DEMO_DATA

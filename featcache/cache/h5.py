@@ -16,7 +16,7 @@ Schema (readable with h5py alone)::
     device, seconds, images/s).
 
 Extraction never writes this file in place: rows are committed to part files
-(:mod:`featcache.parts`) and the cache is assembled into
+(:mod:`featcache.cache.parts`) and the cache is assembled into
 ``CACHE.h5.partial``, then renamed into place, so ``CACHE.h5`` is either
 absent or complete, and a completed cache is never half-overwritten.
 """
@@ -260,7 +260,7 @@ class FeatureCache:
 
     def dataset(self, split: str):
         """A torch ``Dataset`` of (feature, label) rows of ``split``, safe in DataLoader workers."""
-        from featcache.cache_dataset import CacheDataset
+        from featcache.cache.dataset import CacheDataset
 
         return CacheDataset(self, self.rows(split))
 

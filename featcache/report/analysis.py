@@ -1,7 +1,7 @@
 """Task E: why test performance disappoints, answered with measurements.
 
 Each function takes a cache, a run's history or its predictions and returns
-plain numbers (JSON-ready); :mod:`featcache.report` lays them out.
+plain numbers (JSON-ready); :mod:`featcache.report.document` lays them out.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import FeatureCache
-from featcache.metrics import auroc, binary_metrics, choose_threshold, positive_class_index
+from featcache.cache.h5 import FeatureCache
+from featcache.eval.metrics import auroc, binary_metrics, choose_threshold, positive_class_index
 
 DUPLICATE_COSINE = 0.98
 SHIFT_FOLDS = 5
@@ -40,7 +40,7 @@ def weighting_and_threshold(cache: FeatureCache, C: float = 0.1) -> list[dict]:
     Four logistic heads (weighting none/balanced x threshold 0.5/Youden on val),
     the same C; the test split only reports.
     """
-    from featcache.heads import LogisticHead
+    from featcache.heads.sweep import LogisticHead
 
     classes = cache.classes
     if len(classes) != 2 or "test" not in cache.split_names():
@@ -72,7 +72,7 @@ def domain_shift(cache: FeatureCache, a: tuple[str, ...] = ("train", "val"), b: 
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from featcache.heads import FeatureNorm
+    from featcache.heads.sweep import FeatureNorm
 
     present = cache.split_names()
     if not any(s in present for s in b) or not any(s in present for s in a):
@@ -103,7 +103,7 @@ def near_duplicates(cache: FeatureCache, *, threshold: float = DUPLICATE_COSINE,
     above ``threshold`` per split pair and the closest ones; a human judges
     those, byte-identical files are found by :func:`exact_duplicates`.
     """
-    from featcache.heads import FeatureNorm
+    from featcache.heads.sweep import FeatureNorm
 
     data = cache.read("features", "splits", "paths")
     train = data["splits"] == "train"
@@ -305,7 +305,7 @@ def paired_comparison(a: list[dict], b: list[dict], classes, *, threshold_a: flo
     """
     from scipy.stats import binomtest
 
-    from featcache.metrics import auroc, patient_groups, patient_resamples, positive_class_index
+    from featcache.eval.metrics import auroc, patient_groups, patient_resamples, positive_class_index
 
     if len(classes) != 2:
         return None

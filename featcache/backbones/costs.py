@@ -6,12 +6,12 @@ import json
 import subprocess
 import sys
 
-from featcache.backbones import REGISTRY, backbone_facts
+from featcache.backbones.registry import REGISTRY, backbone_facts
 
 _PROBE = """
 import json, resource, sys, time
 import torch
-from featcache.backbones import create_backbone
+from featcache.backbones.registry import create_backbone
 name, batch, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 bb = create_backbone(name, "none")
 model = bb.model.to(device, memory_format=torch.channels_last)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache import FeatureCache, partial_path
+from featcache.cache.h5 import FeatureCache, partial_path
 from featcache.errors import UserError
-from featcache.parts import META, parts_dir
+from featcache.cache.parts import META, parts_dir
 
 
 def _size(path: Path) -> int:
@@ -71,7 +71,7 @@ def _describe_progress(path: Path, parts: Path) -> dict:
     n_chunks = -(-meta["n_rows"] // meta["chunk_rows"])
     done = len(list(parts.glob("chunk-*.npz")))
     rows_done = min(meta["n_rows"], done * meta["chunk_rows"])
-    from featcache.lock import lock_path
+    from featcache.cache.lock import lock_path
 
     lock = lock_path(path)
     return {

@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from featcache.console import get_console
+from featcache.runtime.console import get_console
 
 
 class _RateColumn(ProgressColumn):

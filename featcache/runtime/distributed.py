@@ -104,7 +104,7 @@ TORCHRUN_WITHOUT_CWD = ("import os, sys; sys.path[:] = [p for p in sys.path if p
                         "sys.argv[0] = 'torchrun'; from torch.distributed.run import main; main()")
 # Each rank dies with torchrun, as torchrun dies with featcache (see die_with_parent): a killed
 # parent never leaves ranks writing parts after it released the cache's lock.
-WORKER_LAUNCHER = ("import sys\nfrom featcache.distributed import die_with_parent\n\ndie_with_parent()\n"
+WORKER_LAUNCHER = ("import sys\nfrom featcache.runtime.distributed import die_with_parent\n\ndie_with_parent()\n"
                    "from featcache.cli import entry\n\nentry()\n")
 
 

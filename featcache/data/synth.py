@@ -107,7 +107,7 @@ def _write(job) -> int:
 
 def synth(out: str | os.PathLike, n: int, *, seed: int = 0, workers: int | None = None, progress: bool = True) -> dict:
     """Write ``n`` images under ``out/{train,test}/{NORMAL,PNEUMONIA}/``; existing ones are kept."""
-    from featcache.progress import image_progress
+    from featcache.runtime.progress import image_progress
 
     if n < 4:
         raise UserError(f"--n must be at least 4 (two classes in two splits), got {n}")

@@ -187,7 +187,7 @@ def create_backbone(name: str, weights: str = "none", *, seed: int = 0) -> Backb
         note = f"file {weights} (sha256 {digest[:12]})"
     entry.strip_head(model)
     spec = entry.spec()
-    from featcache.modules import FeatureExtractor
+    from featcache.backbones.extractor import FeatureExtractor
 
     extractor = FeatureExtractor(model, spec).eval().requires_grad_(False)
     return Backbone(name, extractor, spec, entry.feature_dim, weights_id, note)

@@ -380,7 +380,7 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
     out = Path(out)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "report.json").is_file())):
         raise UserError(f"--out {out} exists and is not a featcache report folder; give a new or empty folder")
-    from featcache.outputs import output_folder
+    from featcache.runtime.outputs import output_folder
 
     output_folder(out)
     runs = sorted((load_run(d) for d in run_dirs), key=lambda r: (STRATEGY_ORDER.get(r["kind"], 9), r["name"]))
@@ -405,8 +405,8 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
 
 
 def _write_report(runs: list[dict], out: Path, title: str, analyses: bool, pdf: bool) -> dict:
-    from featcache import analysis
-    from featcache.plots import plot_auroc_vs_time
+    from featcache.report import analysis
+    from featcache.report.plots import plot_auroc_vs_time
     doc, facts = _Doc(), {"runs": [r["name"] for r in runs]}
     doc.h(1, title)
     roots = sorted({r["run"].get("data_root") for r in runs if r["run"].get("data_root")})
@@ -502,7 +502,7 @@ def _write_report(runs: list[dict], out: Path, title: str, analyses: bool, pdf: 
     (out / "report.md").write_text(doc.markdown(out))
     (out / "report.html").write_text(doc.html(title))
     if pdf:
-        from featcache.report_pdf import write_pdf
+        from featcache.report.pdf import write_pdf
 
         write_pdf(doc.blocks, out / "report.pdf", title)
     (out / "report.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
@@ -515,7 +515,7 @@ def _num(value, digits: int) -> str | None:
 
 
 def _backbone_costs(doc: _Doc, runs: list[dict]) -> None:
-    from featcache.backbones import REGISTRY, backbone_facts
+    from featcache.backbones.registry import REGISTRY, backbone_facts
 
     names = sorted({r["backbone"] for r in runs if r["backbone"] in REGISTRY})
     if not names:
@@ -554,7 +554,7 @@ def b_vs_c_sentence(c_name: str, b_name: str, cmp: dict) -> str:
 def _b_vs_c(doc: _Doc, runs: list[dict], facts: dict) -> None:
     """Task D's question with statistics: the best Task C run against the best Task B run, both chosen on
     validation, compared image by image on the test split."""
-    from featcache import analysis
+    from featcache.report import analysis
 
     choices = facts["choices"]
     if "best_fixed_feature_run" not in choices or "best_finetune_run" not in choices:
@@ -577,7 +577,7 @@ def _b_vs_c(doc: _Doc, runs: list[dict], facts: dict) -> None:
 def _per_run(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> None:
     """Each run's test (else validation) confusion matrix, as an image and a table, and its
     per-class classification report."""
-    from featcache import analysis
+    from featcache.report import analysis
 
     facts["per_run"] = {}
     doc.h(2, "Per run: confusion matrix and classification report")
@@ -605,7 +605,7 @@ def _per_run(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> None:
 
 
 def _learning_curves(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> None:
-    from featcache import analysis
+    from featcache.report import analysis
 
     tuned = [r for r in runs if r["history"]]
     facts["overfitting"] = {}
@@ -668,9 +668,9 @@ def weighting_sentence(backbone: str, train_counts: dict, effects: list[dict], c
 
 
 def _cache_analyses(doc: _Doc, run: dict, out: Path, facts: dict) -> None:
-    from featcache import analysis
-    from featcache.cache import FeatureCache
-    from featcache.plots import plot_pair_thumbnails
+    from featcache.report import analysis
+    from featcache.cache.h5 import FeatureCache
+    from featcache.report.plots import plot_pair_thumbnails
 
     cache = FeatureCache.open(run["cache"])
     classes = cache.classes
@@ -724,8 +724,8 @@ def _cache_analyses(doc: _Doc, run: dict, out: Path, facts: dict) -> None:
 
 
 def _worst_errors(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> None:
-    from featcache import analysis
-    from featcache.plots import plot_error_thumbnails
+    from featcache.report import analysis
+    from featcache.report.plots import plot_error_thumbnails
 
     scored = [r for r in runs if r["predictions"] and r["metrics"].get("test", {}).get("auroc") is not None]
     if not scored:
