@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     from featcache.runtime.console import get_console
     from featcache.decode.dali import dali_available
     from featcache.data.manifest import scan
+    from featcache.runtime.device import cpu_cores
 
     console = get_console()
     folders = list(args.data)
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
         synth(target, args.n, progress=sys.stdout.isatty())
         folders.insert(0, str(target))
     spec = get_entry("resnet18").spec()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     report = []
     for folder in folders:
         manifest = scan(folder)

@@ -273,7 +273,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     from featcache.decode import default_workers
-    from featcache.extract import resolve_device
+    from featcache.runtime.device import resolve_device
     from featcache.data.manifest import scan
 
     manifest = scan(args.data, split_seed=args.split_seed).limit(args.max_images, args.seed,

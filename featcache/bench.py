@@ -30,6 +30,7 @@ from pathlib import Path
 
 from featcache.runtime.amp import autocast
 from featcache.errors import UserError
+from featcache.runtime.device import cpu_cores, synchronizer
 
 STAGES = ("decode", "forward", "extract", "fit-head", "finetune-step", "compare")
 BASELINES = Path(__file__).resolve().parents[1] / "bench" / "tutorial_baseline.py"
@@ -68,7 +69,7 @@ def forward_only(backbone, manifest, *, n_images: int, batch_size: int, device: 
     batches = [images[i : i + batch_size].contiguous(memory_format=torch.channels_last)
                for i in range(0, len(images), batch_size)]
     model = backbone.model.to(device, memory_format=torch.channels_last)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     best = 0.0
     with torch.inference_mode():
         model(batches[0])
@@ -115,7 +116,8 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
 
     from featcache.backbones.registry import create_backbone
     from featcache.decode import resolve_backend
-    from featcache.extract import extract, resolve_device
+    from featcache.extract import extract
+    from featcache.runtime.device import resolve_device
     from featcache.data.manifest import scan
 
     unknown = [s for s in stages if s not in STAGES]
@@ -134,7 +136,7 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
     work.mkdir(parents=True, exist_ok=True)
     try:
         if "decode" in stages and decode.name != "dali":
-            facts["decode_images_per_s"] = decode_only(manifest, bb.spec, decode.name, workers=os.cpu_count() or 1)
+            facts["decode_images_per_s"] = decode_only(manifest, bb.spec, decode.name, workers=cpu_cores())
         if "forward" in stages or "extract" in stages:
             facts["forward_images_per_s"] = forward_only(bb, manifest, n_images=min(256, len(manifest)),
                                                          batch_size=batch_size, device=device)
@@ -193,7 +195,7 @@ def train_step_images_per_s(backbone: str, *, frozen: bool, amp_dtype, device: s
         scaler.step(optimizer)
         scaler.update()
 
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     step()
     sync()
     start = time.perf_counter()

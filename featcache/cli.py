@@ -53,6 +53,12 @@ def _backbone_names() -> str:
     return ", ".join(REGISTRY)
 
 
+def _backends() -> str:
+    from featcache.decode import BACKENDS
+
+    return "|".join(BACKENDS)
+
+
 def _add_scan_flags(p: argparse.ArgumentParser) -> None:
     from featcache.data.manifest import DEFAULT_MIN_VAL, DEFAULT_VAL_FRACTION
 
@@ -109,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
                    help="torchvision ImageNet weights, seeded random init, or a state_dict file (default %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--backend", default="auto", metavar="auto|torchvision|pil|dali",
+    p.add_argument("--backend", default="auto", metavar=_backends(),
                    help="decode backend (default auto: DALI on a GPU; on CPU, PIL reduced-scale decode for "
                         "full-size JPEGs, else torchvision)")
     p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda",
@@ -203,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threshold", default="0.5", metavar="0.5|youden|f1", help="as for fit-head")
     p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda")
-    p.add_argument("--backend", default="auto", metavar="auto|dali|pil|torchvision",
+    p.add_argument("--backend", default="auto", metavar=_backends(),
                    help="decode and augment with DALI (on the GPU with a GPU; auto there), PIL or torchvision")
     p.add_argument("--workers", type=_count, default=None)
     p.add_argument("--bootstrap", type=_count, default=1000, metavar="N", help="CI resamples for the final metrics")
@@ -381,8 +387,9 @@ def _launch_extract(args) -> int:
     from featcache.runtime.console import get_console
     from featcache.decode import resolve_backend
     from featcache.extract import (PARENT_LOCK_ENV, fingerprint, fingerprint_inputs, previous_decode,
-                                   resolve_device, resolve_inference_amp, take_lock, validate_options,
+                                   resolve_inference_amp, take_lock, validate_options,
                                    _existing_cache_matches)
+    from featcache.runtime.device import resolve_device
     from featcache.data.manifest import scan
 
     console = get_console()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -25,25 +24,13 @@ from featcache.runtime.console import get_console, quiet_console
 from featcache.errors import UserError
 from featcache.data.manifest import HIDDEN, IMAGE_EXTENSIONS, SYSTEM
 from featcache.cache.parts import DEFAULT_CHUNK_ROWS, PartStore
+from featcache.runtime.device import peak_gpu_mb, peak_host_mb, resolve_device, synchronizer
 
 # Set by `featcache extract --nproc K` for its torchrun workers: the parent
 # process holds the cache lock for them.
 PARENT_LOCK_ENV = "FEATCACHE_LOCK_HELD_BY"
 
 FEATURE_DTYPES = ("float32", "float16")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device not in DEVICES:
-        raise UserError(f"unknown device {device!r}; choose one of: {', '.join(DEVICES)}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is visible to PyTorch; use --device cpu")
-    return device
 
 
 def validate_options(out: Path, backbone: str, dtype: str, compression: str, chunk_rows: int) -> None:
@@ -208,12 +195,10 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
         attrs = _cache_attrs(manifest, bb, weights, seed, fp, inputs, decode, device)
         attrs["extract"] = {k: summary[k] for k in ("seconds", "images", "images_per_second", "processes",
                                                     "resumed_rows")}
-        attrs["extract"]["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        attrs["extract"]["peak_memory_mb"] = peak_host_mb()
         attrs["extract"]["batch_size"] = batch_size
         if device.startswith("cuda"):  # host RSS above, the GPU's own peak here: never mixed in one figure
-            import torch
-
-            attrs["extract"]["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            attrs["extract"]["peak_gpu_mb"] = peak_gpu_mb(device)
         t0 = time.perf_counter()
         summary.update(_assemble(out, store, manifest, bb.feature_dim, attrs, dtype, compression))
         summary["stages"] = {**summary["stages"], "assemble": time.perf_counter() - t0}
@@ -348,7 +333,7 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
     # Where the time goes: waiting for decoded batches, host-to-device copy, forward, committing rows.
     stage = {"decode_wait": 0.0, "host_to_device": 0.0, "forward": 0.0, "cache_write": 0.0}
     images = 0
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     start = time.perf_counter()
     with image_progress(len(rows), "extract", enabled=progress and dist.is_main) as advance, torch.inference_mode():
         batches = iter(loader)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from featcache import __version__
 from featcache.runtime.amp import autocast
 from featcache.errors import UserError
+from featcache.runtime.device import peak_gpu_mb, peak_host_mb, peak_memory_mb
 
 DEFAULT_LR_FULL = 3e-4
 DEFAULT_LR_FROZEN = 1e-3
@@ -105,14 +105,6 @@ def _classifier_class():
     return Classifier
 
 
-def _peak_memory_mb(device: str) -> float:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _atomic_save(obj, path: Path) -> None:
     import torch
 
@@ -167,7 +159,7 @@ def finetune(
     from featcache.backbones.registry import create_backbone, get_entry
     from featcache.runtime.console import get_console, quiet_console
     from featcache.decode import resolve_backend
-    from featcache.extract import resolve_device
+    from featcache.runtime.device import resolve_device
     from featcache.data.manifest import scan
     from featcache.runtime.amp import resolve_amp
     from featcache.eval.metrics import parse_threshold
@@ -307,7 +299,7 @@ def finetune(
             "images_per_second": float(images / slowest) if slowest else 0.0,
             "epoch_seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
-            "peak_memory_mb": _peak_memory_mb(device),
+            "peak_memory_mb": peak_memory_mb(device),
             "lr": optimizer.param_groups[0]["lr"],
             "skipped": train["failed"],
         }
@@ -535,8 +527,8 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
         "train_images_per_second": float(np.mean([h["images_per_second"] for h in history])),
         "images_per_second": float(np.mean([h["images_per_second"] for h in history])),
         "peak_memory_mb": max(h["peak_memory_mb"] for h in history),
-        "peak_host_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_gpu_mb": (torch.cuda.max_memory_allocated(device) / 2**20 if device_type == "cuda" else None),
+        "peak_host_mb": peak_host_mb(),
+        "peak_gpu_mb": peak_gpu_mb(device),
         "time_split": {"train": float(sum(h.get("train_seconds", 0.0) for h in history)),
                        "validate": float(sum(h["epoch_seconds"] - h.get("train_seconds", 0.0) for h in history))},
         "parameters": {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),

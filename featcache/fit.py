@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from featcache import __version__
 from featcache.cache.h5 import FeatureCache
 from featcache.errors import UserError
+from featcache.runtime.device import peak_host_mb
 from featcache.heads.sweep import (
     DEFAULT_C_GRID,
     DEFAULT_EPOCHS,
@@ -108,7 +108,7 @@ def select(candidates: list[dict]) -> dict:
 
 
 def _resolve_device(device: str) -> str:
-    from featcache.extract import resolve_device
+    from featcache.runtime.device import resolve_device
 
     return resolve_device(device)
 
@@ -200,10 +200,8 @@ def fit_head(
         "fit_seconds": fit_seconds,
         "wall_seconds": (extract_facts.get("seconds") or 0.0) + fit_seconds,
         "images_per_second": extract_facts.get("images_per_second"),
-        "peak_memory_mb": max(extract_facts.get("peak_memory_mb") or 0.0,
-                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "peak_host_mb": max(extract_facts.get("peak_memory_mb") or 0.0,
-                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_memory_mb": max(extract_facts.get("peak_memory_mb") or 0.0, peak_host_mb()),
+        "peak_host_mb": max(extract_facts.get("peak_memory_mb") or 0.0, peak_host_mb()),
         "peak_gpu_mb": extract_facts.get("peak_gpu_mb"),
         "time_split": {"extract": extract_facts.get("seconds"), "fit": fit_seconds},
         "parameters": _parameters(cache, head),

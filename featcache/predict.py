@@ -110,11 +110,10 @@ def collect_images(inputs: list[str]) -> list[str]:
 
 def _decode_backend(mode: str | None) -> str:
     """Decode new images the way the cache's images were decoded, so features match."""
-    if mode and mode.startswith("dali"):
-        from featcache.decode.dali import dali_available
+    from featcache.decode.base import decoder_for_mode
 
-        return "dali" if dali_available()[0] else "torchvision"
-    return mode if mode in ("torchvision", "pil") else "torchvision"
+    decoder = decoder_for_mode(mode)
+    return decoder.name if decoder is not None and decoder.available()[0] else "torchvision"
 
 
 def _finetuned_scorer(run_dir: Path, device: str):
@@ -173,7 +172,7 @@ def predict(run_dir: str | os.PathLike, inputs: list[str], *, out_csv: str | os.
     import torch
 
     from featcache.decode import make_loader
-    from featcache.extract import resolve_device
+    from featcache.runtime.device import resolve_device
 
     run_dir = Path(run_dir)
     if out_csv:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import UserError
+from featcache.runtime.device import cpu_cores
 
 TEST_SHARE = 0.15
 PNEUMONIA_SHARE = 0.62
@@ -119,7 +120,7 @@ def synth(out: str | os.PathLike, n: int, *, seed: int = 0, workers: int | None 
         for cls in ("NORMAL", "PNEUMONIA"):
             (out / split / cls).mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), seed, index, split, cls, name) for index, split, cls, name in rows]
-    workers = workers or max(1, (os.cpu_count() or 1))
+    workers = workers or cpu_cores()
     total = 0
     with ProcessPoolExecutor(workers) as pool, image_progress(n, "synth", enabled=progress) as advance:
         for size in pool.map(_write, jobs, chunksize=4):

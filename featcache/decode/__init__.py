@@ -1,44 +1,27 @@
 """Decode backends behind one signature.
 
-``make_loader(manifest, spec, backend=...)`` returns an iterable of
-:class:`Batch`: manifest row indices, a uint8 RGB tensor (N, 3, crop, crop)
-and the rows that could not be decoded with the reason. Rows are addressed by
-manifest index, so a consumer never depends on batch sizes, padding or order.
+Offers :func:`resolve_backend` (which backend a run uses on a device, and
+why), :func:`make_loader` (an iterable of :class:`Batch` over manifest rows
+from any registered backend) and the registry itself (:data:`DECODERS`,
+:class:`Decoder`, from :mod:`featcache.decode.base`). Backends: ``cpu``
+(torchvision, PIL), ``dali``; ``augment`` describes training augmentation
+once for all of them and ``gate`` refuses hostile files before any decoder
+sees them.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from featcache.decode.base import DECODERS, Batch, Decoder, decoder_for_mode, default_workers
 from featcache.errors import UserError
 
-BACKENDS = ("auto", "torchvision", "pil", "dali")
+__all__ = ["BACKENDS", "DECODERS", "Batch", "Decode", "Decoder", "decoder_for_mode", "default_workers",
+           "make_loader", "resolve_backend"]
 
-
-@dataclass
-class Batch:
-    indices: np.ndarray  # int64 manifest rows of ``images``, one per image
-    images: object  # torch.uint8 tensor (N, 3, H, W); N may be 0
-    failed: list[tuple[int, str]] = field(default_factory=list)  # (manifest row, reason)
-
-    def pin_memory(self) -> "Batch":
-        # Called by DataLoader(pin_memory=True) for faster, async host-to-GPU copies.
-        self.images = self.images.pin_memory()
-        return self
-
-
-def default_workers() -> int:
-    # On a small CPU the backbone wants every core; one decode worker keeps it
-    # fed without stealing them (measured in bench/extract_vs_forward.py).
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // 2))
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+BACKENDS = ("auto", *DECODERS)
 
 
 @dataclass(frozen=True)
@@ -61,27 +44,24 @@ def resolve_backend(backend: str, device: str, previous: str | None = None) -> D
     (1.46x and 1.54x torchvision; DALI's CPU mode 0.93x and 0.76x
     torchvision), its reduced-scale JPEG decode doing most for large images.
     """
-    from featcache.decode.dali import dali_available
-
     if backend not in BACKENDS:
         raise UserError(f"unknown decode backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     gpu = device.startswith("cuda")
-    if backend == "dali":
-        ok, why = dali_available()
+    if backend != "auto":
+        decoder = DECODERS[backend]
+        ok, why = decoder.available()
         if not ok:
-            raise UserError(f"--backend dali: NVIDIA DALI cannot be imported ({why}); "
-                            "install nvidia-dali-cuda130 or use --backend torchvision")
-        return Decode("dali", "dali-mixed" if gpu else "dali-cpu", "asked for with --backend dali")
-    if backend in ("torchvision", "pil"):
-        return Decode(backend, backend, f"asked for with --backend {backend}")
+            raise UserError(f"--backend {backend}: {why}, or use --backend torchvision")
+        return Decode(backend, decoder.mode(device), f"asked for with --backend {backend}")
     if gpu:
-        ok, why = dali_available()
+        ok, why = DECODERS["dali"].available()
         if ok:
             return Decode("dali", "dali-mixed", "auto: DALI decodes on the GPU (nvJPEG)")
-        return Decode("torchvision", "torchvision", f"auto: DALI cannot be imported ({why}); torchvision on CPU")
-    if previous in ("torchvision", "pil", "dali-cpu"):
-        name = "dali" if previous == "dali-cpu" else previous
-        return Decode(name, previous, f"auto: {previous}, as the existing cache at --out was made with it")
+        return Decode("torchvision", "torchvision", f"auto: {why.split(';')[0]}; torchvision on CPU")
+    previous_decoder = decoder_for_mode(previous)
+    if previous_decoder is not None and previous == previous_decoder.cpu_mode:
+        return Decode(previous_decoder.name, previous,
+                      f"auto: {previous}, as the existing cache at --out was made with it")
     return Decode("pil", "pil", "auto: PIL, the fastest CPU decoder measured (bench/decode.py), with "
                                 "reduced-scale decode of large JPEGs")
 
@@ -107,15 +87,8 @@ def make_loader(manifest, spec, *, backend: str = "torchvision", batch_size: int
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise UserError(f"--workers must be 0 or more, got {workers}")
-    if backend in ("torchvision", "pil"):
-        from featcache.decode.cpu import CpuLoader
-
-        return CpuLoader(manifest, spec, rows, backend=backend, batch_size=batch_size, workers=workers,
-                         pin_memory=pin_memory, augment=augment)
-    if backend == "dali":
-        from featcache.decode.dali import DEFAULT_HW_DECODER_LOAD, DaliLoader
-
-        return DaliLoader(manifest, spec, rows, batch_size=batch_size, device=device,
-                          hw_decoder_load=DEFAULT_HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load,
-                          augment=augment, seed=seed)
-    raise UserError(f"unknown decode backend {backend!r}")
+    if backend not in DECODERS:
+        raise UserError(f"unknown decode backend {backend!r}; choose one of: {', '.join(DECODERS)}")
+    return DECODERS[backend].make_loader(manifest, spec, rows, batch_size=batch_size, workers=workers,
+                                         pin_memory=pin_memory, device=device, hw_decoder_load=hw_decoder_load,
+                                         augment=augment, seed=seed)

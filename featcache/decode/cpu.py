@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from featcache.decode import Batch
+from featcache.decode.base import Batch
 
 
 def decode_failure_reason(exc: Exception) -> str:
@@ -152,6 +152,20 @@ def _collate(items) -> Batch:
 def _worker_init(_):
     # Workers decode; the backbone in the main process owns the cores' threads.
     torch.set_num_threads(1)
+
+
+def torchvision_loader(manifest, spec, rows, *, batch_size: int, workers: int, pin_memory: bool = False, augment=None,
+                       **_) -> "CpuLoader":
+    """The registry's factory for ``torchvision`` (:mod:`featcache.decode.base`)."""
+    return CpuLoader(manifest, spec, rows, backend="torchvision", batch_size=batch_size, workers=workers,
+                     pin_memory=pin_memory, augment=augment)
+
+
+def pil_loader(manifest, spec, rows, *, batch_size: int, workers: int, pin_memory: bool = False, augment=None,
+               **_) -> "CpuLoader":
+    """The registry's factory for ``pil`` (:mod:`featcache.decode.base`)."""
+    return CpuLoader(manifest, spec, rows, backend="pil", batch_size=batch_size, workers=workers,
+                     pin_memory=pin_memory, augment=augment)
 
 
 class CpuLoader:

@@ -23,7 +23,8 @@ import os
 import numpy as np
 import torch
 
-from featcache.decode import Batch
+from featcache.decode.base import Batch
+from featcache.runtime.device import cpu_cores
 
 DEFAULT_HW_DECODER_LOAD = 0.65
 
@@ -32,7 +33,8 @@ def dali_available() -> tuple[bool, str]:
     try:
         import nvidia.dali  # noqa: F401
     except Exception as exc:  # ImportError, or a CUDA library mismatch at import
-        return False, f"{exc.__class__.__name__}: {exc}"
+        return False, (f"NVIDIA DALI cannot be imported ({exc.__class__.__name__}: {exc}); "
+                       "install nvidia-dali-cuda130")
     return True, ""
 
 
@@ -122,6 +124,14 @@ def _to_torch(tensor_list, device: str) -> torch.Tensor:
     return torch.from_numpy(np.array(tensor_list.as_tensor()))
 
 
+def dali_loader(manifest, spec, rows, *, batch_size: int, device: str = "cpu", hw_decoder_load: float | None = None,
+                augment=None, seed: int = 0, **_) -> "DaliLoader":
+    """The registry's factory (:mod:`featcache.decode.base`): DALI runs its own threads, not DataLoader workers."""
+    return DaliLoader(manifest, spec, rows, batch_size=batch_size, device=device,
+                      hw_decoder_load=DEFAULT_HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load,
+                      augment=augment, seed=seed)
+
+
 class DaliLoader:
     def __init__(self, manifest, spec, rows: np.ndarray, *, batch_size: int, device: str = "cpu",
                  threads: int | None = None, hw_decoder_load: float = DEFAULT_HW_DECODER_LOAD, augment=None,
@@ -133,8 +143,7 @@ class DaliLoader:
         self.batch_size = batch_size
         self.device = device
         self.device_id = torch.device(device).index or 0 if device.startswith("cuda") else None
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.threads = threads or max(1, min(8, cores))
+        self.threads = threads or max(1, min(8, cpu_cores()))
         self.hw_decoder_load = hw_decoder_load
         self.augment = augment
         self.seed = seed

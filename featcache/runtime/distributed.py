@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featcache.errors import UserError
+from featcache.runtime.device import cpu_cores
 
 
 @dataclass
@@ -146,7 +147,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     # torchrun sets OMP_NUM_THREADS=1 (and warns) unless told otherwise; split the cores instead.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     with tempfile.TemporaryDirectory(prefix="featcache-launch-") as scratch:
         note = Path(scratch) / "user-error.txt"
         note.touch()
