@@ -127,7 +127,7 @@ def choose_and_test(heads: dict, val_probs: dict, data, positive) -> dict:
 def logistic_side(data, positive):
     """scikit-learn over featcache's C grid: fit each C, select on val as fit-head does, test the choice."""
     from featcache.fit import select, selection_score
-    from featcache.heads.sweep import DEFAULT_C_GRID, LogisticHead
+    from featcache.heads.logistic import DEFAULT_C_GRID, LogisticHead
 
     X, y = data["train"]
     fit_s, fits = timed(lambda: [LogisticHead(C=c).fit(X, y) for c in DEFAULT_C_GRID])

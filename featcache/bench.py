@@ -10,7 +10,7 @@ manifest, ``--max-images`` subset and starting weights), each as a fresh
 command timed whole, startup included (so each wall time and peak memory is
 its own), and puts them side by side: featcache extract + head sweep; the
 classic PyTorch tutorial's "ConvNet as fixed feature extractor", as written
-there, for E epochs (``bench/tutorial_baseline.py``; E defaults to the
+there, for E epochs (:mod:`featcache.baselines`; E defaults to the
 tutorial's 25); and featcache full fine-tuning for E epochs. Each gives test
 AUROC with its patient-bootstrap CI. It also times the usual naive
 feature-extraction script, for the ratio to featcache's extract.
@@ -28,27 +28,15 @@ import time
 from pathlib import Path
 
 
-from featcache.runtime.amp import autocast
 from featcache.errors import UserError
+from featcache.eval.rundir import RunRecord
 from featcache.runtime.device import cpu_cores, synchronizer
 
 STAGES = ("decode", "forward", "extract", "fit-head", "finetune-step", "compare")
-BASELINES = Path(__file__).resolve().parents[1] / "bench" / "tutorial_baseline.py"
-
-_PEAK_WRAPPER = """
-import resource, subprocess, sys, time
-start = time.perf_counter()
-proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-sys.stdout.write(proc.stdout)
-sys.stderr.write(proc.stderr[-4000:])
-print("@@", time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-      proc.returncode)
-"""
-
 
 def measured(cmd: list[str]) -> tuple[str, float, float]:
     """(stdout, wall seconds, peak RSS MB) of ``cmd`` run in a fresh process."""
-    result = subprocess.run([sys.executable, "-c", _PEAK_WRAPPER, *cmd], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "featcache.runtime.peak", *cmd], capture_output=True, text=True)
     lines = result.stdout.strip().splitlines()
     tail = lines[-1].split() if lines else []
     if not tail or tail[0] != "@@" or tail[3] != "0":
@@ -98,13 +86,12 @@ def resolve_weights(backbone: str, weights: str, seed: int = 0) -> tuple[str, st
         raise UserError(f"bench --weights takes auto, imagenet or none, got {weights!r}")
     if weights != "auto":
         return weights, "asked for"
-    from featcache.backbones.registry import create_backbone
+    from featcache.backbones.registry import auto_weights
 
-    try:
-        create_backbone(backbone, "imagenet", seed=seed)
-        return "imagenet", "ImageNet weights available"
-    except UserError as exc:
-        return "none", f"ImageNet weights unavailable, seeded random init instead ({str(exc).split('. ')[0]})"
+    ref, why = auto_weights(backbone, seed)
+    if why is None:
+        return ref.cli_value, "ImageNet weights available"
+    return ref.cli_value, f"ImageNet weights unavailable, seeded random init instead ({why.split('. ')[0]})"
 
 
 def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None = 600, epochs: int = 25,
@@ -175,10 +162,10 @@ def train_step_images_per_s(backbone: str, *, frozen: bool, amp_dtype, device: s
     import torch
 
     from featcache.backbones.registry import create_backbone
-    from featcache.finetune import _classifier_class
+    from featcache.finetune import classifier_class, train_step
 
     bb = create_backbone(backbone, "none")
-    model = _classifier_class()(bb.model.requires_grad_(not frozen), bb.feature_dim, 2, frozen)
+    model = classifier_class()(bb.model.requires_grad_(not frozen), bb.feature_dim, 2, frozen)
     model = model.to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=amp_dtype == torch.float16)
@@ -186,14 +173,11 @@ def train_step_images_per_s(backbone: str, *, frozen: bool, amp_dtype, device: s
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 2, (batch_size,), device=device)
 
+    criterion = torch.nn.CrossEntropyLoss()
+
     def step():
-        with autocast(device, amp_dtype):
-            logits = model(images)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(model, images, labels, optimizer, scaler, criterion, device_type=device.split(":")[0],
+                   amp_dtype=amp_dtype)
 
     sync = synchronizer(device)
     step()
@@ -216,12 +200,20 @@ def _train_steps(backbone: str, device: str, batch_size: int) -> dict:
     return out
 
 
+def forward_work(n: dict, epochs: int) -> dict:
+    """Images forwarded through the backbone: the tutorial runs train and val every epoch and test once,
+    featcache every image once. At equal speed per image and no startup the time ratio would be this work
+    ratio; a time ratio above it needs faster per-image work, not fewer passes."""
+    tutorial = epochs * (n.get("train", 0) + n.get("val", 0)) + n.get("test", 0)
+    featcache = sum(n.values())
+    return {"tutorial_image_forwards": tutorial, "featcache_image_forwards": featcache,
+            "ratio": tutorial / max(featcache, 1)}
+
+
 def _compare(data, work: Path, *, backbone, max_images, subsample_all, epochs, batch_size, seed, weights,
              n_resamples) -> dict:
     """featcache extract + sweep, the tutorial, featcache fine-tuning and the naive extraction loop on the
     same images and weights, each a fresh command timed whole (startup included), with its peak RSS."""
-    if not BASELINES.is_file():
-        raise UserError(f"bench compare needs {BASELINES} (a source checkout of featcache)")
     featcache = [sys.executable, "-m", "featcache"]
     subset = ["--max-images", str(max_images), *(["--subsample-all"] if subsample_all else [])] if max_images else []
     same = ["--backbone", backbone, "--weights", weights, "--seed", str(seed)]
@@ -236,7 +228,7 @@ def _compare(data, work: Path, *, backbone, max_images, subsample_all, epochs, b
                                         *same, "--batch-size", str(batch_size), "--no-progress", *subset])
     _, t_fit, m_fit = measured([*featcache, "fit-head", str(cache), "--out", str(work / "compare-sweep"),
                                 "--heads", "sweep", "--seed", str(seed), *ci])
-    sweep = json.loads((work / "compare-sweep" / "metrics.json").read_text())
+    sweep = RunRecord(work / "compare-sweep").metrics
     extracted = json.loads(_attr(cache, "extract"))
     rows["featcache extract + head sweep"] = {
         "seconds": t_extract + t_fit, "peak_memory_mb": max(m_extract, m_fit),
@@ -247,7 +239,8 @@ def _compare(data, work: Path, *, backbone, max_images, subsample_all, epochs, b
         "breakdown": {"extract_command_s": t_extract, "extract_in_process_s": extracted["seconds"],
                       "fit_head_command_s": t_fit,
                       "sweep_fit_s": sweep["fit_seconds"]}}
-    out, t_tut, m_tut = measured([sys.executable, str(BASELINES), "tutorial", str(data), "--epochs", str(epochs),
+    out, t_tut, m_tut = measured([sys.executable, "-m", "featcache.baselines", "tutorial", str(data),
+                                  "--epochs", str(epochs),
                                   *same, *ci, *subset])
     tut = json.loads(out.strip().splitlines()[-1])
     rows[f"PyTorch tutorial, {epochs} epochs"] = {
@@ -258,12 +251,12 @@ def _compare(data, work: Path, *, backbone, max_images, subsample_all, epochs, b
     run = work / "compare-finetune"
     _, t_ft, m_ft = measured([*featcache, "finetune", str(data), "--out", str(run), "--overwrite", "--epochs",
                               str(epochs), *same, "--batch-size", str(batch_size), "--no-progress", *ci, *subset])
-    ft = json.loads((run / "metrics.json").read_text())
+    ft = RunRecord(run).metrics
     rows[f"featcache full finetune, {epochs} epochs"] = {
         "seconds": t_ft, "peak_memory_mb": m_ft,
-        "images_per_second": json.loads((run / "run.json").read_text())["images_per_second"],
+        "images_per_second": RunRecord(run).run["images_per_second"],
         "test_auroc": ft["test"]["auroc"], "test_auroc_ci": ft["test"].get("ci", {}).get("auroc"), "n": n_of(ft)}
-    out, t_naive, _ = measured([sys.executable, str(BASELINES), "naive", str(data), *same,
+    out, t_naive, _ = measured([sys.executable, "-m", "featcache.baselines", "naive", str(data), *same,
                                 "--batch-size", str(batch_size), *subset])
     naive = json.loads(out.strip().splitlines()[-1])
     featcache_row = rows["featcache extract + head sweep"]
@@ -271,7 +264,7 @@ def _compare(data, work: Path, *, backbone, max_images, subsample_all, epochs, b
     for row in rows.values():
         row["time_vs_featcache"] = row["seconds"] / base
     tutorial_auroc = tut["test_auroc"]
-    return {"rows": rows, "weights": weights, "bootstrap": n_resamples,
+    return {"rows": rows, "weights": weights, "bootstrap": n_resamples, "work": forward_work(tut["n"], epochs),
             "naive_extract_images_per_second": naive["images_per_second"],
             "naive": {k: naive[k] for k in ("device", "workers", "batch_size", "grad", "seconds")},
             "featcache_extract_images_per_second": featcache_row["images_per_second"],
@@ -346,6 +339,11 @@ def render(facts: dict) -> list:
         out.append(f"tutorial time / featcache time: [bold]{c['tutorial_vs_cache_time']:.2f}x[/]; fine-tuning time / "
                    f"featcache time: [bold]{c['finetune_vs_cache_time']:.2f}x[/]"
                    + ("" if gap is None else f"; featcache test AUROC - tutorial's: {gap:+.3f}"))
+        w = c.get("work")
+        if w:
+            out.append(f"work: the tutorial forwards {w['tutorial_image_forwards']:,} images (train + val every "
+                       f"epoch, test once), featcache {w['featcache_image_forwards']:,} (every image once): "
+                       f"{w['ratio']:.1f}x, the time ratio at equal speed per image and no startup")
         b = c["rows"]["featcache extract + head sweep"].get("breakdown")
         if b:
             out.append(f"featcache's wall time: extract command {b['extract_command_s']:.1f} s (decode + forward + "

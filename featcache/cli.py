@@ -12,6 +12,7 @@ import sys
 
 from featcache import __version__
 from featcache.errors import UserError
+from featcache.options import EXTRACT, FINETUNE, HEAD
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +48,13 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
 
 
+def _head_kinds() -> dict:
+    """The head kinds by --heads name (featcache.heads imports numpy, not torch or scikit-learn)."""
+    from featcache.heads import HEADS
+
+    return HEADS
+
+
 def _backbone_names() -> str:
     from featcache.backbones.registry import REGISTRY
 
@@ -80,6 +88,50 @@ def _add_scan_flags(p: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
 
 
+def _add_model(p: argparse.ArgumentParser, defaults, weights_help: str | None = None) -> None:
+    """--backbone and --weights, for the commands that build a backbone."""
+    p.add_argument("--backbone", default=defaults.backbone, help=f"one of: {_backbone_names()} (default %(default)s)")
+    p.add_argument("--weights", default=defaults.weights, metavar="imagenet|none|PATH",
+                   help=weights_help or "torchvision ImageNet weights, seeded random init (none or none:seed=N), "
+                                        "or a state_dict file (default %(default)s)")
+
+
+def _add_device(p: argparse.ArgumentParser, default: str = "auto", help: str = "(default auto: cuda when present)"):
+    p.add_argument("--device", type=_device, default=default, metavar="auto|cpu|cuda", help=help)
+
+
+def _add_decode(p: argparse.ArgumentParser, defaults, backend_help: str, workers_help: str) -> None:
+    """--backend and --workers: how images are decoded."""
+    p.add_argument("--backend", default=defaults.backend, metavar=_backends(), help=backend_help)
+    p.add_argument("--workers", type=_count, default=defaults.workers, help=workers_help)
+
+
+def _add_subset(p: argparse.ArgumentParser, default=None, what: str = "a stratified subset of N train images "
+                "(classes in proportion); val and test stay whole") -> None:
+    p.add_argument("--max-images", type=_positive_int, default=default, metavar="N", help=what)
+    p.add_argument("--subsample-all", action="store_true",
+                   help="--max-images subsamples every split, val and test too (quick benchmarks)")
+
+
+def _add_bootstrap(p: argparse.ArgumentParser, default: int, help: str) -> None:
+    p.add_argument("--bootstrap", type=_count, default=default, metavar="N", help=help)
+
+
+def _add_run_flags(p: argparse.ArgumentParser, nproc_help: str, overwrite_help: str) -> None:
+    """--overwrite, --nproc and --no-progress: how a long-running command runs."""
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--nproc", type=_positive_int, default=1, help=nproc_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_positive_class(p: argparse.ArgumentParser, default) -> None:
+    from featcache.options import DEFAULT_POSITIVE_CLASS
+
+    p.add_argument("--positive-class", default=default, metavar="CLASS",
+                   help=f"two classes: the one scored as positive (AUROC, sensitivity, threshold) (default "
+                        f"{DEFAULT_POSITIVE_CLASS} when present, else the last class)")
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.toml", default=None,
                    help="read this command's settings from the [COMMAND] table of a TOML file; "
@@ -111,36 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", nargs="?", help="the data folder (as for scan)")
     p.add_argument("--out", metavar="CACHE.h5", help="the cache to write (required)")
     _add_config(p)
-    p.add_argument("--backbone", default="resnet18", help=f"one of: {_backbone_names()} (default %(default)s)")
-    p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
-                   help="torchvision ImageNet weights, seeded random init, or a state_dict file (default %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--backend", default="auto", metavar=_backends(),
-                   help="decode backend (default auto: DALI on a GPU; on CPU, PIL reduced-scale decode for "
-                        "full-size JPEGs, else torchvision)")
-    p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda",
-                   help="(default auto: cuda when present)")
-    p.add_argument("--workers", type=_count, default=None, help="decode worker processes (default: half the cores)")
-    p.add_argument("--dtype", default="float32", metavar="float32|float16", help="stored feature type")
-    p.add_argument("--amp", default="off", metavar="off|auto|bf16|fp16",
+    _add_model(p, EXTRACT)
+    p.add_argument("--batch-size", type=_positive_int, default=EXTRACT.batch_size)
+    _add_decode(p, EXTRACT, backend_help="decode backend (default auto: DALI on a GPU; on CPU, PIL reduced-scale "
+                                         "decode for full-size JPEGs, else torchvision)",
+                workers_help="decode worker processes (default: half the cores)")
+    _add_device(p, EXTRACT.device)
+    p.add_argument("--dtype", default=EXTRACT.dtype, metavar="float32|float16", help="stored feature type")
+    p.add_argument("--amp", default=EXTRACT.amp, metavar="off|auto|bf16|fp16",
                    help="run the backbone under autocast: about 2x faster on CPUs with native bf16 and on GPUs; "
                         "features differ slightly, so it is part of the cache fingerprint (default off)")
-    p.add_argument("--hw-decoder-load", type=float, default=None, metavar="F",
+    p.add_argument("--hw-decoder-load", type=float, default=EXTRACT.hw_decoder_load, metavar="F",
                    help="DALI on A100/H100-class GPUs: share of JPEGs for the hardware decoder (default 0.65)")
-    p.add_argument("--compression", default="none", metavar="none|gzip|lzf", help="HDF5 compression of features")
-    p.add_argument("--overwrite", action="store_true", help="replace a cache made from different inputs")
+    p.add_argument("--compression", default=EXTRACT.compression, metavar="none|gzip|lzf",
+                   help="HDF5 compression of features")
     p.add_argument("--wait", action="store_true", help="queue behind another extract writing the same cache "
                                                        "instead of exiting")
-    p.add_argument("--nproc", type=_positive_int, default=1,
-                   help="local worker processes, launched with torchrun (one per GPU on a GPU node)")
-    p.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
-                   help="a stratified subset of N train images; val and test stay whole (as finetune "
-                        "--max-images, same seed: same images)")
-    p.add_argument("--subsample-all", action="store_true",
-                   help="--max-images subsamples every split, val and test too (quick benchmarks)")
-    p.add_argument("--chunk-rows", type=_positive_int, default=1024,
+    _add_run_flags(p, nproc_help="local worker processes, launched with torchrun (one per GPU on a GPU node)",
+                   overwrite_help="replace a cache made from different inputs")
+    _add_subset(p, EXTRACT.max_images, "a stratified subset of N train images; val and test stay whole (as "
+                                       "finetune --max-images, same seed: same images)")
+    p.add_argument("--chunk-rows", type=_positive_int, default=EXTRACT.chunk_rows,
                    help="rows committed together; a crash loses at most one chunk per process (default 1024)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_scan_flags(p)
     _add_seed(p)
     p.set_defaults(func=_cmd_extract)
@@ -152,26 +196,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cache", metavar="CACHE.h5", nargs="*", help="one or more caches written by featcache extract")
     p.add_argument("--out", metavar="RUN_DIR", help="where metrics.json, head.pt and the plots go (required)")
     _add_config(p)
-    p.add_argument("--heads", default="logistic", metavar="logistic|sweep",
-                   help="logistic: scikit-learn, C from a grid; sweep: dozens of linear heads trained at once "
-                        "(lr x weight decay x class weight x normalization) (default %(default)s)")
-    p.add_argument("--C", type=_positive_float, default=None,
+    kinds = _head_kinds()
+    p.add_argument("--heads", default=HEAD.heads, metavar="|".join(kinds),
+                   help="; ".join(f"{name}: {kind.help}" for name, kind in kinds.items())
+                        + " (default %(default)s)")
+    p.add_argument("--C", type=_positive_float, default=HEAD.C,
                    help="logistic: inverse L2 strength (default: chosen on val)")
-    p.add_argument("--class-weight", default=None, metavar="none|balanced",
+    p.add_argument("--class-weight", default=HEAD.class_weight, metavar="none|balanced",
                    help="default: none for logistic, both (a grid axis) for sweep")
-    p.add_argument("--threshold", default="0.5", metavar="0.5|youden|f1",
+    p.add_argument("--threshold", default=HEAD.threshold, metavar="0.5|youden|f1",
                    help="two classes: decision threshold on the positive-class probability, fixed or chosen "
                         "on val (default %(default)s)")
-    p.add_argument("--target-sensitivity", type=_probability, default=None, metavar="S",
+    p.add_argument("--target-sensitivity", type=_probability, default=HEAD.target_sensitivity, metavar="S",
                    help="instead: the highest threshold reaching this validation sensitivity, e.g. 0.95")
-    p.add_argument("--sampler", default="shuffle", metavar="shuffle|balanced",
+    p.add_argument("--sampler", default=HEAD.sampler, metavar="shuffle|balanced",
                    help="sweep minibatches: plain shuffling, or classes drawn equally often")
-    p.add_argument("--epochs", type=_positive_int, default=20, help="sweep epochs (default %(default)s)")
-    p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda",
-                   help="where the sweep trains")
-    p.add_argument("--bootstrap", type=_count, default=1000, metavar="N",
-                   help="patient-bootstrap resamples for 95%% CIs; 0 turns them off (default %(default)s)")
-    p.add_argument("--seed", type=_count, default=0, help="seeds the sweep's minibatches and the bootstrap")
+    p.add_argument("--epochs", type=_positive_int, default=HEAD.epochs, help="sweep epochs (default %(default)s)")
+    _add_device(p, HEAD.device, help="where the sweep trains")
+    _add_bootstrap(p, HEAD.n_resamples, "patient-bootstrap resamples for 95%% CIs; 0 turns them off "
+                                        "(default %(default)s)")
+    p.add_argument("--seed", type=_count, default=HEAD.seed, help="seeds the sweep's minibatches and the bootstrap")
+    _add_positive_class(p, HEAD.positive_class)
     p.set_defaults(func=_cmd_fit_head)
 
     p = sub.add_parser("finetune", help="train every weight (or a new head on a frozen backbone) in one AMP loop",
@@ -180,42 +225,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", nargs="?")
     p.add_argument("--out", metavar="RUN_DIR", help="where checkpoints, history and metrics go (required)")
     _add_config(p)
-    p.add_argument("--backbone", default="resnet18", help=f"one of: {_backbone_names()} (default %(default)s)")
-    p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH")
-    p.add_argument("--recipe", default="featcache", metavar="featcache|tutorial",
+    _add_model(p, FINETUNE)
+    p.add_argument("--recipe", default=FINETUNE.recipe, metavar="featcache|tutorial",
                    help="featcache: AdamW + cosine (frozen mode: BatchNorm statistics fixed, features standardized "
                         "by a BatchNorm1d); tutorial: the PyTorch transfer-learning tutorial's fixed feature "
                         "extractor (SGD momentum 0.9, StepLR 7/0.1 per epoch, batch 4, RandomResizedCrop + flip, "
                         "BatchNorm in train mode, best epoch by val accuracy, 25 epochs) (default %(default)s)")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="(default 10; 25 with --recipe tutorial)")
-    p.add_argument("--lr", type=_positive_float, default=None,
+    p.add_argument("--epochs", type=_positive_int, default=FINETUNE.epochs,
+                   help="(default 10; 25 with --recipe tutorial)")
+    p.add_argument("--lr", type=_positive_float, default=FINETUNE.lr,
                    help="learning rate (default 3e-4; 1e-3 when frozen or with --recipe tutorial)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="(default 32; 4 with --recipe tutorial)")
-    p.add_argument("--amp", default="auto", metavar="auto|bf16|fp16|off",
+    p.add_argument("--batch-size", type=_positive_int, default=FINETUNE.batch_size,
+                   help="(default 32; 4 with --recipe tutorial)")
+    p.add_argument("--amp", default=FINETUNE.amp, metavar="auto|bf16|fp16|off",
                    help="mixed precision (auto: bf16 where supported, fp16 with loss scaling on older GPUs)")
     p.add_argument("--freeze-backbone", action="store_true",
                    help="train only a new head; the backbone still runs forward every epoch")
-    p.add_argument("--augment", default=None, metavar="none|light|strong|tutorial",
+    p.add_argument("--augment", default=FINETUNE.augment, metavar="none|light|strong|tutorial",
                    help="small rotations, shifts, scalings, brightness/contrast; no flips (default light); "
                         "tutorial: RandomResizedCrop + horizontal flip (the default with --recipe tutorial)")
     p.add_argument("--hflip", action="store_true", help="also flip horizontally (moves the heart: off by default)")
-    p.add_argument("--class-weight", default="none", metavar="none|balanced")
-    p.add_argument("--early-stop", type=_positive_int, default=None, metavar="PATIENCE",
+    p.add_argument("--class-weight", default=FINETUNE.class_weight, metavar="none|balanced")
+    p.add_argument("--early-stop", type=_positive_int, default=FINETUNE.early_stop, metavar="PATIENCE",
                    help="stop after this many epochs without a better validation AUROC")
-    p.add_argument("--max-images", type=_positive_int, default=None, metavar="N",
-                   help="a stratified subset of N train images (classes in proportion); val and test stay whole")
-    p.add_argument("--subsample-all", action="store_true",
-                   help="--max-images subsamples every split, val and test too (quick benchmarks)")
+    _add_subset(p, FINETUNE.max_images)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--threshold", default="0.5", metavar="0.5|youden|f1", help="as for fit-head")
-    p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda")
-    p.add_argument("--backend", default="auto", metavar=_backends(),
-                   help="decode and augment with DALI (on the GPU with a GPU; auto there), PIL or torchvision")
-    p.add_argument("--workers", type=_count, default=None)
-    p.add_argument("--bootstrap", type=_count, default=1000, metavar="N", help="CI resamples for the final metrics")
-    p.add_argument("--overwrite", action="store_true", help="replace a run with other settings in RUN_DIR")
-    p.add_argument("--nproc", type=_positive_int, default=1, help="DDP processes launched with torchrun")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threshold", default=FINETUNE.threshold, metavar="0.5|youden|f1", help="as for fit-head")
+    _add_device(p, FINETUNE.device)
+    _add_decode(p, FINETUNE, backend_help="decode and augment with DALI (on the GPU with a GPU; auto there), PIL or "
+                                          "torchvision", workers_help="decode worker processes (default: half the cores)")
+    _add_bootstrap(p, FINETUNE.n_resamples, "CI resamples for the final metrics")
+    _add_run_flags(p, nproc_help="DDP processes launched with torchrun",
+                   overwrite_help="replace a run with other settings in RUN_DIR")
+    _add_positive_class(p, FINETUNE.positive_class)
     _add_scan_flags(p)
     _add_seed(p)
     p.set_defaults(func=_cmd_finetune)
@@ -296,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV to write (default: a new RUN_DIR/predict-DATE-TIME.csv; never the run's own files)")
     p.add_argument("--weights", default=None, metavar="PATH",
                    help="the backbone weights file, when the one recorded in the run has moved")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--device", type=_device, default="auto", metavar="auto|cpu|cuda")
+    p.add_argument("--batch-size", type=_positive_int, default=EXTRACT.batch_size)
+    _add_device(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="scan, extract and fit a head on the embedded 400-image subset",
@@ -365,54 +407,19 @@ def _cmd_extract(args) -> int:
     from featcache.extract import validate_options
 
     validate_options(Path(args.out), args.backbone, args.dtype, args.compression, args.chunk_rows)  # before the scan
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_extract(args)
     manifest = scan(args.data, **_scan_options(args)).limit(args.max_images, args.seed,
                                                            subsample_all=args.subsample_all)
     if os.environ.get("RANK", "0") == "0":
         _print_manifest(manifest)
-    from featcache.extract import extract
+    from featcache.extract import extract, launch
 
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(args.out, nproc=args.nproc, argv=args.argv, manifest=manifest,
+                      backbone=args.backbone, weights=args.weights, seed=args.seed, device=args.device,
+                      backend=args.backend, dtype=args.dtype, amp=args.amp, wait=args.wait,
+                      overwrite=args.overwrite)
     extract(args.data, args.out, manifest=manifest, **_extract_kwargs(args))
     return 0
-
-
-def _launch_extract(args) -> int:
-    """Check everything a user can get wrong here, hold the lock, then start the torchrun workers."""
-    import os
-    from pathlib import Path
-
-    from featcache.runtime import distributed
-    from featcache.backbones.registry import create_backbone
-    from featcache.runtime.console import get_console
-    from featcache.decode import resolve_backend
-    from featcache.extract import (PARENT_LOCK_ENV, fingerprint, fingerprint_inputs, previous_decode,
-                                   resolve_inference_amp, take_lock, validate_options,
-                                   _existing_cache_matches)
-    from featcache.runtime.device import resolve_device
-    from featcache.data.manifest import scan
-
-    console = get_console()
-    out = Path(args.out)
-    validate_options(out, args.backbone, args.dtype, args.compression, args.chunk_rows)
-    manifest = scan(args.data, **_scan_options(args)).limit(args.max_images, args.seed,
-                                                           subsample_all=args.subsample_all)
-    _print_manifest(manifest)
-    bb = create_backbone(args.backbone, args.weights, seed=args.seed)
-    device = resolve_device(args.device)
-    decode = resolve_backend(args.backend, device, previous_decode(out))
-    inputs = fingerprint_inputs(manifest, bb, decode.mode, args.dtype, resolve_inference_amp(args.amp, device)[1])
-    lock = take_lock(out, args.wait, console)
-    try:
-        if _existing_cache_matches(out, fingerprint(inputs), inputs, args.overwrite, console):
-            console.print(f"[green]{out} is complete and up to date[/]; nothing to do")
-            return 0
-        console.print(f"launching {args.nproc} extraction processes with torchrun")
-        os.environ[PARENT_LOCK_ENV] = str(os.getpid())
-        return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
-    finally:
-        os.environ.pop(PARENT_LOCK_ENV, None)
-        lock.__exit__(None, None, None)
 
 
 def _cmd_fit_head(args) -> int:
@@ -424,7 +431,8 @@ def _cmd_fit_head(args) -> int:
     _require(args, "out")
     options = dict(heads=args.heads, C=args.C, class_weight=args.class_weight, threshold=args.threshold,
                    target_sensitivity=args.target_sensitivity, sampler=args.sampler, epochs=args.epochs,
-                   device=args.device, n_resamples=args.bootstrap, seed=args.seed)
+                   device=args.device, n_resamples=args.bootstrap, seed=args.seed,
+                   positive_class=args.positive_class)
     if len(caches) == 1:
         _print_metrics(fit_head(caches[0], args.out, **options), args.out)
     else:
@@ -481,7 +489,8 @@ def _cmd_finetune(args) -> int:
                        subsample_all=args.subsample_all, compile=args.compile,
                        seed=args.seed, threshold=args.threshold, device=args.device, backend=args.backend,
                        workers=args.workers, overwrite=args.overwrite, scan_options=_scan_options(args),
-                       n_resamples=args.bootstrap, progress=not args.no_progress)
+                       n_resamples=args.bootstrap, progress=not args.no_progress,
+                       positive_class=args.positive_class)
     if metrics is not None:
         _print_metrics(metrics, args.out, files="best.pt, history.json, learning_curve.png, metrics.json and plots")
     return 0
@@ -575,27 +584,15 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from pathlib import Path
-
-    from rich.table import Table
-
-    from featcache.runtime.console import get_console
     from featcache.predict import default_output, predict
+    from featcache.runtime.console import get_console
+    from featcache.runtime.tables import predictions_table
 
     out = args.out or str(default_output(args.run))
     rows = predict(args.run, args.images, out_csv=out, weights=args.weights, batch_size=args.batch_size,
                    device=args.device)
-    table = Table()
-    score_cols = [k for k in rows[0] if k.startswith("p_")] if rows else []
-    for col in ("image", *(c[2:] for c in score_cols), "prediction", "decided by"):
-        table.add_column(col, justify="left" if col in ("image", "prediction", "decided by") else "right")
-    for r in rows[:20]:
-        cells = [f"{r[c]:.3f}" if c in r else "-" for c in score_cols]
-        rule = ("argmax" if r.get("threshold_rule") == "argmax" else
-                f"p >= {float(r['threshold']):.3f} ({r['threshold_rule']})") if r["prediction"] else ""
-        table.add_row(Path(r["path"]).name, *cells, r["prediction"] or f"[red]{r['error']}[/]", rule)
     console = get_console()
-    console.print(table)
+    console.print(predictions_table(rows[:20]))
     failed = sum(1 for r in rows if r["error"])
     more = " (first 20 shown)" if len(rows) > 20 else ""
     console.print(f"{len(rows)} images{more}, {failed} could not be decoded; CSV written to {out}")

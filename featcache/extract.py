@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import ExitStack, contextmanager
 import time
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from featcache.cache.h5 import (
 )
 from featcache.runtime.console import get_console, quiet_console
 from featcache.errors import UserError
+from featcache.options import EXTRACT
 from featcache.data.manifest import HIDDEN, IMAGE_EXTENSIONS, SYSTEM
-from featcache.cache.parts import DEFAULT_CHUNK_ROWS, PartStore
+from featcache.cache.parts import PartStore
 from featcache.runtime.device import peak_gpu_mb, peak_host_mb, resolve_device, synchronizer
 
 # Set by `featcache extract --nproc K` for its torchrun workers: the parent
@@ -80,25 +82,25 @@ def extract(
     data: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    backbone: str = "resnet18",
-    weights: str = "none",
-    batch_size: int = 32,
-    backend: str = "auto",
-    device: str = "auto",
-    workers: int | None = None,
-    seed: int = 0,
-    overwrite: bool = False,
-    dtype: str = "float32",
-    compression: str = "none",
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    wait: bool = False,
-    max_images: int | None = None,
-    subsample_all: bool = False,
-    hw_decoder_load: float | None = None,
-    amp: str = "off",
+    backbone: str = EXTRACT.backbone,
+    weights: str = EXTRACT.weights,
+    batch_size: int = EXTRACT.batch_size,
+    backend: str = EXTRACT.backend,
+    device: str = EXTRACT.device,
+    workers: int | None = EXTRACT.workers,
+    seed: int = EXTRACT.seed,
+    overwrite: bool = EXTRACT.overwrite,
+    dtype: str = EXTRACT.dtype,
+    compression: str = EXTRACT.compression,
+    chunk_rows: int = EXTRACT.chunk_rows,
+    wait: bool = EXTRACT.wait,
+    max_images: int | None = EXTRACT.max_images,
+    subsample_all: bool = EXTRACT.subsample_all,
+    hw_decoder_load: float | None = EXTRACT.hw_decoder_load,
+    amp: str = EXTRACT.amp,
     manifest=None,
     scan_options: dict | None = None,
-    progress: bool = True,
+    progress: bool = EXTRACT.progress,
     dist=None,
 ) -> dict:
     """Extract features of every manifest row into ``out``; returns a summary.
@@ -117,24 +119,49 @@ def extract(
         raise UserError(f"--hw-decoder-load must be between 0 and 1, got {hw_decoder_load}")
     dist = dist or distributed.from_env()
     console = get_console() if dist.is_main else quiet_console()
-    lock, refusal = None, None
-    if dist.is_main:  # first, so a second writer is turned away at once
-        try:
-            lock = take_lock(out, wait, console)
-        except UserError as exc:
-            if not dist.active:
-                raise
-            refusal = str(exc)
-    try:
+    with ExitStack() as stack:
+        refusal = None
+        if dist.is_main:  # first, so a second writer is turned away at once
+            try:
+                stack.enter_context(cache_lock(out, wait, console))
+            except UserError as exc:
+                if not dist.active:
+                    raise
+                refusal = str(exc)
         return _extract_locked(data, out, backbone=backbone, weights=weights, batch_size=batch_size,
                                backend=backend, device=device, workers=workers, seed=seed, overwrite=overwrite,
                                dtype=dtype, compression=compression, chunk_rows=chunk_rows, manifest=manifest,
                                max_images=max_images, subsample_all=subsample_all,
                                hw_decoder_load=hw_decoder_load, amp=amp, scan_options=scan_options,
                                progress=progress, dist=dist, console=console, refusal=refusal)
-    finally:
-        if lock:
-            lock.__exit__(None, None, None)
+
+
+def launch(out: str | os.PathLike, *, nproc: int, argv: list[str], manifest, backbone: str = EXTRACT.backbone,
+           weights: str = EXTRACT.weights, seed: int = EXTRACT.seed, device: str = EXTRACT.device,
+           backend: str = EXTRACT.backend, dtype: str = EXTRACT.dtype, amp: str = EXTRACT.amp,
+           wait: bool = EXTRACT.wait, overwrite: bool = EXTRACT.overwrite) -> int:
+    """``extract --nproc N``: check everything a user can get wrong here, hold the lock, then start
+    N torchrun workers running ``featcache ARGV`` (each extracts its share of the chunks). Exit status."""
+    from featcache.backbones.registry import create_backbone
+    from featcache.decode import resolve_backend
+    from featcache.runtime import distributed
+
+    console = get_console()
+    out = Path(out)
+    bb = create_backbone(backbone, weights, seed=seed)
+    device = resolve_device(device)
+    decode = resolve_backend(backend, device, previous_decode(out))
+    inputs = fingerprint_inputs(manifest, bb, decode.mode, dtype, resolve_inference_amp(amp, device)[1])
+    with cache_lock(out, wait, console):
+        if _existing_cache_matches(out, fingerprint(inputs), inputs, overwrite, console):
+            console.print(f"[green]{out} is complete and up to date[/]; nothing to do")
+            return 0
+        console.print(f"launching {nproc} extraction processes with torchrun")
+        os.environ[PARENT_LOCK_ENV] = str(os.getpid())
+        try:
+            return distributed.launch(nproc, distributed.strip_nproc(argv))
+        finally:
+            os.environ.pop(PARENT_LOCK_ENV, None)
 
 
 def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, device, workers, seed, overwrite,
@@ -162,21 +189,11 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
     summary = {"out": str(out), "backbone": bb.name, "weights": bb.weights, "rows_expected": len(manifest),
                "fingerprint": fp}
 
-    decision = f"error: {refusal}" if refusal else "go"
-    if dist.is_main and not refusal:
-        try:
-            decision = _decide(out, fp, inputs, overwrite, store, console)
-        except UserError as exc:
-            if not dist.active:
-                raise
-            decision = f"error: {exc}"
-    decision = dist.broadcast(decision)
-    if decision.startswith("error: "):
-        raise UserError(decision[len("error: "):])
+    decision = dist.decide(lambda: _decide(out, fp, inputs, overwrite, store, console), refusal=refusal)
     if decision == "up to date":
         console.print(f"[green]{out} is complete and up to date[/] (same fingerprint {fp[:12]}); nothing to do")
         return {**summary, "status": "up to date"}
-    tone = "bold yellow" if weights == "none" else "bold"
+    tone = "bold yellow" if bb.ref.is_random else "bold"
     console.print(f"backbone [bold]{bb.name}[/] ({bb.feature_dim}-d), weights: [{tone}]{bb.weights_note}[/]")
     console.print(f"decode: [bold]{decode.mode}[/] ({decode.reason}); device: [bold]{device}[/]; "
                   f"precision: {amp_words}" + (f"; {dist.world} processes" if dist.active else ""))
@@ -207,19 +224,20 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
     return summary
 
 
-def take_lock(out: Path, wait: bool, console):
-    """The cache's write lock, or None when a ``--nproc`` parent holds it for this worker."""
+@contextmanager
+def cache_lock(out: Path, wait: bool, console):
+    """Hold the cache's write lock (None when a ``--nproc`` parent holds it for this worker)."""
     from featcache.cache.lock import CacheLock
 
     if os.environ.get(PARENT_LOCK_ENV):
-        return None
-    lock = CacheLock(out, wait=wait, on_wait=lambda holder: console.print(
-        f"[yellow]waiting[/] for {holder} to finish with {out.name}"))
-    lock.__enter__()
-    if lock.stale_holder:
-        console.print(f"[yellow]cleared a stale lock[/] on {out.name} left by {lock.stale_holder}, "
-                      "which is no longer running")
-    return lock
+        yield None
+        return
+    with CacheLock(out, wait=wait, on_wait=lambda holder: console.print(
+            f"[yellow]waiting[/] for {holder} to finish with {out.name}")) as lock:
+        if lock.stale_holder:
+            console.print(f"[yellow]cleared a stale lock[/] on {out.name} left by {lock.stale_holder}, "
+                          "which is no longer running")
+        yield lock
 
 
 def _decide(out: Path, fp: str, inputs: dict, overwrite: bool, store: PartStore, console) -> str:
@@ -296,7 +314,7 @@ def _cache_attrs(manifest, bb, weights, seed, fp, inputs, decode, device) -> dic
         "weights": bb.weights,
         "weights_note": bb.weights_note,
         # Lets predict rebuild this backbone; the fingerprint uses the file's hash, not this path.
-        "weights_source": weights if weights in ("imagenet", "none") else str(Path(weights).resolve()),
+        "weights_source": bb.ref.source,
         "preprocess": bb.spec.to_dict(),
         "fingerprint": fp,
         "fingerprint_inputs": inputs,

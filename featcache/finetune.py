@@ -26,6 +26,8 @@ import numpy as np
 from featcache import __version__
 from featcache.runtime.amp import autocast
 from featcache.errors import UserError
+from featcache.eval.rundir import RunRecord
+from featcache.options import FINETUNE
 from featcache.runtime.device import peak_gpu_mb, peak_host_mb, peak_memory_mb
 
 DEFAULT_LR_FULL = 3e-4
@@ -66,7 +68,7 @@ class Settings:
     world: int
 
 
-def _classifier_class():
+def classifier_class():
     import torch
     import torch.nn as nn
 
@@ -105,14 +107,6 @@ def _classifier_class():
     return Classifier
 
 
-def _atomic_save(obj, path: Path) -> None:
-    import torch
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def torchvision_state_dict(model, entry) -> dict:
     """The backbone's torchvision keys, with the new head under the classifier's own name,
     so ``--weights best.pt`` works for extract (the head is ignored there) and for torchvision."""
@@ -126,30 +120,31 @@ def finetune(
     data: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    backbone: str = "resnet18",
-    weights: str = "imagenet",
-    epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    amp: str = "auto",
-    freeze_backbone: bool = False,
-    augment: str | None = None,
-    hflip: bool = False,
-    class_weight: str = "none",
-    early_stop: int | None = None,
-    recipe: str = "featcache",
-    max_images: int | None = None,
-    subsample_all: bool = False,
-    compile: bool = False,
-    seed: int = 0,
-    threshold: str | float = 0.5,
-    device: str = "auto",
-    backend: str = "auto",
-    workers: int | None = None,
-    overwrite: bool = False,
+    backbone: str = FINETUNE.backbone,
+    weights: str = FINETUNE.weights,
+    epochs: int | None = FINETUNE.epochs,
+    lr: float | None = FINETUNE.lr,
+    batch_size: int | None = FINETUNE.batch_size,
+    amp: str = FINETUNE.amp,
+    freeze_backbone: bool = FINETUNE.freeze_backbone,
+    augment: str | None = FINETUNE.augment,
+    hflip: bool = FINETUNE.hflip,
+    class_weight: str = FINETUNE.class_weight,
+    early_stop: int | None = FINETUNE.early_stop,
+    recipe: str = FINETUNE.recipe,
+    max_images: int | None = FINETUNE.max_images,
+    subsample_all: bool = FINETUNE.subsample_all,
+    compile: bool = FINETUNE.compile,
+    seed: int = FINETUNE.seed,
+    threshold: str | float = FINETUNE.threshold,
+    device: str = FINETUNE.device,
+    backend: str = FINETUNE.backend,
+    workers: int | None = FINETUNE.workers,
+    overwrite: bool = FINETUNE.overwrite,
     scan_options: dict | None = None,
-    n_resamples: int = 1000,
-    progress: bool = True,
+    n_resamples: int = FINETUNE.n_resamples,
+    progress: bool = FINETUNE.progress,
+    positive_class: str | None = FINETUNE.positive_class,
     dist=None,
 ) -> dict:
     """Train, keep the best epoch by validation AUROC, report val and test into ``out``."""
@@ -209,13 +204,14 @@ def finetune(
                         compile, seed,
                         str(threshold), dist.world)
     out = Path(out)
-    state = _prepare_run_dir(out, settings, overwrite, dist, console)
+    run_dir = RunRecord(out)
+    state = _prepare_run_dir(run_dir, settings, overwrite, dist, console)
     if state == "done":
         console.print(f"[green]{out} holds this finished run[/]; nothing to do")
-        return json.loads((out / "metrics.json").read_text())
+        return run_dir.metrics
 
     classes = list(manifest.classes)
-    Classifier = _classifier_class()
+    Classifier = classifier_class()
     torch.manual_seed(seed)
     extractor = bb.model.requires_grad_(not freeze_backbone)
     model = Classifier(extractor, bb.feature_dim, len(classes), freeze_backbone, tutorial).to(
@@ -241,7 +237,7 @@ def finetune(
     history, best = [], {"auroc": -1.0, "epoch": -1}
     start_epoch = 0
     if state == "resume":
-        ckpt = torch.load(out / "last.pt", map_location=device, weights_only=True)
+        ckpt = run_dir.read_last(map_location=device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -268,7 +264,7 @@ def finetune(
     from featcache.fit import selection_score
     from featcache.eval.metrics import positive_class_index
 
-    positive = positive_class_index(classes) if len(classes) == 2 else None
+    positive = positive_class_index(classes, positive_class) if len(classes) == 2 else None
     for epoch in range(start_epoch, epochs):
         if early_stop and history and (epoch - 1) - best["epoch"] >= early_stop:
             break  # a resumed run that had already stopped early
@@ -313,14 +309,13 @@ def finetune(
             best = {"auroc": val_auroc, "score": record[chosen_by], "epoch": epoch}
         if dist.is_main:
             if improved:
-                _atomic_save({"model": torchvision_state_dict(model, entry),
-                              "config": json.dumps({**asdict(settings), "classes": classes, "epoch": epoch + 1})},
-                             out / "best.pt")
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                          "history": history, "best": best, "settings": json.dumps(asdict(settings))},
-                         out / "last.pt")
-            (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+                run_dir.write_best({"model": torchvision_state_dict(model, entry),
+                                    "config": json.dumps({**asdict(settings), "classes": classes,
+                                                          "epoch": epoch + 1})})
+            run_dir.write_last({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                                "history": history, "best": best, "settings": json.dumps(asdict(settings))})
+            run_dir.write_history(history)
         console.print(f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f}, acc "
                       f"{record['train_accuracy']:.3f} | val loss {val_loss:.4f}, AUROC {val_auroc:.3f}, acc "
                       f"{record['val_accuracy']:.3f} | {record['images_per_second']:.1f} img/s, "
@@ -336,7 +331,8 @@ def finetune(
         metrics = _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule, history, best,
                           decode.name, batch_size, workers, device, device_type, amp_dtype, criterion,
                           n_resamples, seed, fit_seconds=sum(h["epoch_seconds"] for h in history),
-                          wall=time.perf_counter() - wall_start, amp_words=amp_words, rank_facts=rank_facts)
+                          wall=time.perf_counter() - wall_start, amp_words=amp_words, rank_facts=rank_facts,
+                          positive_class=positive_class)
     dist.barrier()
     return metrics
 
@@ -359,38 +355,49 @@ def _weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def _prepare_run_dir(out: Path, settings: Settings, overwrite: bool, dist, console) -> str:
+def _prepare_run_dir(record: RunRecord, settings: Settings, overwrite: bool, dist, console) -> str:
     """"fresh", "resume" or "done", with the folder ready; a different run there is refused."""
-    import torch
+    out = record.folder
 
-    decision = "fresh"
-    if dist.is_main:
+    def choose() -> str:
         if out.exists() and not out.is_dir():
-            decision = f"error: --out {out} is a file; give a folder"
-        elif (out / "last.pt").exists() and not overwrite:
+            raise UserError(f"--out {out} is a file; give a folder")
+        decision = "fresh"
+        if record.last_path.exists() and not overwrite:
             try:
-                saved = json.loads(torch.load(out / "last.pt", map_location="cpu", weights_only=True)["settings"])
+                saved = json.loads(record.read_last(map_location="cpu")["settings"])
             except Exception:
                 saved = None
+            current = json.loads(json.dumps(asdict(settings)))
             if saved is None:
-                decision = f"error: {out / 'last.pt'} cannot be read; pass --overwrite to start over"
-            elif saved != json.loads(json.dumps(asdict(settings))):
-                diffs = [k for k in saved if saved[k] != json.loads(json.dumps(asdict(settings))).get(k)]
-                decision = (f"error: {out} holds a run with other settings ({', '.join(diffs)}); "
-                            "pass --overwrite to replace it or choose another --out")
-            elif (out / "run.json").exists() and json.loads((out / "run.json").read_text()).get("complete"):
-                decision = "done"
-            else:
-                decision = "resume"
-        if decision == "fresh" or (overwrite and not decision.startswith("error")):
-            for name in ("last.pt", "best.pt", "history.json", "run.json", "metrics.json"):
-                (out / name).unlink(missing_ok=True)
+                raise UserError(f"{record.last_path} cannot be read; pass --overwrite to start over")
+            if saved != current:
+                diffs = [k for k in saved if saved[k] != current.get(k)]
+                raise UserError(f"{out} holds a run with other settings ({', '.join(diffs)}); "
+                                "pass --overwrite to replace it or choose another --out")
+            decision = "done" if record.is_complete else "resume"
+        if decision == "fresh" or overwrite:
+            record.clear_progress()
             out.mkdir(parents=True, exist_ok=True)
             decision = "fresh"
-    decision = dist.broadcast(decision)
-    if decision.startswith("error: "):
-        raise UserError(decision[len("error: "):])
+        return decision
+
+    decision = dist.decide(choose)
     return decision
+
+
+def train_step(model, images, labels, optimizer, scaler, criterion, *, device_type: str, amp_dtype):
+    """One optimisation step: forward under autocast (``amp_dtype`` None: fp32), loss in fp32, backward
+    through the GradScaler (a pass-through unless fp16), optimizer step. Returns (loss, logits).
+    Fine-tuning and ``featcache bench``'s train-step figure both run this."""
+    with autocast(device_type, amp_dtype):
+        logits = model(images)
+    loss = criterion(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
 
 
 def _train_epoch(train_model, model, manifest, rows, spec, backend, aug, optimizer, scheduler, scaler, criterion, *,
@@ -421,13 +428,8 @@ def _train_epoch(train_model, model, manifest, rows, spec, backend, aug, optimiz
                 continue
             images = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             labels = torch.as_tensor(labels_of[batch.indices], device=device)
-            with autocast(device_type, amp_dtype):
-                logits = train_model(images)
-            loss = criterion(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, logits = train_step(train_model, images, labels, optimizer, scaler, criterion,
+                                      device_type=device_type, amp_dtype=amp_dtype)
             if scheduler is not None:  # per-batch schedules; the tutorial's StepLR moves per epoch
                 scheduler.step()
             n = len(labels)
@@ -470,14 +472,12 @@ def predict_rows(model, manifest, rows, spec, backend, batch_size, workers, devi
 
 def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule, history, best, backend,
             batch_size, workers, device, device_type, amp_dtype, criterion, n_resamples, seed, *, fit_seconds,
-            wall, amp_words, rank_facts) -> dict:
+            wall, amp_words, rank_facts, positive_class=None) -> dict:
     """Best epoch's weights -> val and test metrics, plots, learning curve, run.json."""
-    import torch
+    from featcache.fit import run_metrics
 
-    from featcache.fit import plot_run, run_metrics, write_predictions
-    from featcache.report.plots import plot_learning_curves
-
-    best_ckpt = torch.load(out / "best.pt", map_location=device, weights_only=True)
+    record = RunRecord(out)
+    best_ckpt = record.read_best(map_location=device)
     state = best_ckpt["model"]
     load_torchvision_state_dict(model, state, entry)
     labels = np.asarray(manifest.labels)
@@ -505,13 +505,13 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
         fit_seconds=fit_seconds,
         source={"cache": None, "backbone": bb.name, "weights": bb.weights, "fingerprint": None},
         n_train=len(split_rows["train"]), splits=splits, n_resamples=n_resamples, seed=seed,
+        positive_class=positive_class,
     )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    record.write_metrics(metrics)
     paths = np.asarray(manifest.paths, dtype=object)
-    write_predictions(out / "predictions.csv", classes,
-                      {s: (paths[split_rows[s]], y, p, pt) for s, (y, p, pt) in splits.items()})
-    plot_run(out, metrics, {s: (y, p) for s, (y, p, _) in splits.items()})
-    plot_learning_curves(history, out / "learning_curve.png", title=f"{bb.name}, {mode} fine-tuning")
+    record.write_predictions(classes, {s: (paths[split_rows[s]], y, p, pt) for s, (y, p, pt) in splits.items()})
+    record.write_plots(metrics, {s: (y, p) for s, (y, p, _) in splits.items()})
+    record.write_learning_curve(history, title=f"{bb.name}, {mode} fine-tuning")
     run = {
         "complete": True,
         "kind": "finetune",
@@ -533,7 +533,7 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
                        "validate": float(sum(h["epoch_seconds"] - h.get("train_seconds", 0.0) for h in history))},
         "parameters": {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                        "total": sum(p.numel() for p in model.parameters())},
-        "checkpoint_bytes": (out / "best.pt").stat().st_size,
+        "checkpoint_bytes": record.best_path.stat().st_size,
         "inference": inference,
         "amp": amp_words,
         # One entry per process: the epochs each ran and a digest of its final weights (DDP keeps them equal).
@@ -544,5 +544,5 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
         "layout": manifest.layout,
         "counts": {s: dict(zip(classes, n)) for s, n in manifest.counts().items()},
     }
-    (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    record.write_run(run)
     return metrics

@@ -16,23 +16,11 @@ import numpy as np
 from featcache import __version__
 from featcache.cache.h5 import FeatureCache
 from featcache.errors import UserError
+from featcache.options import HEAD
 from featcache.runtime.device import peak_host_mb
-from featcache.heads.sweep import (
-    DEFAULT_C_GRID,
-    DEFAULT_EPOCHS,
-    DEFAULT_LRS,
-    DEFAULT_WEIGHT_DECAYS,
-    CLASS_WEIGHTS,
-    NORMALIZATIONS,
-    LinearHeadSweep,
-    LogisticHead,
-    config_dict,
-    regularization_order,
-    resolve_head_options,
-    sweep_grid,
-)
+from featcache.eval.rundir import RunRecord
+from featcache.heads import HeadSettings, resolve_head_options
 from featcache.eval.metrics import (
-    DEFAULT_RESAMPLES,
     auroc,
     choose_threshold,
     evaluate,
@@ -66,42 +54,6 @@ def selection_score(y: np.ndarray, probs: np.ndarray, positive: int | None) -> f
     return float(np.mean(values)) if values else -1.0
 
 
-def _logistic_candidates(data, K, positive, C, class_weight):
-    X, y, _ = data["train"]
-    Xv, yv, _ = data["val"]
-    out = []
-    for c in (C,) if C is not None else DEFAULT_C_GRID:
-        head = LogisticHead(C=c, class_weight=class_weight).fit(X, y)
-        out.append({
-            "name": f"logistic_C_{c:g}_cw_{class_weight}",
-            "params": {"C": c, "class_weight": class_weight, "norm": "standard"},
-            "val_auroc": selection_score(yv, head.predict_proba(Xv), positive),
-            "rank": (-c,),  # smaller C = stronger regularization
-            "export": (lambda h=head: h.export(K)),
-        })
-    return out
-
-
-def _sweep_candidates(data, K, positive, *, class_weight, sampler, epochs, lrs, weight_decays, norms, device, seed):
-    X, y, _ = data["train"]
-    Xv, yv, _ = data["val"]
-    grid = sweep_grid(lrs, weight_decays, CLASS_WEIGHTS if class_weight is None else (class_weight,), norms)
-    sweep = LinearHeadSweep(grid, epochs=epochs, sampler=sampler, seed=seed, device=device).fit(X, y, K)
-    val_probs = sweep.predict_proba(Xv)
-    out = []
-    for config, probs in zip(sweep.order_, val_probs):
-        params = config_dict(config)
-        name = params.pop("name")
-        out.append({
-            "name": name,
-            "params": {**params, "epochs": epochs, "sampler": sampler},
-            "val_auroc": selection_score(yv, probs, positive),
-            "rank": regularization_order(config),
-            "export": (lambda c=config: sweep.export(c)),
-        })
-    return out
-
-
 def select(candidates: list[dict]) -> dict:
     """Highest validation AUROC; ties go to the more regularized head."""
     return max(candidates, key=lambda c: (round(c["val_auroc"], 12), c["rank"]))
@@ -117,26 +69,29 @@ def fit_head(
     cache_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    heads: str = "logistic",
-    C: float | None = None,
-    class_weight: str | None = None,
-    threshold: str | float = 0.5,
-    target_sensitivity: float | None = None,
-    sampler: str = "shuffle",
-    epochs: int = DEFAULT_EPOCHS,
-    lrs=DEFAULT_LRS,
-    weight_decays=DEFAULT_WEIGHT_DECAYS,
-    norms=NORMALIZATIONS,
-    device: str = "auto",
-    n_resamples: int = DEFAULT_RESAMPLES,
-    seed: int = 0,
+    heads: str = HEAD.heads,
+    C: float | None = HEAD.C,
+    class_weight: str | None = HEAD.class_weight,
+    threshold: str | float = HEAD.threshold,
+    target_sensitivity: float | None = HEAD.target_sensitivity,
+    sampler: str = HEAD.sampler,
+    epochs: int = HEAD.epochs,
+    lrs=None,
+    weight_decays=None,
+    norms=None,
+    device: str = HEAD.device,
+    n_resamples: int = HEAD.n_resamples,
+    seed: int = HEAD.seed,
+    positive_class: str | None = HEAD.positive_class,
 ) -> dict:
     """Fit ``heads`` on ``cache_path``, choose on val, report val and test into ``out_dir``.
 
-    ``class_weight`` None means: ``none`` for logistic, both settings as a grid
-    axis for the sweep. Returns the metrics written to ``metrics.json``.
+    ``heads`` names a kind of :data:`featcache.heads.HEADS`. ``class_weight``
+    None means: ``none`` for logistic, both settings as a grid axis for the
+    sweep; ``lrs``, ``weight_decays`` and ``norms`` None mean the sweep's
+    grid. Returns the metrics written to ``metrics.json``.
     """
-    resolve_head_options(heads, class_weight, sampler)
+    kind = resolve_head_options(heads, class_weight, sampler)
     if C is not None and C <= 0:
         raise UserError(f"--C must be positive, got {C}")
     if epochs < 1:
@@ -149,17 +104,16 @@ def fit_head(
     cache.verify()  # NaN, Inf or altered bytes end here, naming the dataset, not inside a solver
     classes = cache.classes
     K = len(classes)
-    positive = positive_class_index(classes) if K == 2 else None
+    positive = positive_class_index(classes, positive_class) if K == 2 else None
     data = _load_splits(cache)
-    if heads == "sweep":
+    if kind.uses_device:
         device = _resolve_device(device)  # imports torch outside the timed fit
+    settings = HeadSettings(C=C, class_weight=class_weight, sampler=sampler, epochs=epochs, lrs=lrs,
+                            weight_decays=weight_decays, norms=norms, device=device, seed=seed)
 
     start = time.perf_counter()
-    if heads == "logistic":
-        candidates = _logistic_candidates(data, K, positive, C, class_weight or "none")
-    else:
-        candidates = _sweep_candidates(data, K, positive, class_weight=class_weight, sampler=sampler, epochs=epochs,
-                                       lrs=lrs, weight_decays=weight_decays, norms=norms, device=device, seed=seed)
+    candidates = kind.candidates(data["train"][:2], data["val"][:2], K,
+                                 lambda y, probs: selection_score(y, probs, positive), settings)
     best = select(candidates)
     head = best["export"]()
     fit_seconds = time.perf_counter() - start
@@ -174,16 +128,17 @@ def fit_head(
                 "weights": cache.attrs.get("weights"), "fingerprint": cache.attrs.get("fingerprint")},
         n_train=len(data["train"][1]),
         splits={split: (data[split][1], p, data[split][2]) for split, p in probs.items()},
-        n_resamples=n_resamples, seed=seed,
+        n_resamples=n_resamples, seed=seed, positive_class=positive_class,
     )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _save_head(out_dir / "head.pt", head, metrics, cache)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    record = RunRecord(out_dir)
+    record.write_head(head, _head_config(metrics, cache))
+    record.write_metrics(metrics)
     paths = cache.read("paths")["paths"]
-    write_predictions(out_dir / "predictions.csv", classes,
-                      {s: (paths[cache.rows(s)], data[s][1], p, data[s][2]) for s, p in probs.items()})
+    record.write_predictions(classes, {s: (paths[cache.rows(s)], data[s][1], p, data[s][2])
+                                       for s, p in probs.items()})
     extract_facts = json.loads(cache.attrs.get("extract", "{}"))
     run = {
         "complete": True,
@@ -192,9 +147,9 @@ def fit_head(
         "backbone": metrics["backbone"],
         "weights": metrics["weights"],
         "data_root": cache.attrs.get("data_root"),
-        "cache": str(Path(cache.path).resolve()),
-        # A copied project (run folders and caches moved together) finds its cache from here.
-        "cache_relative": os.path.relpath(Path(cache.path).resolve(), out_dir.resolve()),
+        # Absolute, and relative to the run folder: a copied project (run folders and caches moved
+        # together) finds its cache from here.
+        **record.cache_fields(cache.path),
         "extract_seconds": extract_facts.get("seconds"),
         "extract_images_per_second": extract_facts.get("images_per_second"),
         "fit_seconds": fit_seconds,
@@ -205,26 +160,26 @@ def fit_head(
         "peak_gpu_mb": extract_facts.get("peak_gpu_mb"),
         "time_split": {"extract": extract_facts.get("seconds"), "fit": fit_seconds},
         "parameters": _parameters(cache, head),
-        "checkpoint_bytes": (out_dir / "head.pt").stat().st_size,
+        "checkpoint_bytes": record.head_path.stat().st_size,
         # Extraction's decode + forward per image (the head adds microseconds), at its batch size.
         "inference": ({"ms_per_image": 1000.0 / extract_facts["images_per_second"],
                        "batch_size": extract_facts.get("batch_size")}
                       if extract_facts.get("images_per_second") else {}),
         "featcache_version": __version__,
         "device": {"extract": (_json_attr(cache.attrs.get("decode")) or {}).get("device"),
-                   "fit": device if heads == "sweep" else "cpu"},
+                   "fit": device if kind.uses_device else "cpu"},
         "validation": _json_attr(cache.attrs.get("validation")),
         "layout": cache.attrs.get("layout"),
         "counts": {s: {c: int((data[s][1] == k).sum()) for k, c in enumerate(classes)} for s in data},
     }
-    (out_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-    plot_run(out_dir, metrics, {s: (data[s][1], p) for s, p in probs.items()})
+    record.write_run(run)
+    record.write_plots(metrics, {s: (data[s][1], p) for s, p in probs.items()})
     return metrics
 
 
 def _parameters(cache: FeatureCache, head) -> dict:
     """Trainable (the head's) and total (backbone + head) parameters of a cached-feature run."""
-    trainable = int(head.weight.size + head.bias.size)
+    trainable = head.n_parameters()
     backbone = cache.attrs.get("backbone_parameters")  # recorded at extraction (caches since this version)
     return {"trainable": trainable, "total": None if backbone is None else int(backbone) + trainable}
 
@@ -239,31 +194,15 @@ def _json_attr(value):
     return value
 
 
-def write_predictions(path: Path, classes, splits: dict) -> None:
-    """One CSV row per image: split, path, patient, true class, each class's probability.
-
-    ``splits`` maps a split to (paths, labels, (N, K) probabilities, patients); the patient
-    column lets two runs be compared by a paired patient bootstrap.
-    """
-    import csv
-
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["split", "path", "patient", "label", *(f"p_{c}" for c in classes)])
-        for split, (paths, labels, probs, patients) in splits.items():
-            for p, pt, y, row in zip(paths, patients, labels, probs):
-                writer.writerow([split, p, pt, classes[int(y)], *(f"{v:.6f}" for v in row)])
-
-
 def run_metrics(classes, rule, *, selected: dict, heads: list[dict], fit_seconds: float, source: dict, n_train: int,
-                splits: dict, n_resamples: int, seed: int) -> dict:
+                splits: dict, n_resamples: int, seed: int, positive_class: str | None = None) -> dict:
     """The metrics.json of a run, fit-head or finetune alike (the same keys, the same code).
 
     ``splits`` maps val (required) and test (optional) to (labels, (N, K)
     probabilities, patients). The threshold is chosen on val by ``rule``.
     """
     K = len(classes)
-    positive = positive_class_index(classes) if K == 2 else None
+    positive = positive_class_index(classes, positive_class) if K == 2 else None
     y_val, val_probs, _ = splits["val"]
     thr = choose_threshold(y_val == positive, val_probs[:, positive], rule) if positive is not None else None
     metrics = {
@@ -287,27 +226,8 @@ def run_metrics(classes, rule, *, selected: dict, heads: list[dict], fit_seconds
     return metrics
 
 
-def plot_run(out_dir: Path, metrics: dict, curves: dict) -> None:
-    """confusion_matrix.png, roc.png, pr.png and reliability.png of a run."""
-    from featcache.report.plots import plot_confusion_matrix, plot_pr, plot_reliability, plot_roc
-
-    classes, positive_name = metrics["classes"], metrics["positive_class"]
-    positive = classes.index(positive_name) if positive_name else None
-    shown = "test" if "test" in metrics else "val"
-    title = f"{metrics['backbone']} + {metrics['selected']['name']}"
-    thr = metrics["threshold"]
-    decision = f"threshold {thr:.3f}" if thr is not None else "argmax"
-    plot_confusion_matrix(metrics[shown]["confusion_matrix"], classes, out_dir / "confusion_matrix.png",
-                          title=f"{metrics['backbone']}, {shown} ({decision})")
-    plot_roc(curves, positive, out_dir / "roc.png", title=title, threshold=thr, classes=classes)
-    plot_pr(curves, positive, out_dir / "pr.png", title=title, classes=classes)
-    plot_reliability({s: metrics[s]["reliability"] for s in curves}, out_dir / "reliability.png",
-                     title=title, binary=positive is not None)
-
-
-def _save_head(path: Path, head, metrics: dict, cache: FeatureCache) -> None:
-    import torch
-
+def _head_config(metrics: dict, cache: FeatureCache) -> dict:
+    """What predict needs beside the head: classes, threshold, and the backbone and preprocessing to rebuild."""
     config = {k: metrics[k] for k in ("classes", "positive_class", "threshold", "threshold_rule", "selected",
                                       "backbone", "weights", "fingerprint")}
     config.update(
@@ -316,7 +236,7 @@ def _save_head(path: Path, head, metrics: dict, cache: FeatureCache) -> None:
         preprocess=json.loads(cache.attrs.get("preprocess", "{}")),
         decode=cache.fingerprint_inputs.get("decode"),
     )
-    torch.save({"head": head.state_dict(), "config": json.dumps(config)}, path)
+    return config
 
 
 def fit_heads(caches: list[str], out_dir: str | os.PathLike, **options) -> list[dict]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import UserError
+from featcache.eval.rundir import RunRecord
 from featcache.data.manifest import IMAGE_EXTENSIONS, printable_path
 
 
@@ -29,10 +30,6 @@ class _Files:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-
-# Files a run folder is made of; predictions never go over one of them.
-RUN_FILES = ("predictions.csv", "metrics.json", "run.json", "history.json", "head.pt", "best.pt", "last.pt")
 
 
 def default_output(run_dir: str | os.PathLike) -> Path:
@@ -51,38 +48,30 @@ def check_output(run_dir: str | os.PathLike, out_csv: str | os.PathLike) -> None
     out = Path(out_csv)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a CSV file name")
-    if out.name in RUN_FILES and out.resolve().parent == Path(run_dir).resolve():
+    if RunRecord(run_dir).is_run_file(out):  # predictions never go over one of the run's own files
         raise UserError(f"--out {out} is one of the run's own files; give another file name")
 
 
 def load_run(run_dir: str | os.PathLike):
-    """(LinearHead, config) of a fit-head run; ``head.pt`` is read with ``weights_only=True``."""
-    from featcache.backbones.registry import load_tensors
-    from featcache.heads.sweep import LinearHead
-
-    path = Path(run_dir) / "head.pt"
-    if not path.is_file():
-        raise UserError(f"no head.pt in {run_dir}: give a folder written by featcache fit-head (or finetune)")
-    payload = load_tensors(path, "a featcache head")
-    try:
-        return LinearHead.from_state_dict(payload["head"]), json.loads(payload["config"])
-    except Exception as exc:
-        raise UserError(f"{path} is not a featcache head ({exc.__class__.__name__}: {str(exc)[:200]})") from None
+    """(head, config) of a fit-head run: its head (of the kind head.pt records) and what predict needs."""
+    return RunRecord(run_dir).read_head()
 
 
 def weights_for(config: dict, override: str | None) -> tuple[str, int]:
     """The ``--weights`` value and seed that rebuild the backbone the head was trained on."""
+    from featcache.backbones.weights import WeightsRef
+
     seed = int(config.get("seed") or 0)
     if override:
         return override, seed
-    wid = config["weights"]
-    if wid.startswith("none:seed="):
-        return "none", int(wid.split("=", 1)[1])
-    if wid.startswith("torchvision:"):
-        return "imagenet", seed
     source = config.get("weights_source")
-    if source and Path(source).is_file():
-        return source, seed
+    ref = WeightsRef.from_id(config["weights"], source=source)
+    if ref.kind == "none":
+        return "none", ref.seed
+    if ref.kind == "pretrained":
+        return "imagenet", seed
+    if ref.path and Path(ref.path).is_file():
+        return ref.path, seed
     raise UserError(f"the head was fitted on features of a weights file ({source or 'path not recorded'}) "
                     "that is not there now; pass it with --weights PATH")
 
@@ -116,23 +105,25 @@ def _decode_backend(mode: str | None) -> str:
     return decoder.name if decoder is not None and decoder.available()[0] else "torchvision"
 
 
-def _finetuned_scorer(run_dir: Path, device: str):
+def _finetuned_scorer(record: RunRecord, device: str):
     """(score(images) -> probs, spec, decode backend, config) of a finetune run's best.pt."""
     import torch
 
     from featcache.backbones.registry import create_backbone, get_entry, load_tensors
-    from featcache.finetune import _classifier_class, load_torchvision_state_dict
+    from featcache.finetune import classifier_class, load_torchvision_state_dict
 
-    payload = load_tensors(run_dir / "best.pt", "a featcache checkpoint")
+    payload = load_tensors(record.best_path, "a featcache checkpoint")
     try:
         settings = json.loads(payload["config"])
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = record.metrics
+        if metrics is None:
+            raise FileNotFoundError(f"No such file: {str(record.metrics_path)!r}")
     except Exception as exc:
-        raise UserError(f"{run_dir} is not a finished featcache finetune run ({exc.__class__.__name__}: {exc})") \
+        raise UserError(f"{record.folder} is not a finished featcache finetune run ({exc.__class__.__name__}: {exc})") \
             from None
     entry = get_entry(settings["backbone"])
     backbone = create_backbone(settings["backbone"], "none")  # every tensor is replaced by best.pt's below
-    model = _classifier_class()(backbone.model, backbone.feature_dim, len(settings["classes"]),
+    model = classifier_class()(backbone.model, backbone.feature_dim, len(settings["classes"]),
                                 settings["freeze_backbone"], settings.get("recipe") == "tutorial")
     load_torchvision_state_dict(model, payload["model"], entry)
     model = model.to(device, memory_format=torch.channels_last).eval()
@@ -178,10 +169,12 @@ def predict(run_dir: str | os.PathLike, inputs: list[str], *, out_csv: str | os.
     if out_csv:
         check_output(run_dir, out_csv)
     device = resolve_device(device)
-    if not (run_dir / "head.pt").is_file() and (run_dir / "best.pt").is_file():
+    record = RunRecord(run_dir)
+    if record.kind == "finetune":
         if weights:
-            raise UserError("--weights applies to fit-head runs; a finetune run's best.pt holds its backbone")
-        score, spec, backend, config = _finetuned_scorer(run_dir, device)
+            raise UserError(f"--weights applies to fit-head runs; a finetune run's {record.best_path.name} holds "
+                            "its backbone")
+        score, spec, backend, config = _finetuned_scorer(record, device)
     else:
         score, spec, backend, config = _head_scorer(run_dir, weights, device)
     files = collect_images(inputs)

@@ -30,7 +30,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from featcache.backbones.weights import WeightsRef
 from featcache.errors import UserError
+from featcache.options import EXTRACT, FINETUNE, HEAD
 
 TOP_KEYS = {"title": str, "data": str, "out": str, "weights": str, "max_images": int, "subsample_all": bool,
             "seed": int, "seeds": list, "split_seed": int, "backend": str, "device": str, "batch_size": int,
@@ -74,7 +76,8 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def _weights_tag(weights: str) -> str:
-    return weights if weights in ("imagenet", "none") else Path(weights).stem
+    ref = WeightsRef.parse(weights)
+    return "none" if ref.is_random else ref.short
 
 
 def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str | None = None,
@@ -92,7 +95,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
         get_entry(table["backbone"])  # every name is checked before the first long step
     console = get_console()
     data = data or config["data"]
-    weights = weights or config.get("weights", "imagenet")
+    weights = weights or config.get("weights", EXTRACT.weights)
     out = Path(out or config.get("out", "runs/" + Path(path).stem))
     seeds = config.get("seeds") or [config.get("seed", 0)]
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds):
@@ -107,19 +110,22 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
         for i, fixed in enumerate(config["fixed"]):
             backbone = fixed["backbone"]
             # The seed changes a random-init backbone, so its cache; pretrained features are shared.
-            cache_tag = tag if weights == "none" else ""
+            cache_tag = tag if WeightsRef.parse(weights).is_random else ""
             cache = out / "caches" / f"{backbone}-{_weights_tag(weights)}{cache_tag}.h5"
             console.rule(f"[bold]fixed feature extractor {i + 1}/{len(config['fixed'])}: {backbone}"
                          + (f", seed {seed}" if repeated else ""))
-            extract(data, cache, backbone=backbone, weights=weights, batch_size=config.get("batch_size", 32),
-                    backend=config.get("backend", "auto"), device=config.get("device", "auto"),
+            extract(data, cache, backbone=backbone, weights=weights,
+                    batch_size=config.get("batch_size", EXTRACT.batch_size),
+                    backend=config.get("backend", EXTRACT.backend), device=config.get("device", EXTRACT.device),
                     scan_options=scan_options, **common)
             heads = fixed.get("heads", "sweep")
             run_dir = out / "runs" / f"{backbone}-{heads}{tag}"
             metrics = fit_head(cache, run_dir, heads=heads, C=fixed.get("C"), class_weight=fixed.get("class_weight"),
-                               threshold=fixed.get("threshold", 0.5), epochs=fixed.get("epochs", 20),
-                               sampler=fixed.get("sampler", "shuffle"), device=config.get("device", "auto"),
-                               n_resamples=config.get("bootstrap", 1000), seed=seed)
+                               threshold=fixed.get("threshold", HEAD.threshold),
+                               epochs=fixed.get("epochs", HEAD.epochs),
+                               sampler=fixed.get("sampler", HEAD.sampler), device=config.get("device", HEAD.device),
+                               n_resamples=config.get("bootstrap", HEAD.n_resamples), seed=seed,
+                               positive_class=config.get("positive_class"))
             console.print(f"{run_dir.name}: val AUROC {metrics['val']['auroc']:.3f}, test AUROC "
                           f"{metrics.get('test', {}).get('auroc') or float('nan'):.3f}")
             run_dirs.append(run_dir)
@@ -133,10 +139,12 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
                          + (f", seed {seed}" if repeated else ""))
             options = {k: v for k, v in tune.items() if k not in ("backbone",)}
             if tune.get("recipe") != "tutorial":  # the tutorial's recipe keeps its own batch of 4
-                options.setdefault("batch_size", config.get("batch_size", 32))
+                options.setdefault("batch_size", config.get("batch_size", EXTRACT.batch_size))
             finetune(data, run_dir, backbone=backbone, weights=weights,
-                     device=config.get("device", "auto"), n_resamples=config.get("bootstrap", 1000),
-                     scan_options=scan_options, **options, **common)
+                     device=config.get("device", FINETUNE.device),
+                     n_resamples=config.get("bootstrap", FINETUNE.n_resamples),
+                     positive_class=config.get("positive_class"), scan_options=scan_options,
+                     **options, **common)
             run_dirs.append(run_dir)
     console.rule("[bold]report")
     facts = build_report([str(d) for d in run_dirs], out / "report",

@@ -1,26 +1,21 @@
-"""bench/tutorial_baseline.py is the real thing: the PyTorch tutorial's recipe, featcache's weights, device
+"""featcache.baselines is the real thing: the PyTorch tutorial's recipe, featcache's weights, device
 and images; and `featcache bench --stages compare` runs it at the tutorial's 25 epochs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from featcache.data.demo import DEMO_DATA
 
-REPO = Path(__file__).resolve().parents[1]
-BASELINE = REPO / "bench" / "tutorial_baseline.py"
 
 
 @pytest.fixture(scope="module")
 def baseline():
-    spec = importlib.util.spec_from_file_location("tutorial_baseline", BASELINE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from featcache import baselines
+
+    return baselines
 
 
 def _run(baseline, capsys, *argv) -> dict:
@@ -40,7 +35,7 @@ def _no_imagenet(monkeypatch):
 
 def test_tutorial_baseline_is_the_tutorial_recipe_from_featcache_weights(baseline, capsys):
     from featcache.backbones.registry import create_backbone
-    from featcache.extract import resolve_device
+    from featcache.runtime.device import resolve_device
 
     defaults = baseline.build_parser().parse_args(["tutorial", "DATA"])
     assert defaults.epochs == 25 and defaults.weights == "imagenet"
@@ -78,7 +73,7 @@ def test_baseline_falls_back_to_featcache_seeded_init_when_imagenet_is_unavailab
 
 def test_naive_loop_uses_featcache_device_workers_and_inference_mode(baseline, capsys):
     from featcache.decode import default_workers
-    from featcache.extract import resolve_device
+    from featcache.runtime.device import resolve_device
 
     got = _run(baseline, capsys, "naive", str(DEMO_DATA), "--max-images", "16", "--subsample-all",
                "--weights", "none")
@@ -102,3 +97,12 @@ def test_bench_compare_defaults_to_the_tutorial_epochs_and_one_set_of_weights(mo
     _no_imagenet(monkeypatch)
     weights, why = resolve_weights("resnet18", "auto")
     assert weights == "none" and "unavailable" in why
+
+
+def test_bench_compare_states_the_work_each_side_does():
+    from featcache.bench import forward_work
+
+    work = forward_work({"train": 400, "val": 80, "test": 120}, epochs=25)
+    assert work == {"tutorial_image_forwards": 25 * 480 + 120, "featcache_image_forwards": 600,
+                    "ratio": pytest.approx(20.2)}
+    assert forward_work({"train": 10, "val": 0}, epochs=1)["ratio"] == 1.0

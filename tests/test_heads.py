@@ -10,7 +10,8 @@ import torch
 from featcache.cache.h5 import write_cache
 from featcache.errors import UserError
 from featcache.fit import fit_head
-from featcache.heads.sweep import DEFAULT_C_GRID, LinearHead
+from featcache.heads.base import LinearHead
+from featcache.heads.logistic import DEFAULT_C_GRID
 
 
 def synthetic_cache(path, *, sizes=None, dim=32, shift=0.8, seed=0, classes=("NORMAL", "PNEUMONIA")):
@@ -140,7 +141,8 @@ def test_sweep_trains_dozens_of_heads_and_matches_logistic(tmp_path):
 
 def test_exported_heads_reproduce_their_scores(tmp_path):
     from featcache.cache.h5 import FeatureCache
-    from featcache.heads.sweep import LinearHeadSweep, LogisticHead, sweep_grid
+    from featcache.heads.logistic import LogisticHead
+    from featcache.heads.sweep import LinearHeadSweep, sweep_grid
 
     cache = FeatureCache.open(synthetic_cache(tmp_path / "c.h5"))
     X, y, _ = cache.arrays("train")
@@ -216,7 +218,7 @@ def test_several_caches_give_one_comparison(tmp_path):
 def test_exported_logistic_head_is_scikit_learns_model(tmp_path, classes):
     """head.pt's softmax must give scikit-learn's probabilities: for 3+ classes only a multinomial fit does."""
     from featcache.cache.h5 import FeatureCache
-    from featcache.heads.sweep import LogisticHead
+    from featcache.heads.logistic import LogisticHead
 
     cache = FeatureCache.open(synthetic_cache(tmp_path / "c.h5", classes=classes, shift=1.0))
     X, y, _ = cache.arrays("train")
@@ -287,3 +289,47 @@ def test_a_busy_neighbour_is_seen_as_a_busy_core():
     finally:
         spinner.kill()
         spinner.wait()
+
+
+def test_the_positive_class_is_a_setting(tmp_path):
+    from featcache.eval.metrics import positive_class_index
+
+    assert positive_class_index(["NORMAL", "PNEUMONIA"]) == 1  # the default name, wherever it sorts
+    assert positive_class_index(["PNEUMONIA", "ZEBRA"]) == 0
+    assert positive_class_index(["benign", "malignant"]) == 1  # no such name: the last class
+    assert positive_class_index(["benign", "malignant"], "benign") == 0
+    with pytest.raises(UserError, match="--positive-class tumour is not a class here"):
+        positive_class_index(["benign", "malignant"], "tumour")
+
+    cache = synthetic_cache(tmp_path / "c.h5")
+    default = fit_head(cache, tmp_path / "a", C=0.1, n_resamples=0)
+    flipped = fit_head(cache, tmp_path / "b", C=0.1, n_resamples=0, positive_class="NORMAL")
+    assert (default["positive_class"], flipped["positive_class"]) == ("PNEUMONIA", "NORMAL")
+    # The same head at threshold 0.5, scored from the other side: sensitivity and specificity trade places.
+    assert flipped["test"]["sensitivity"] == pytest.approx(default["test"]["specificity"])
+    assert flipped["test"]["specificity"] == pytest.approx(default["test"]["sensitivity"])
+    assert flipped["test"]["auroc"] == pytest.approx(default["test"]["auroc"])
+
+
+def test_every_head_kind_is_registered_and_head_pt_records_its_kind(tmp_path):
+    from featcache.heads import HEADS, Head
+    from featcache.predict import load_run
+
+    assert list(HEADS) == ["logistic", "sweep"]
+    assert all(issubclass(cls, Head) and cls.kind == name and cls.help for name, cls in HEADS.items())
+    cache = synthetic_cache(tmp_path / "c.h5")
+    X = np.random.default_rng(1).normal(size=(7, 32))
+    for kind in HEADS:
+        run = tmp_path / kind
+        fit_head(cache, run, heads=kind, n_resamples=0, epochs=2)
+        payload = torch.load(run / "head.pt", weights_only=True)
+        assert payload["kind"] == payload["head"]["kind"] == kind
+        head, config = load_run(run)
+        assert isinstance(head, HEADS[kind]) and config["selected"]["head"] == kind
+        # A head.pt written before kinds were recorded loads as the kind its config selected.
+        payload.pop("kind")
+        payload["head"].pop("kind")
+        torch.save(payload, run / "head.pt")
+        legacy, _ = load_run(run)
+        assert isinstance(legacy, HEADS[kind])
+        assert np.allclose(legacy.predict_proba(X), head.predict_proba(X))

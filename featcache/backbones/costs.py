@@ -8,32 +8,39 @@ import sys
 
 from featcache.backbones.registry import REGISTRY, backbone_facts
 
-_PROBE = """
-import json, resource, sys, time
-import torch
-from featcache.backbones.registry import create_backbone
-name, batch, device = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-bb = create_backbone(name, "none")
-model = bb.model.to(device, memory_format=torch.channels_last)
-x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
-x = x.contiguous(memory_format=torch.channels_last)
-sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-with torch.inference_mode():
-    model(x); sync()
-    best = 0.0
-    for _ in range(2):
-        start = time.perf_counter(); model(x); sync()
-        best = max(best, batch / (time.perf_counter() - start))
-peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-print(json.dumps({"images_per_s": best, "peak_memory_mb": peak}))
-"""
+def probe(name: str, batch_size: int, device: str) -> dict:
+    """Best of two timed forward passes of ``name`` at ``batch_size`` (after a warm-up) and peak memory.
+
+    Run in a process of its own (:func:`measure`), so the peak is this backbone's alone.
+    """
+    import time
+
+    import torch
+
+    from featcache.backbones.registry import create_backbone
+    from featcache.runtime.device import peak_memory_mb, synchronizer
+
+    bb = create_backbone(name, "none")
+    model = bb.model.to(device, memory_format=torch.channels_last)
+    x = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    sync = synchronizer(device)
+    with torch.inference_mode():
+        model(x)
+        sync()
+        best = 0.0
+        for _ in range(2):
+            start = time.perf_counter()
+            model(x)
+            sync()
+            best = max(best, batch_size / (time.perf_counter() - start))
+    return {"images_per_s": best, "peak_memory_mb": peak_memory_mb(device)}
 
 
 def measure(name: str, batch_size: int, device: str) -> dict:
     """Forward images/s and peak memory of one backbone, in a fresh process (so memory is its own)."""
-    result = subprocess.run([sys.executable, "-c", _PROBE, name, str(batch_size), device], capture_output=True,
-                            text=True)
+    result = subprocess.run([sys.executable, "-m", "featcache.backbones.costs", name, str(batch_size), device],
+                            capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"measuring {name} on {device} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -72,3 +79,7 @@ def render(rows: list[dict], batch_size: int):
             cells += [f"{r[d]['images_per_s']:.1f}", f"{r[d]['peak_memory_mb']:.0f}"] if d in r else ["-", "-"]
         table.add_row(*cells)
     return table
+
+
+if __name__ == "__main__":  # python -m featcache.backbones.costs NAME BATCH DEVICE: one line of JSON
+    print(json.dumps(probe(sys.argv[1], int(sys.argv[2]), sys.argv[3])))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from featcache.backbones.registry import PreprocessSpec
+from featcache.backbones.spec import PreprocessSpec
 
 
 class FeatureExtractor(nn.Module):

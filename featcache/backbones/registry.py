@@ -11,32 +11,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
+from featcache.backbones.spec import PreprocessSpec, spec_from_weights
+from featcache.backbones.weights import WeightsRef
 from featcache.errors import UserError
 
-WEIGHT_CHOICES = ("imagenet", "none")
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """How an image becomes the backbone's input: the torchvision weights' transforms.
-
-    Shorter side resized to ``resize`` with ``interpolation`` (antialiased),
-    centre crop of ``crop``, then ``(x / 255 - mean) / std``.
-    """
-
-    resize: int
-    crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -118,17 +101,6 @@ def _mobilenet_v2():
     return mobilenet_v2, MobileNet_V2_Weights.IMAGENET1K_V2
 
 
-def spec_from_weights(weights) -> PreprocessSpec:
-    t = weights.transforms()
-    return PreprocessSpec(
-        resize=int(t.resize_size[0]),
-        crop=int(t.crop_size[0]),
-        mean=tuple(float(v) for v in t.mean),
-        std=tuple(float(v) for v in t.std),
-        interpolation=t.interpolation.value,
-    )
-
-
 def backbone_facts(name: str) -> dict:
     """Cost and quality from the torchvision weights' metadata (no model is built)."""
     entry = get_entry(name)
@@ -160,37 +132,52 @@ class Backbone:
     model: object  # FeatureExtractor
     spec: PreprocessSpec
     feature_dim: int
-    weights: str  # identity of the weights, e.g. "none:seed=0", "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    ref: WeightsRef  # resolved: names the pretrained weights, or carries the file's SHA-256
     weights_note: str  # for people
 
+    @property
+    def weights(self) -> str:
+        """The weights' id, e.g. "none:seed=0", "torchvision:ResNet18_Weights.IMAGENET1K_V1"."""
+        return self.ref.to_id()
 
-def create_backbone(name: str, weights: str = "none", *, seed: int = 0) -> Backbone:
-    """Build ``name`` with ``weights`` ("imagenet", "none" or a state_dict path), frozen and in eval mode."""
+
+def create_backbone(name: str, weights: str | WeightsRef = "none", *, seed: int = 0) -> Backbone:
+    """Build ``name`` with ``weights`` (a :class:`WeightsRef` or a ``--weights`` value: imagenet, none,
+    none:seed=N or a state_dict path; ``seed`` seeds ``none``), frozen and in eval mode."""
     import torch
 
+    ref = WeightsRef.parse(weights, seed=seed)
     entry = get_entry(name)
     builder, imagenet = entry.load()
     with torch.random.fork_rng(devices=[]):
         # A seeded random init that leaves the caller's RNG untouched.
-        torch.manual_seed(seed)
+        torch.manual_seed(ref.seed)
         model = builder(weights=None)
-    if weights == "imagenet":
+    if ref.kind == "pretrained":
         model.load_state_dict(_imagenet_state_dict(entry, imagenet))
-        weights_id = f"torchvision:{type(imagenet).__name__}.{imagenet.name}"
-        note = f"ImageNet ({type(imagenet).__name__}.{imagenet.name})"
-    elif weights == "none":
-        weights_id = f"none:seed={seed}"
-        note = f"none - random init, seed {seed} (no pretrained weights)"
+        ref = ref.resolved(tag=f"{type(imagenet).__name__}.{imagenet.name}")
+        note = f"ImageNet ({ref.tag})"
+    elif ref.kind == "none":
+        note = f"none - random init, seed {ref.seed} (no pretrained weights)"
     else:
-        digest = _load_weights_file(model, entry, Path(weights))
-        weights_id = f"file:sha256={digest}"
-        note = f"file {weights} (sha256 {digest[:12]})"
+        ref = ref.resolved(sha256=_load_weights_file(model, entry, Path(ref.path)))
+        note = f"file {ref.path} (sha256 {ref.sha256[:12]})"
     entry.strip_head(model)
     spec = entry.spec()
     from featcache.backbones.extractor import FeatureExtractor
 
     extractor = FeatureExtractor(model, spec).eval().requires_grad_(False)
-    return Backbone(name, extractor, spec, entry.feature_dim, weights_id, note)
+    return Backbone(name, extractor, spec, entry.feature_dim, ref, note)
+
+
+def auto_weights(name: str, seed: int = 0) -> tuple[WeightsRef, str | None]:
+    """``--weights auto``: the pretrained weights when they can be had, else seeded random init.
+    Returns the reference and, when it fell back, why (one line)."""
+    try:
+        create_backbone(name, "imagenet", seed=seed)
+        return WeightsRef("pretrained", seed=seed), None
+    except UserError as exc:
+        return WeightsRef("none", seed=seed), str(exc)
 
 
 def _imagenet_state_dict(entry: BackboneEntry, weights) -> dict:
@@ -209,8 +196,6 @@ def _imagenet_state_dict(entry: BackboneEntry, weights) -> dict:
 
 
 def _load_weights_file(model, entry: BackboneEntry, path: Path) -> str:
-    import torch
-
     if not path.is_file():
         raise UserError(
             f"weights file not found: {path} (--weights takes imagenet, none, or a path to a state_dict)"

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.options import DEFAULT_CHUNK_ROWS
+
 PARTS_SUFFIX = ".parts"
 META = "meta.json"
-DEFAULT_CHUNK_ROWS = 1024
 
 
 def parts_dir(cache: str | os.PathLike) -> Path:

@@ -9,15 +9,20 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.errors import UserError
+from featcache.options import DEFAULT_POSITIVE_CLASS, DEFAULT_RESAMPLES
 
 THRESHOLD_RULES = ("youden", "f1")
-POSITIVE_CLASS_NAME = "PNEUMONIA"
 
 
-def positive_class_index(classes) -> int:
-    """PNEUMONIA when present, otherwise the last class."""
+def positive_class_index(classes, positive: str | None = None) -> int:
+    """The index of ``positive`` (``--positive-class``); by default :data:`DEFAULT_POSITIVE_CLASS` when
+    present, otherwise the last class."""
     classes = list(classes)
-    return classes.index(POSITIVE_CLASS_NAME) if POSITIVE_CLASS_NAME in classes else len(classes) - 1
+    if positive is not None:
+        if positive not in classes:
+            raise UserError(f"--positive-class {positive} is not a class here; the classes are {', '.join(classes)}")
+        return classes.index(positive)
+    return classes.index(DEFAULT_POSITIVE_CLASS) if DEFAULT_POSITIVE_CLASS in classes else len(classes) - 1
 
 
 def parse_threshold(rule: str | float, target_sensitivity: float | None = None) -> str | float:
@@ -243,7 +248,6 @@ def calibration(y_true: np.ndarray, probs: np.ndarray, *, positive: int | None, 
 
 
 CI_METRICS = ("auroc", "sensitivity", "specificity", "accuracy")
-DEFAULT_RESAMPLES = 1000
 
 
 def bootstrap_ci(y_true, probs, patients, *, score, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,

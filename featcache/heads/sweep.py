@@ -1,17 +1,12 @@
-"""Heads trained on cached features; every choice is made on validation only.
+"""``--heads sweep``: many linear heads trained at once in torch; the choice is made on validation only.
 
-Two ways to fit:
-
-- ``logistic``: scikit-learn's L2 logistic regression on standardized
-  features, C chosen from a small grid;
-- ``sweep``: many linear heads trained at once in torch (DINOv2's linear
-  evaluation, on a cache): one weight tensor of shape (groups, D, heads, C),
-  each minibatch step one batched product for every head, over a grid of
-  learning rate x weight decay x class weighting x feature normalization.
-
-Either way the chosen head is exported as a :class:`LinearHead` (normalize,
-then one affine map and a softmax), which is what ``head.pt`` stores and
-``featcache predict`` applies.
+DINOv2's linear evaluation, on a cache: one weight tensor of shape (groups,
+D, heads, C), each minibatch step one batched product for every head, over a
+grid of learning rate x weight decay x class weighting x feature
+normalization. The chosen head is exported as a :class:`SweepHead`, a linear
+map (normalize, then one affine map and a softmax), which is what
+``head.pt`` stores and ``featcache predict`` applies. Also here: how many
+torch threads a fit uses, from its size and the cores free now.
 """
 
 from __future__ import annotations
@@ -24,20 +19,24 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from featcache.errors import UserError
+from featcache.heads.base import (
+    CLASS_WEIGHTS,
+    NORMALIZATIONS,
+    FeatureNorm,
+    Head,
+    HeadSettings,
+    LinearHead,
+    class_weight_vector,
+    register,
+)
+from featcache.options import HEAD
+from featcache.runtime.device import cpu_cores
 
-DEFAULT_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
-CLASS_WEIGHTS = ("none", "balanced")
-NORMALIZATIONS = ("standard", "l2")
-HEAD_KINDS = ("logistic", "sweep")
-SAMPLERS = ("shuffle", "balanced")
 DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3)
 DEFAULT_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
-DEFAULT_EPOCHS = 20
+DEFAULT_EPOCHS = HEAD.epochs
 DEFAULT_BATCH_SIZE = 256
 MOMENTUM = 0.9
-# A feature that never varies on train (a dead ReLU channel) keeps scale 1.
-MIN_SCALE = 1e-6
 # Multiply-adds of one sweep step that each torch thread needs before a split
 # pays for the thread handoffs of the step's ~20 small ops. Measured on two
 # free cores: a second thread speeds a step up 1.8x at 34 M (the default grid
@@ -47,120 +46,6 @@ MIN_MACS_PER_THREAD = 1 << 17
 # Readings of the run queue; the smallest is kept, so a thread that wakes for an
 # instant is not taken for a busy core.
 LOAD_SAMPLES = 3
-
-
-def class_weight_vector(y: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
-    """Per-class loss weights: ones, or ``N / (K * count)`` as scikit-learn's 'balanced'."""
-    if mode == "none":
-        return np.ones(n_classes)
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    return len(y) / (n_classes * np.maximum(counts, 1.0))
-
-
-def _l2_rows(X):
-    norms = np.linalg.norm(X, axis=1, keepdims=True) if isinstance(X, np.ndarray) else X.norm(dim=1, keepdim=True)
-    return X / (norms + 1e-12)
-
-
-class FeatureNorm:
-    """``standard``: z-score with train statistics; ``l2``: unit-length rows, then z-score."""
-
-    def __init__(self, kind: str = "standard"):
-        self.kind = kind
-
-    def fit(self, X: np.ndarray) -> "FeatureNorm":
-        X = self._pre(np.asarray(X, dtype=np.float64))
-        self.mean_ = X.mean(axis=0)
-        std = X.std(axis=0)
-        self.scale_ = np.where(std > MIN_SCALE, std, 1.0)
-        return self
-
-    def _pre(self, X):
-        return _l2_rows(X) if self.kind == "l2" else X
-
-    def transform(self, X):
-        """numpy in, numpy out; a torch tensor in, a tensor out (on its device)."""
-        if isinstance(X, np.ndarray):
-            return ((self._pre(X) - self.mean_) / self.scale_).astype(np.float32)
-        import torch
-
-        mean = torch.as_tensor(self.mean_, dtype=X.dtype, device=X.device)
-        scale = torch.as_tensor(self.scale_, dtype=X.dtype, device=X.device)
-        return (self._pre(X) - mean) / scale
-
-
-@dataclass
-class LinearHead:
-    """What a fitted head is, whatever trained it: normalize, affine map, softmax."""
-
-    norm: FeatureNorm
-    weight: np.ndarray  # (D, K)
-    bias: np.ndarray  # (K,)
-
-    def logits(self, X: np.ndarray) -> np.ndarray:
-        return self.norm.transform(np.asarray(X, dtype=np.float32)) @ self.weight + self.bias
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        z = self.logits(X).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
-
-    def state_dict(self) -> dict:
-        """Plain tensors and strings, loadable with ``torch.load(..., weights_only=True)``."""
-        import torch
-
-        def t(a):
-            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-        return {"norm": self.norm.kind, "mean": t(self.norm.mean_), "scale": t(self.norm.scale_),
-                "weight": t(self.weight), "bias": t(self.bias)}
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> "LinearHead":
-        norm = FeatureNorm(state["norm"])
-        norm.mean_ = state["mean"].double().numpy()
-        norm.scale_ = state["scale"].double().numpy()
-        return cls(norm, state["weight"].numpy(), state["bias"].numpy())
-
-
-class LogisticHead:
-    """Standardize with train statistics, then scikit-learn's L2 logistic regression."""
-
-    def __init__(self, C: float = 1.0, class_weight: str = "none", max_iter: int = 200):
-        self.C = C
-        self.class_weight = class_weight
-        self.max_iter = max_iter
-
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "LogisticHead":
-        from sklearn.linear_model import LogisticRegression
-
-        self.norm_ = FeatureNorm("standard").fit(X)
-        self.model_ = LogisticRegression(
-            C=self.C,
-            class_weight="balanced" if self.class_weight == "balanced" else None,
-            max_iter=self.max_iter,
-            # Newton steps with a D x D Cholesky: a handful of iterations on
-            # cache-sized problems (D <= 4096), and tighter optima than lbfgs.
-            solver="newton-cholesky",
-        ).fit(self.norm_.transform(X), y)
-        return self
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return self.model_.predict_proba(self.norm_.transform(X))
-
-    def export(self, n_classes: int) -> LinearHead:
-        coef, intercept = self.model_.coef_, self.model_.intercept_
-        if coef.shape[0] == 1:  # binary: softmax([0, z]) is sigmoid(z)
-            weight = np.stack([np.zeros(coef.shape[1]), coef[0]], axis=1)
-            bias = np.array([0.0, intercept[0]])
-        else:
-            weight, bias = coef.T, intercept
-        full_w = np.zeros((coef.shape[1], n_classes))
-        full_b = np.full(n_classes, -1e9)  # a class absent from train is never predicted
-        full_w[:, self.model_.classes_] = weight
-        full_b[self.model_.classes_] = bias
-        return LinearHead(self.norm_, full_w.astype(np.float32), full_b.astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -180,14 +65,6 @@ def sweep_grid(lrs=DEFAULT_LRS, weight_decays=DEFAULT_WEIGHT_DECAYS, class_weigh
     """The full product, grouped by normalization (the sweep's outer axis)."""
     return [HeadConfig(lr, wd, cw, norm) for norm, lr, wd, cw in itertools.product(norms, lrs, weight_decays,
                                                                                    class_weights)]
-
-
-def cpu_cores() -> int:
-    """Cores this process may use: its affinity mask, which taskset, cgroups and containers narrow."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def _running_now() -> int | None:
@@ -377,11 +254,15 @@ class LinearHeadSweep:
             out.append(e / e.sum(axis=-1, keepdims=True))
         return np.concatenate(out)
 
-    def export(self, config: HeadConfig) -> LinearHead:
+    def export(self, config: HeadConfig) -> "SweepHead":
+        """The head of ``config`` alone: its normalization and its slice of the weights."""
         i = self.order_.index(config)
         H = self.W_.shape[2]
         g, h = divmod(i, H)
-        return LinearHead(self.norms_[g], self.W_[g][:, h, :].copy(), self.b_[g][0, h, :].copy())
+        head = SweepHead(config, epochs=self.epochs, batch_size=self.batch_size, sampler=self.sampler,
+                         seed=self.seed, device=self.device)
+        head.norm, head.weight, head.bias = self.norms_[g], self.W_[g][:, h, :].copy(), self.b_[g][0, h, :].copy()
+        return head
 
 
 def config_dict(config: HeadConfig) -> dict:
@@ -393,10 +274,59 @@ def regularization_order(config: HeadConfig) -> tuple:
     return (config.weight_decay, -config.lr)
 
 
-def resolve_head_options(heads: str, class_weight: str | None, sampler: str) -> None:
-    if heads not in HEAD_KINDS:
-        raise UserError(f"unknown head {heads!r}; choose one of: {', '.join(HEAD_KINDS)}")
-    if class_weight is not None and class_weight not in CLASS_WEIGHTS:
-        raise UserError(f"--class-weight takes {' or '.join(CLASS_WEIGHTS)}, got {class_weight!r}")
-    if sampler not in SAMPLERS:
-        raise UserError(f"--sampler takes {' or '.join(SAMPLERS)}, got {sampler!r}")
+@register
+class SweepHead(LinearHead, Head):
+    """One linear head trained by minibatch SGD with one :class:`HeadConfig`, as each head of a sweep is.
+
+    ``fit`` trains ``config`` alone; ``candidates`` trains fit-head's whole grid
+    at once (:class:`LinearHeadSweep`) and exports each head as a SweepHead.
+    """
+
+    kind = "sweep"
+    help = "dozens of linear heads trained at once (lr x weight decay x class weight x normalization)"
+    uses_device = True
+    config = None  # a head loaded from head.pt: its config is in head.pt's own config
+
+    def __init__(self, config: HeadConfig | None = None, *, epochs: int = DEFAULT_EPOCHS,
+                 batch_size: int = DEFAULT_BATCH_SIZE, sampler: str = "shuffle", seed: int = 0, device: str = "cpu"):
+        super().__init__()
+        self.config = config
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.sampler = sampler
+        self.seed = seed
+        self.device = device
+
+    def fit(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> "SweepHead":
+        if self.config is None:
+            raise ValueError("a SweepHead trains one HeadConfig; give one (candidates trains a grid)")
+        trained = LinearHeadSweep([self.config], epochs=self.epochs, batch_size=self.batch_size,
+                                  sampler=self.sampler, seed=self.seed, device=self.device).fit(X, y, n_classes)
+        fitted = trained.export(self.config)
+        self.norm, self.weight, self.bias = fitted.norm, fitted.weight, fitted.bias
+        return self
+
+    @classmethod
+    def candidates(cls, train, val, n_classes, score, settings: HeadSettings):
+        X, y = train
+        Xv, yv = val
+        epochs = DEFAULT_EPOCHS if settings.epochs is None else settings.epochs
+        grid = sweep_grid(DEFAULT_LRS if settings.lrs is None else settings.lrs,
+                          DEFAULT_WEIGHT_DECAYS if settings.weight_decays is None else settings.weight_decays,
+                          CLASS_WEIGHTS if settings.class_weight is None else (settings.class_weight,),
+                          NORMALIZATIONS if settings.norms is None else settings.norms)
+        sweep = LinearHeadSweep(grid, epochs=epochs, sampler=settings.sampler, seed=settings.seed,
+                                device=settings.device).fit(X, y, n_classes)
+        val_probs = sweep.predict_proba(Xv)
+        out = []
+        for config, probs in zip(sweep.order_, val_probs):
+            params = config_dict(config)
+            name = params.pop("name")
+            out.append({
+                "name": name,
+                "params": {**params, "epochs": epochs, "sampler": settings.sampler},
+                "val_auroc": score(yv, probs),
+                "rank": regularization_order(config),
+                "export": (lambda c=config: sweep.export(c)),
+            })
+        return out

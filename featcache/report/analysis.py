@@ -34,18 +34,18 @@ def class_balance(cache: FeatureCache) -> dict:
     return out
 
 
-def weighting_and_threshold(cache: FeatureCache, C: float = 0.1) -> list[dict]:
+def weighting_and_threshold(cache: FeatureCache, C: float = 0.1, positive_class: str | None = None) -> list[dict]:
     """What class weighting and the threshold rule change, on val and test (two classes only).
 
     Four logistic heads (weighting none/balanced x threshold 0.5/Youden on val),
     the same C; the test split only reports.
     """
-    from featcache.heads.sweep import LogisticHead
+    from featcache.heads.logistic import LogisticHead
 
     classes = cache.classes
     if len(classes) != 2 or "test" not in cache.split_names():
         return []
-    positive = positive_class_index(classes)
+    positive = positive_class_index(classes, positive_class)
     X, y, _ = cache.arrays("train")
     splits = {s: cache.arrays(s)[:2] for s in ("val", "test")}
     rows = []
@@ -72,7 +72,7 @@ def domain_shift(cache: FeatureCache, a: tuple[str, ...] = ("train", "val"), b: 
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from featcache.heads.sweep import FeatureNorm
+    from featcache.heads.base import FeatureNorm
 
     present = cache.split_names()
     if not any(s in present for s in b) or not any(s in present for s in a):
@@ -103,7 +103,7 @@ def near_duplicates(cache: FeatureCache, *, threshold: float = DUPLICATE_COSINE,
     above ``threshold`` per split pair and the closest ones; a human judges
     those, byte-identical files are found by :func:`exact_duplicates`.
     """
-    from featcache.heads.sweep import FeatureNorm
+    from featcache.heads.base import FeatureNorm
 
     data = cache.read("features", "splits", "paths")
     train = data["splits"] == "train"
@@ -296,7 +296,7 @@ def classification_report(confusion: list[list[int]], classes) -> dict:
 
 def paired_comparison(a: list[dict], b: list[dict], classes, *, threshold_a: float | None,
                       threshold_b: float | None, split: str = "test", n_resamples: int = 1000,
-                      seed: int = 0) -> dict | None:
+                      seed: int = 0, positive_class: str | None = None) -> dict | None:
     """Run A against run B on the same images: paired patient-bootstrap CI of the AUROC difference
     (A minus B), and McNemar's exact test on which images each gets right at its own threshold.
 
@@ -309,7 +309,7 @@ def paired_comparison(a: list[dict], b: list[dict], classes, *, threshold_a: flo
 
     if len(classes) != 2:
         return None
-    positive = positive_class_index(classes)
+    positive = positive_class_index(classes, positive_class)
     pos_name = classes[positive]
     rows_b = {r["path"]: r for r in b if r["split"] == split}
     pairs = [(r, rows_b[r["path"]]) for r in a if r["split"] == split and r["path"] in rows_b]

@@ -19,35 +19,25 @@ import numpy as np
 
 
 from featcache import __version__
+from featcache.backbones.weights import WeightsRef
 from featcache.errors import UserError
+from featcache.eval import rundir
+from featcache.eval.metrics import positive_class_index
 
 STRATEGY_ORDER = {"fit-head": 0, "finetune": 1}
 
 
 def load_run(path: str | os.PathLike) -> dict:
-    """metrics.json, run.json (and history.json, predictions.csv when there) of one run folder."""
-    folder = Path(path)
-    if not (folder / "metrics.json").is_file():
-        raise UserError(f"{folder} is not a run folder (no metrics.json); give folders written by fit-head or "
-                        "finetune")
-    metrics = json.loads((folder / "metrics.json").read_text())
-    run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
-    history = json.loads((folder / "history.json").read_text()) if (folder / "history.json").is_file() else []
-    kind = run.get("kind") or ("finetune" if history else "fit-head")
-    return {"name": folder.name, "folder": folder, "metrics": metrics, "run": run, "history": history,
-            "cache": _find_cache(folder, run),
+    """One run folder as the report reads it: metrics.json, run.json (and history.json, predictions.csv
+    when there), its kind and its cache (None when not found: the analyses that read it are skipped,
+    saying so), from :class:`featcache.eval.rundir.RunRecord`."""
+    record = rundir.load_run(path)
+    metrics, run, kind = record.metrics, record.run, record.kind
+    return {"name": record.name, "folder": record.folder, "record": record, "metrics": metrics, "run": run,
+            "history": record.history, "cache": record.cache,
             "kind": kind, "backbone": metrics.get("backbone"),
             "strategy": run.get("strategy") or kind,
-            "predictions": folder / "predictions.csv" if (folder / "predictions.csv").is_file() else None}
-
-
-def _find_cache(folder: Path, run: dict) -> Path | None:
-    """The run's cache: where run.json says, else at the same place relative to the run folder
-    (a copied project), else None (the analyses that read it are skipped, saying so)."""
-    for candidate in (run.get("cache"), run.get("cache_relative") and folder / run["cache_relative"]):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
+            "predictions": record.predictions_path}
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -70,17 +60,17 @@ def weights_words(weights: str | None) -> str:
     """A weights id in words; random init says so plainly, because its numbers mean something else."""
     if not weights:
         return "not recorded"
-    if weights.startswith("none:seed="):
-        return f"random init (seed {weights.split('=', 1)[1]})"
-    if weights.startswith("torchvision:"):
-        return f"ImageNet ({weights.split(':', 1)[1]})"
-    if weights.startswith("file:sha256="):
-        return f"weights file, SHA-256 {weights.split('=', 1)[1][:12]}"
-    return weights
+    try:
+        return WeightsRef.from_id(weights).words()
+    except UserError:
+        return weights
 
 
 def is_random_init(weights: str | None) -> bool:
-    return bool(weights) and weights.startswith("none:")
+    try:
+        return bool(weights) and WeightsRef.from_id(weights).is_random
+    except UserError:
+        return False
 
 
 LAYOUT_WORDS = {"splits": "folders: split/class", "flat": "folders: class only"}
@@ -144,7 +134,12 @@ def task_d_rows(runs: list[dict]) -> list[dict]:
     rows = []
     for r in runs:
         test = r["metrics"].get("test", {})
+        classes = r["metrics"].get("classes") or []
+        positive = (positive_class_index(classes, r["metrics"].get("positive_class"))
+                    if len(classes) == 2 else None)
         rows.append({
+            "positive_class": None if positive is None else classes[positive],
+            "negative_class": None if positive is None else classes[1 - positive],
             "run": r["name"], "backbone": r["backbone"], "strategy": r["strategy"], "recipe": recipe_words(r),
             "random_init": is_random_init(r["metrics"].get("weights")),
             "weights": r["metrics"].get("weights"),
@@ -276,8 +271,11 @@ def verdict(rows: list[dict], choices: dict) -> str:
     scored = [r for r in rows if r["specificity"] is not None]
     low_spec = [r for r in scored if r["specificity"] < 0.7]
     if low_spec:
+        negative, positive = low_spec[0].get("negative_class"), low_spec[0].get("positive_class")
+        called = (f"they call many {negative} images {positive}" if negative and positive
+                  else "they call many negative images positive")
         parts.append(f"{len(low_spec)} of {len(scored)} runs keep test specificity below 0.70 at their threshold: "
-                     "they call many NORMAL images PNEUMONIA (see the threshold and class-balance analysis below).")
+                     f"{called} (see the threshold and class-balance analysis below).")
     return " ".join(parts)
 
 
@@ -566,7 +564,8 @@ def _b_vs_c(doc: _Doc, runs: list[dict], facts: dict) -> None:
     cmp = analysis.paired_comparison(analysis.read_predictions(c["predictions"]),
                                      analysis.read_predictions(b["predictions"]), c["metrics"]["classes"],
                                      threshold_a=c["metrics"].get("threshold"),
-                                     threshold_b=b["metrics"].get("threshold"))
+                                     threshold_b=b["metrics"].get("threshold"),
+                                     positive_class=c["metrics"].get("positive_class"))
     if cmp is None:
         return
     facts["b_vs_c"] = {"c": c["name"], "b": b["name"], **cmp}
@@ -592,7 +591,7 @@ def _per_run(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> None:
         thr = r["metrics"].get("threshold")
         decision = f"threshold {thr:.3f}" if thr is not None else "argmax"
         doc.h(3, f"{r['name']} ({split}, {decision})")
-        picture = r["folder"] / "confusion_matrix.png"
+        picture = r["record"].plot_path("confusion_matrix")
         if picture.is_file():
             target = out / f"confusion_matrix_{r['name']}.png"
             target.write_bytes(picture.read_bytes())
@@ -622,7 +621,7 @@ def _learning_curves(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> Non
         rows.append([r["name"], len(r["history"]), verdict["best_epoch"], last["train_accuracy"],
                      last["val_accuracy"], last["train_loss"], last["val_loss"],
                      ("OVERFITTING: " if verdict["flag"] else "") + verdict["reason"]])
-        curve = r["folder"] / "learning_curve.png"
+        curve = r["record"].plot_path("learning_curve")
         if curve.is_file():
             target = out / f"learning_curve_{r['name']}.png"
             target.write_bytes(curve.read_bytes())
@@ -681,7 +680,8 @@ def _cache_analyses(doc: _Doc, run: dict, out: Path, facts: dict) -> None:
               [[s, *(counts[c] for c in classes), sum(counts.values()),
                 *(f"{100 * counts[c] / max(sum(counts.values()), 1):.1f}%" for c in classes)]
                for s, counts in balance.items()])
-    effects = analysis.weighting_and_threshold(cache, C=run["metrics"]["selected"].get("C") or 0.1)
+    effects = analysis.weighting_and_threshold(cache, C=run["metrics"]["selected"].get("C") or 0.1,
+                                               positive_class=run["metrics"].get("positive_class"))
     facts["weighting_threshold"] = effects
     if effects:
         doc.table(["class weight", "threshold", "value", "val sens.", "val spec.", "val bal. acc.", "test sens.",
@@ -689,7 +689,6 @@ def _cache_analyses(doc: _Doc, run: dict, out: Path, facts: dict) -> None:
                   [[e["class_weight"], e["threshold_rule"], e["threshold"], e["val_sensitivity"],
                     e["val_specificity"], e["val_balanced_accuracy"], e["test_sensitivity"], e["test_specificity"],
                     e["test_balanced_accuracy"]] for e in effects])
-        base = effects[0]
         chosen = _choose(effects, "val_balanced_accuracy")
         facts["choices"]["class_weight_and_threshold"] = {
             "chosen": f"class weight {chosen['class_weight']}, threshold {chosen['threshold_rule']}",

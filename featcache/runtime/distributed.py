@@ -50,6 +50,22 @@ class Dist:
         td.broadcast_object_list(box, src=0)
         return box[0]
 
+    def decide(self, choose, *, refusal: str | None = None):
+        """Rank 0 runs ``choose()`` and every rank returns its result. A :class:`UserError` there (or a
+        ``refusal`` rank 0 already met) is raised on every rank, so all stop with the same one line."""
+        outcome = ("error", refusal) if refusal else None
+        if self.is_main and outcome is None:
+            try:
+                outcome = ("ok", choose())
+            except UserError as exc:
+                if not self.active:
+                    raise
+                outcome = ("error", str(exc))
+        outcome = self.broadcast(outcome)
+        if outcome[0] == "error":
+            raise UserError(outcome[1])
+        return outcome[1]
+
     def sync_buffers(self, module) -> None:
         """Rank 0's buffers (BatchNorm running statistics) on every rank.
 

@@ -141,3 +141,19 @@ def metrics_renderables(metrics: dict) -> list:
     if metrics["positive_class"] is None:
         out += [per_class_table(metrics, s) for s in splits]
     return out
+
+
+def predictions_table(rows: list[dict]) -> Table:
+    """``featcache predict``'s rows: image, class probabilities, the prediction and the rule that decided it."""
+    from pathlib import Path
+
+    table = Table()
+    score_cols = [k for k in rows[0] if k.startswith("p_")] if rows else []
+    for col in ("image", *(c[2:] for c in score_cols), "prediction", "decided by"):
+        table.add_column(col, justify="left" if col in ("image", "prediction", "decided by") else "right")
+    for r in rows:
+        cells = [f"{r[c]:.3f}" if c in r else "-" for c in score_cols]
+        rule = ("argmax" if r.get("threshold_rule") == "argmax" else
+                f"p >= {float(r['threshold']):.3f} ({r['threshold_rule']})") if r["prediction"] else ""
+        table.add_row(Path(r["path"]).name, *cells, r["prediction"] or f"[red]{r['error']}[/]", rule)
+    return table

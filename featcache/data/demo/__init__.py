@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featcache.errors import UserError
 
 DEMO_DATA = Path(__file__).resolve().parent / "chest_xray_mini"
 DEMO_BACKBONE = "resnet18"
@@ -14,18 +13,24 @@ def _pick_weights(weights: str, console) -> str:
     """``auto`` means ImageNet when it can be had, else a loud random init."""
     if weights != "auto":
         return weights
-    from featcache.backbones.registry import create_backbone
+    from featcache.backbones.registry import auto_weights
 
-    try:
-        create_backbone(DEMO_BACKBONE, "imagenet")
-        return "imagenet"
-    except UserError as exc:
-        console.rule("[bold yellow]no ImageNet weights")
-        console.print(f"[bold yellow]{exc}")
-        console.print("[bold yellow]Continuing with --weights none: a RANDOMLY INITIALISED resnet18. "
-                      "Numbers below are a random-feature baseline, not transfer learning.")
-        console.rule(style="yellow")
-        return "none"
+    ref, why = auto_weights(DEMO_BACKBONE)
+    if why is None:
+        return ref.cli_value
+    console.rule("[bold yellow]no ImageNet weights")
+    console.print(f"[bold yellow]{why}")
+    console.print("[bold yellow]Continuing with --weights none: a RANDOMLY INITIALISED resnet18. "
+                  "Numbers below are a random-feature baseline, not transfer learning.")
+    console.rule(style="yellow")
+    return ref.cli_value
+
+
+def _file_word(weights: str) -> str:
+    from featcache.backbones.weights import WeightsRef
+
+    ref = WeightsRef.parse(weights)
+    return "file" if ref.kind == "file" else ref.short
 
 
 def run_demo(out: str, *, weights: str = "auto", data: str | None = None) -> tuple[dict, Path]:
@@ -44,7 +49,7 @@ def run_demo(out: str, *, weights: str = "auto", data: str | None = None) -> tup
     print_manifest(manifest, console)
     weights = _pick_weights(weights, console)
     console.rule("[bold]2. extract")
-    cache = out / f"{DEMO_BACKBONE}-{'imagenet' if weights == 'imagenet' else 'random' if weights == 'none' else 'file'}.h5"
+    cache = out / f"{DEMO_BACKBONE}-{_file_word(weights)}.h5"
     extract(data, cache, backbone=DEMO_BACKBONE, weights=weights, manifest=manifest)
     console.rule("[bold]3. fit-head")
     run_dir = out / "logistic"
