@@ -211,46 +211,23 @@ def finetune(
         return run_dir.metrics
 
     classes = list(manifest.classes)
-    Classifier = classifier_class()
-    torch.manual_seed(seed)
-    extractor = bb.model.requires_grad_(not freeze_backbone)
-    model = Classifier(extractor, bb.feature_dim, len(classes), freeze_backbone, tutorial).to(
-        device, memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if tutorial:  # SGD with momentum, lr divided by 10 every 7 epochs (stepped once per epoch)
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=TUTORIAL["momentum"])
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=TUTORIAL["step_size"],
-                                                    gamma=TUTORIAL["gamma"])
-    else:  # AdamW with a cosine decay stepped every batch
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
-        steps_per_epoch = math.ceil(len(split_rows["train"]) / (batch_size * dist.world))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    training = build(bb, len(classes), labels_train=np.asarray(manifest.labels)[split_rows["train"]],
+                     freeze_backbone=freeze_backbone, tutorial=tutorial, lr=lr, epochs=epochs,
+                     steps_per_epoch=math.ceil(len(split_rows["train"]) / (batch_size * dist.world)),
+                     class_weight=class_weight, use_scaler=use_scaler, device=device, compile=compile, dist=dist,
+                     seed=seed)
+    model, train_model, optimizer, scheduler, scaler, criterion = (
+        training.model, training.train_model, training.optimizer, training.scheduler, training.scaler,
+        training.criterion)
     chosen_by = "val_accuracy" if tutorial else "val_auroc"
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=use_scaler)
-    labels_train = np.asarray(manifest.labels)[split_rows["train"]]
-    weight = None
-    if class_weight == "balanced":
-        counts = np.bincount(labels_train, minlength=len(classes)).clip(min=1)
-        weight = torch.tensor(len(labels_train) / (len(classes) * counts), dtype=torch.float32, device=device)
-    criterion = torch.nn.CrossEntropyLoss(weight=weight)
-
     history, best = [], {"auroc": -1.0, "epoch": -1}
     start_epoch = 0
     if state == "resume":
         ckpt = run_dir.read_last(map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        training.load(ckpt)
         history, best, start_epoch = ckpt["history"], ckpt["best"], int(ckpt["epoch"]) + 1
         console.print(f"[bold]resuming[/] {out} after epoch {start_epoch} of {epochs} "
                       f"(best val AUROC so far {best['auroc']:.3f}, epoch {best['epoch'] + 1})")
-    train_model = model
-    if compile:
-        train_model = torch.compile(model)
-    if dist.active:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
 
     mode = "frozen backbone (only the new head learns)" if freeze_backbone else "full fine-tuning"
     console.print(f"[bold]{backbone}[/] ({bb.weights_note}), {mode}; {len(split_rows['train']):,} train / "
@@ -335,6 +312,59 @@ def finetune(
                           positive_class=positive_class)
     dist.barrier()
     return metrics
+
+
+@dataclass
+class Training:
+    """What one fine-tuning run trains with. ``train_model`` is ``model`` as stepped (compiled, DDP-wrapped);
+    ``model`` is what is saved and evaluated. ``per_batch_schedule``: the scheduler steps every batch (cosine)
+    rather than once an epoch (the tutorial's StepLR)."""
+
+    model: object
+    train_model: object
+    optimizer: object
+    scheduler: object
+    scaler: object
+    criterion: object
+    per_batch_schedule: bool
+
+    def load(self, ckpt: dict) -> None:
+        """Resume from a ``last.pt``: weights, optimizer, schedule and loss-scaler state."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+
+
+def build(bb, n_classes: int, *, labels_train, freeze_backbone: bool, tutorial: bool, lr: float, epochs: int,
+          steps_per_epoch: int, class_weight: str, use_scaler: bool, device: str, compile: bool, dist,
+          seed: int) -> Training:
+    """The classifier on ``bb`` and everything that trains it, for featcache's recipe or the tutorial's."""
+    import torch
+
+    torch.manual_seed(seed)
+    extractor = bb.model.requires_grad_(not freeze_backbone)
+    model = classifier_class()(extractor, bb.feature_dim, n_classes, freeze_backbone, tutorial).to(
+        device, memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tutorial:  # SGD with momentum, lr divided by 10 every 7 epochs (stepped once per epoch)
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=TUTORIAL["momentum"])
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=TUTORIAL["step_size"],
+                                                    gamma=TUTORIAL["gamma"])
+    else:  # AdamW with a cosine decay stepped every batch
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=use_scaler)
+    weight = None
+    if class_weight == "balanced":
+        counts = np.bincount(labels_train, minlength=n_classes).clip(min=1)
+        weight = torch.tensor(len(labels_train) / (n_classes * counts), dtype=torch.float32, device=device)
+    criterion = torch.nn.CrossEntropyLoss(weight=weight)
+    train_model = torch.compile(model) if compile else model
+    if dist.active:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    return Training(model, train_model, optimizer, scheduler, scaler, criterion, per_batch_schedule=not tutorial)
 
 
 def load_torchvision_state_dict(model, state: dict, entry) -> None:
