@@ -127,7 +127,7 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
         if "forward" in stages or "extract" in stages:
             facts["forward_images_per_s"] = forward_only(bb, manifest, n_images=min(256, len(manifest)),
                                                          batch_size=batch_size, device=device)
-        cache = work / f"{backbone}.h5"
+        cache = work / f"{backbone.replace(':', '-').replace('/', '-')}.h5"
         if "extract" in stages or "fit-head" in stages:
             summary = extract(data, cache, backbone=backbone, weights="none", batch_size=batch_size, seed=seed,
                               max_images=max_images, subsample_all=subsample_all, overwrite=True,

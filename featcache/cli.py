@@ -56,9 +56,9 @@ def _head_kinds() -> dict:
 
 
 def _backbone_names() -> str:
-    from featcache.backbones.registry import REGISTRY
+    from featcache.backbones.registry import backbone_names
 
-    return ", ".join(REGISTRY)
+    return backbone_names()
 
 
 def _backends() -> str:
@@ -282,11 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="override the config's output folder")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("models", help="the four backbones: parameters, GFLOPs, ImageNet top-1, measured speed",
+    p = sub.add_parser("models", help="backbones: parameters, GFLOPs, ImageNet top-1, measured speed",
                        description="Task A: each backbone's cost from torchvision's metadata, and its forward "
                                    "images/s and peak memory measured on this machine (and its GPU).")
     p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--no-measure", action="store_true", help="metadata only (instant)")
+    p.add_argument("--backbones", nargs="+", default=None, metavar="NAME",
+                   help="any backbone names (tv:..., timm:...; default: the four short names)")
+    p.add_argument("--no-measure", action="store_true", help="no speed measurement (metadata and counts only)")
     p.add_argument("--json", default=None, metavar="OUT.json")
     p.set_defaults(func=_cmd_models)
 
@@ -524,7 +526,7 @@ def _cmd_models(args) -> int:
     if args.json:
         _json_output(args.json, "--json")
     console = get_console()
-    rows = model_table(measure_speed=not args.no_measure, batch_size=args.batch_size,
+    rows = model_table(names=args.backbones, measure_speed=not args.no_measure, batch_size=args.batch_size,
                        progress=lambda text: console.print(f"[dim]{text}[/]"))
     console.print(render(rows, args.batch_size))
     if args.json:

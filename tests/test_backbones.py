@@ -151,3 +151,113 @@ def test_a_malicious_checkpoint_is_refused_in_one_plain_line(tmp_path):
         message = str(info.value)
         assert "\n" not in message and "\x1b" not in message and "weights_only=False" not in message
         assert str(path) in message
+
+
+@pytest.mark.parametrize("name, dim, spec", [
+    ("tv:efficientnet_b0", 1280, (256, 224, "bicubic")),
+    ("tv:regnet_y_400mf", 440, (232, 224, "bilinear")),  # a builder that cannot run on the meta device
+])
+def test_any_torchvision_model_is_a_backbone_with_its_own_preprocessing(name, dim, spec):
+    bb = create_backbone(name, "none", seed=0)
+    assert (bb.name, bb.feature_dim, (bb.spec.resize, bb.spec.crop, bb.spec.interpolation)) == (name, dim, spec)
+    with torch.inference_mode():
+        assert bb.model(torch.zeros(2, 3, 224, 224, dtype=torch.uint8)).shape == (2, dim)
+
+
+def test_a_short_name_and_its_tv_name_are_one_backbone():
+    assert get_entry("tv:resnet18") is get_entry("resnet18")
+    assert create_backbone("tv:resnet18", "none").name == "resnet18"  # one name, so one cache fingerprint
+
+
+@pytest.mark.parametrize("name, words", [
+    ("tv:efficientnet_b9", "did you mean tv:efficientnet_b"),
+    ("tv:squeezenet1_0", "no linear classifier layer"),
+    ("nosuch:model", "unknown backbone family 'nosuch'"),
+    ("resnet19", "tv:NAME"),
+])
+def test_bad_backbone_names_are_one_line(name, words):
+    with pytest.raises(UserError, match=words):
+        get_entry(name)
+
+
+def test_tv_features_equal_torchvision_own_pipeline(tmp_path):
+    """The cache holds what torchvision's own transform and forward give, with the same weights file."""
+    import h5py
+    import torch.nn as nn
+    from PIL import Image
+    from torchvision.models import get_model, get_model_weights
+
+    from featcache.data.demo import DEMO_DATA
+    from featcache.eval import parity
+    from featcache.extract import extract
+
+    torch.manual_seed(3)
+    reference = get_model("efficientnet_b0", weights=None).eval()
+    weights_file = tmp_path / "effnet.pt"
+    torch.save(reference.state_dict(), weights_file)
+    cache = tmp_path / "c.h5"
+    extract(DEMO_DATA, cache, backbone="tv:efficientnet_b0", weights=str(weights_file), max_images=40,
+            subsample_all=True, workers=0, batch_size=16, progress=False)
+    with h5py.File(cache) as f:
+        ours = f["features"][:]
+        paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
+    transform = get_model_weights("efficientnet_b0").DEFAULT.transforms()
+    reference.classifier[1] = nn.Identity()
+    with torch.inference_mode():
+        images = torch.stack([transform(Image.open(DEMO_DATA / p).convert("RGB")) for p in paths])
+        theirs = reference(images).numpy()
+    result = parity.parity(ours, theirs, same=parity.duplicate_groups(paths, DEMO_DATA))
+    assert result["passed"], parity.failures(result)
+
+
+def test_timm_models_are_backbones_with_timms_preprocessing():
+    bb = create_backbone("timm:vit_tiny_patch16_224", "none", seed=0)
+    # timm's data config for it: 224 px, crop_pct 0.9 (so resize 248), bicubic, mean and std 0.5.
+    assert (bb.feature_dim, bb.spec.resize, bb.spec.crop, bb.spec.interpolation) == (192, 248, 224, "bicubic")
+    assert bb.spec.mean == pytest.approx((0.5, 0.5, 0.5)) and bb.weights == "none:seed=0"
+    with torch.inference_mode():
+        assert bb.model(torch.zeros(2, 3, 224, 224, dtype=torch.uint8)).shape == (2, 192)
+    with pytest.raises(UserError, match="timm:not_a_model is not a timm model"):
+        get_entry("timm:not_a_model")
+    with pytest.raises(UserError, match="Invalid pretrained tag"):
+        get_entry("timm:resnet18.nosuchtag")
+
+
+def test_timm_features_equal_timms_own_pipeline(tmp_path):
+    """The cache holds what timm's own eval transform and forward give, with the same weights file."""
+    import h5py
+    import timm
+    from PIL import Image
+
+    from featcache.data.demo import DEMO_DATA
+    from featcache.eval import parity
+    from featcache.extract import extract
+
+    torch.manual_seed(5)
+    reference = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    weights_file = tmp_path / "timm_resnet18.pt"
+    torch.save(reference.state_dict(), weights_file)
+    cache = tmp_path / "c.h5"
+    extract(DEMO_DATA, cache, backbone="timm:resnet18", weights=str(weights_file), max_images=40,
+            subsample_all=True, workers=0, batch_size=16, progress=False)
+    with h5py.File(cache) as f:
+        ours = f["features"][:]
+        paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=reference))
+    with torch.inference_mode():
+        theirs = reference(torch.stack([transform(Image.open(DEMO_DATA / p).convert("RGB")) for p in paths])).numpy()
+    result = parity.parity(ours, theirs, same=parity.duplicate_groups(paths, DEMO_DATA))
+    assert result["passed"], parity.failures(result)
+
+
+def test_models_counts_any_backbone_in_the_unit_of_torchvisions_metadata():
+    from featcache.backbones.costs import model_table
+
+    rows = {r["name"]: r for r in model_table(names=["resnet18", "tv:resnet18", "timm:resnet18"],
+                                              measure_speed=False)}
+    # tv:resnet18 is resnet18 (one row of torchvision's metadata); timm's resnet18 is counted on the built model
+    # and must land on the same multiply-adds as torchvision's figure for the same network.
+    table = model_table(names=["resnet18", "tv:resnet18", "timm:resnet18"], measure_speed=False)
+    assert [r["name"] for r in table] == ["resnet18", "timm:resnet18"]
+    assert rows["timm:resnet18"]["gflops"] == pytest.approx(rows["resnet18"]["gflops"], rel=0.02)
+    assert rows["timm:resnet18"]["feature_dim"] == 512

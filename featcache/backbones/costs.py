@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from featcache.backbones.registry import REGISTRY, backbone_facts
+from featcache.backbones.registry import REGISTRY, backbone_facts, get_entry
 
 def probe(name: str, batch_size: int, device: str) -> dict:
     """Best of two timed forward passes of ``name`` at ``batch_size`` (after a warm-up) and peak memory.
@@ -46,13 +46,39 @@ def measure(name: str, batch_size: int, device: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def model_table(*, measure_speed: bool = True, batch_size: int = 32, progress=None) -> list[dict]:
+def counted_facts(name: str) -> dict:
+    """Parameters and multiply-adds of one forward at the backbone's crop, counted on the built feature
+    extractor with ``torch.utils.flop_counter`` (FLOPs / 2: the unit of torchvision's "GFLOPS" metadata,
+    which counts multiply-adds, so rows from either source compare)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from featcache.backbones.registry import create_backbone
+
+    bb = create_backbone(name, "none")
+    x = torch.zeros(1, 3, bb.spec.crop, bb.spec.crop, dtype=torch.uint8)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        bb.model(x)
+    return {"name": bb.name, "weights": "-", "params_m": round(sum(p.numel() for p in bb.model.parameters()) / 1e6, 2),
+            "gflops": round(counter.get_total_flops() / 2e9, 2), "imagenet_top1": None,
+            "feature_dim": bb.feature_dim, "resize": bb.spec.resize}
+
+
+def model_table(*, names: list[str] | None = None, measure_speed: bool = True, batch_size: int = 32,
+                progress=None) -> list[dict]:
+    """One row per backbone: the four short names from torchvision's metadata, any other name
+    (``tv:``, ``timm:``) counted on the built model; forward speed measured when asked."""
     import torch
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
-    for name in REGISTRY:
-        row = backbone_facts(name)
+    seen = set()
+    for name in names or list(REGISTRY):
+        canonical = get_entry(name).name
+        if canonical in seen:  # tv:resnet18 and resnet18: one network, one row
+            continue
+        seen.add(canonical)
+        row = backbone_facts(canonical) if canonical in REGISTRY else counted_facts(name)
         if measure_speed:
             for device in devices:
                 if progress:
@@ -67,14 +93,14 @@ def render(rows: list[dict], batch_size: int):
 
     devices = [d for d in ("cpu", "cuda") if any(d in r for r in rows)]
     table = Table(title=f"backbones (forward at batch {batch_size}, 224 px, measured here)", title_justify="left")
-    for col in ("backbone", "weights", "params (M)", "GFLOPs", "ImageNet top-1", "feature dim"):
+    for col in ("backbone", "weights", "params (M)", "GMACs", "ImageNet top-1", "feature dim"):
         table.add_column(col, justify="left" if col in ("backbone", "weights") else "right")
     for d in devices:
         table.add_column(f"{d} images/s", justify="right")
         table.add_column(f"{d} peak MB", justify="right")
     for r in rows:
-        cells = [r["name"], r["weights"], f"{r['params_m']:.1f}", f"{r['gflops']:.2f}", f"{r['imagenet_top1']:.1f}",
-                 str(r["feature_dim"])]
+        top1 = "-" if r["imagenet_top1"] is None else f"{r['imagenet_top1']:.1f}"
+        cells = [r["name"], r["weights"], f"{r['params_m']:.1f}", f"{r['gflops']:.2f}", top1, str(r["feature_dim"])]
         for d in devices:
             cells += [f"{r[d]['images_per_s']:.1f}", f"{r[d]['peak_memory_mb']:.0f}"] if d in r else ["-", "-"]
         table.add_row(*cells)

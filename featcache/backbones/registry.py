@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -32,12 +32,17 @@ class BackboneEntry:
     strip_head: Callable[[object], None]
     # state_dict key prefixes of that classifier; ignored in a --weights file.
     head_prefixes: tuple[str, ...]
+    # Other libraries than torchvision (load() then returns no weights enum): the preprocessing their own
+    # config defines, and a function loading the library's pretrained weights into a model, returning
+    # (library, the weights' name in that library).
+    make_spec: Callable[[], PreprocessSpec] | None = None
+    load_pretrained: Callable[[object], tuple[str, str]] | None = None
 
     def weights_enum(self):
         return self.load()[1]
 
     def spec(self) -> PreprocessSpec:
-        return spec_from_weights(self.weights_enum())
+        return self.make_spec() if self.make_spec else spec_from_weights(self.weights_enum())
 
 
 REGISTRY: dict[str, BackboneEntry] = {}
@@ -117,11 +122,33 @@ def backbone_facts(name: str) -> dict:
     }
 
 
+# Families of backbones named FAMILY:NAME, each a module with ``entry(name) -> BackboneEntry``, imported
+# only when a name of that family is asked for.
+FAMILIES = {"tv": "featcache.backbones.tv", "timm": "featcache.backbones.timm_models"}
+_RESOLVED: dict[str, BackboneEntry] = {}
+
+
+def backbone_names() -> str:
+    """For help texts: the short names, then the families."""
+    return ", ".join(REGISTRY) + ", or " + ", ".join(f"{f}:NAME" for f in FAMILIES)
+
+
 def get_entry(name: str) -> BackboneEntry:
-    try:
+    """The backbone ``name``: a short name (resnet18, ...) or ``FAMILY:NAME`` (tv:efficientnet_b0, ...)."""
+    if name in REGISTRY:
         return REGISTRY[name]
-    except KeyError:
-        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(REGISTRY)}") from None
+    family, sep, model = name.partition(":")
+    if not sep:
+        raise UserError(f"unknown backbone {name!r}; choose one of: {backbone_names()}")
+    if family not in FAMILIES:
+        raise UserError(f"unknown backbone family {family!r} in {name!r}; families: {', '.join(FAMILIES)}")
+    if family == "tv" and model in REGISTRY:  # tv:resnet18 is resnet18: same network, same features, one cache
+        return REGISTRY[model]
+    if name not in _RESOLVED:
+        import importlib
+
+        _RESOLVED[name] = importlib.import_module(FAMILIES[family]).entry(model)
+    return _RESOLVED[name]
 
 
 @dataclass
@@ -153,7 +180,11 @@ def create_backbone(name: str, weights: str | WeightsRef = "none", *, seed: int 
         # A seeded random init that leaves the caller's RNG untouched.
         torch.manual_seed(ref.seed)
         model = builder(weights=None)
-    if ref.kind == "pretrained":
+    if ref.kind == "pretrained" and entry.load_pretrained is not None:
+        library, tag = entry.load_pretrained(model)
+        ref = replace(ref, library=library, tag=tag)
+        note = f"{library} pretrained ({tag})"
+    elif ref.kind == "pretrained":
         model.load_state_dict(_imagenet_state_dict(entry, imagenet))
         ref = ref.resolved(tag=f"{type(imagenet).__name__}.{imagenet.name}")
         note = f"ImageNet ({ref.tag})"
@@ -167,7 +198,7 @@ def create_backbone(name: str, weights: str | WeightsRef = "none", *, seed: int 
     from featcache.backbones.extractor import FeatureExtractor
 
     extractor = FeatureExtractor(model, spec).eval().requires_grad_(False)
-    return Backbone(name, extractor, spec, entry.feature_dim, ref, note)
+    return Backbone(entry.name, extractor, spec, entry.feature_dim, ref, note)
 
 
 def auto_weights(name: str, seed: int = 0) -> tuple[WeightsRef, str | None]:

@@ -519,7 +519,7 @@ def _backbone_costs(doc: _Doc, runs: list[dict]) -> None:
     if not names:
         return
     doc.h(3, "Backbones used")
-    doc.table(["backbone", "parameters (M)", "GFLOPs", "ImageNet top-1", "feature dim"],
+    doc.table(["backbone", "parameters (M)", "GMACs", "ImageNet top-1", "feature dim"],
               [[f["name"], f["params_m"], f["gflops"], f["imagenet_top1"], f["feature_dim"]]
                for f in (backbone_facts(n) for n in names)])
 
