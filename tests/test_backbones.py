@@ -182,32 +182,16 @@ def test_bad_backbone_names_are_one_line(name, words):
 
 def test_tv_features_equal_torchvision_own_pipeline(tmp_path):
     """The cache holds what torchvision's own transform and forward give, with the same weights file."""
-    import h5py
     import torch.nn as nn
-    from PIL import Image
     from torchvision.models import get_model, get_model_weights
-
-    from featcache.data.demo import DEMO_DATA
-    from featcache.eval import parity
-    from featcache.extract import extract
 
     torch.manual_seed(3)
     reference = get_model("efficientnet_b0", weights=None).eval()
-    weights_file = tmp_path / "effnet.pt"
-    torch.save(reference.state_dict(), weights_file)
-    cache = tmp_path / "c.h5"
-    extract(DEMO_DATA, cache, backbone="tv:efficientnet_b0", weights=str(weights_file), max_images=40,
-            subsample_all=True, workers=0, batch_size=16, progress=False)
-    with h5py.File(cache) as f:
-        ours = f["features"][:]
-        paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
     transform = get_model_weights("efficientnet_b0").DEFAULT.transforms()
-    reference.classifier[1] = nn.Identity()
-    with torch.inference_mode():
-        images = torch.stack([transform(Image.open(DEMO_DATA / p).convert("RGB")) for p in paths])
-        theirs = reference(images).numpy()
-    result = parity.parity(ours, theirs, same=parity.duplicate_groups(paths, DEMO_DATA))
-    assert result["passed"], parity.failures(result)
+    saved = {k: v.clone() for k, v in reference.state_dict().items()}
+    reference.classifier[1] = nn.Identity()  # torchvision's features: the classifier's input
+    reference.load_state_dict({k: v for k, v in saved.items() if not k.startswith("classifier.1.")})
+    assert_library_parity(tmp_path, "tv:efficientnet_b0", reference, transform)
 
 
 def test_timm_models_are_backbones_with_timms_preprocessing():
@@ -225,39 +209,33 @@ def test_timm_models_are_backbones_with_timms_preprocessing():
 
 def test_timm_features_equal_timms_own_pipeline(tmp_path):
     """The cache holds what timm's own eval transform and forward give, with the same weights file."""
-    import h5py
     import timm
+
+    torch.manual_seed(5)
+    reference = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=reference))
+    assert_library_parity(tmp_path, "timm:resnet18", reference, transform)
+
+
+def assert_library_parity(tmp_path, backbone: str, reference, transform):
+    """Extract 40 demo images with ``backbone`` from ``reference``'s saved weights; the features must equal
+    ``reference(transform(image))`` for the same images by the discriminating parity criteria."""
+    import h5py
     from PIL import Image
 
     from featcache.data.demo import DEMO_DATA
     from featcache.eval import parity
     from featcache.extract import extract
 
-    torch.manual_seed(5)
-    reference = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
-    weights_file = tmp_path / "timm_resnet18.pt"
+    weights_file = tmp_path / "weights.pt"
     torch.save(reference.state_dict(), weights_file)
     cache = tmp_path / "c.h5"
-    extract(DEMO_DATA, cache, backbone="timm:resnet18", weights=str(weights_file), max_images=40,
-            subsample_all=True, workers=0, batch_size=16, progress=False)
+    extract(DEMO_DATA, cache, backbone=backbone, weights=str(weights_file), max_images=40, subsample_all=True,
+            workers=0, batch_size=16, progress=False)
     with h5py.File(cache) as f:
         ours = f["features"][:]
         paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
-    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=reference))
     with torch.inference_mode():
         theirs = reference(torch.stack([transform(Image.open(DEMO_DATA / p).convert("RGB")) for p in paths])).numpy()
     result = parity.parity(ours, theirs, same=parity.duplicate_groups(paths, DEMO_DATA))
     assert result["passed"], parity.failures(result)
-
-
-def test_models_counts_any_backbone_in_the_unit_of_torchvisions_metadata():
-    from featcache.backbones.costs import model_table
-
-    rows = {r["name"]: r for r in model_table(names=["resnet18", "tv:resnet18", "timm:resnet18"],
-                                              measure_speed=False)}
-    # tv:resnet18 is resnet18 (one row of torchvision's metadata); timm's resnet18 is counted on the built model
-    # and must land on the same multiply-adds as torchvision's figure for the same network.
-    table = model_table(names=["resnet18", "tv:resnet18", "timm:resnet18"], measure_speed=False)
-    assert [r["name"] for r in table] == ["resnet18", "timm:resnet18"]
-    assert rows["timm:resnet18"]["gflops"] == pytest.approx(rows["resnet18"]["gflops"], rel=0.02)
-    assert rows["timm:resnet18"]["feature_dim"] == 512
