@@ -262,6 +262,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_seed(p)
     p.set_defaults(func=_cmd_finetune)
 
+    p = sub.add_parser("zoo", help="rank backbones on your data: extract each, fit the head sweep, leaderboard "
+                                   "by validation with test CIs and cost (Task A)",
+                       description="Extract every backbone (resumable; a matching cache is reused), fit the head "
+                                   "sweep on each, and rank them by validation AUROC, never by test: test AUROC "
+                                   "with its patient-bootstrap CI, the paired CI of each test difference to the "
+                                   "first, parameters, GMACs, extraction speed and cache size.")
+    p.add_argument("data", metavar="DATA", nargs="?")
+    p.add_argument("--out", metavar="DIR", help="caches/, runs/ and leaderboard.{json,csv,png} go here (required)")
+    _add_config(p)
+    p.add_argument("--backbones", nargs="+", default=None, metavar="NAME",
+                   help=f"backbones to compare: {_backbone_names()}")
+    p.add_argument("--weights", default=EXTRACT.weights, metavar="imagenet|none|PATH",
+                   help="the same for every backbone (default %(default)s)")
+    p.add_argument("--heads", default="sweep", metavar="|".join(_head_kinds()),
+                   help="head fitted on each cache (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=EXTRACT.batch_size)
+    _add_decode(p, EXTRACT, backend_help="decode backend, as for extract",
+                workers_help="decode worker processes (default: half the cores)")
+    _add_device(p, EXTRACT.device)
+    _add_subset(p, EXTRACT.max_images)
+    _add_bootstrap(p, HEAD.n_resamples, "patient-bootstrap resamples for the CIs (default %(default)s)")
+    _add_positive_class(p, HEAD.positive_class)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_scan_flags(p)
+    _add_seed(p)
+    p.set_defaults(func=_cmd_zoo)
+
     p = sub.add_parser("report", help="Markdown and HTML report comparing runs (Task D) and explaining test "
                                       "results (Task E)",
                        description="Compare fit-head and finetune runs; analyse class balance, thresholds, "
@@ -495,6 +522,24 @@ def _cmd_finetune(args) -> int:
                        positive_class=args.positive_class)
     if metrics is not None:
         _print_metrics(metrics, args.out, files="best.pt, history.json, learning_curve.png, metrics.json and plots")
+    return 0
+
+
+def _cmd_zoo(args) -> int:
+    from featcache.runtime.console import get_console
+    from featcache.zoo import table, zoo
+
+    _require(args, "data", "out")
+    if not args.backbones:
+        raise UserError("--backbones is required (on the command line, or as backbones in the --config table)")
+    rows = zoo(args.data, args.out, backbones=list(args.backbones), weights=args.weights, heads=args.heads,
+               seed=args.seed, max_images=args.max_images, subsample_all=args.subsample_all,
+               batch_size=args.batch_size, backend=args.backend, device=args.device, workers=args.workers,
+               n_resamples=args.bootstrap, positive_class=args.positive_class, scan_options=_scan_options(args),
+               progress=not args.no_progress)
+    console = get_console()
+    console.print(table(rows))
+    console.print(f"leaderboard.json, leaderboard.csv and leaderboard.png written to {args.out}")
     return 0
 
 

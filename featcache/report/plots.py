@@ -209,3 +209,26 @@ def plot_pair_thumbnails(root: str, pairs: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_leaderboard(rows: list[dict], path: Path) -> None:
+    """Test AUROC with its 95 % CI against extraction cost (seconds per 1,000 images, log scale)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for r in rows:
+        rate, auc = r.get("extract_images_per_second"), r.get("test_auroc")
+        if not rate or auc is None:
+            continue
+        x = 1000.0 / rate
+        ci = r.get("test_auroc_ci")
+        yerr = [[auc - ci[0]], [ci[1] - auc]] if ci else None
+        ax.errorbar([x], [auc], yerr=yerr, fmt="o", capsize=3)
+        ax.annotate(f"#{r['rank']} {r['backbone']}", (x, auc), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("extraction cost (s per 1,000 images, log scale)")
+    ax.set_ylabel("test AUROC (95% CI)")
+    ax.set_title("ranked by validation AUROC; test shown, not used to rank", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
