@@ -239,3 +239,58 @@ def assert_library_parity(tmp_path, backbone: str, reference, transform):
         theirs = reference(torch.stack([transform(Image.open(DEMO_DATA / p).convert("RGB")) for p in paths])).numpy()
     result = parity.parity(ours, theirs, same=parity.duplicate_groups(paths, DEMO_DATA))
     assert result["passed"], parity.failures(result)
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory):
+    """A DINOv2 encoder folder as save_pretrained writes it (random weights, two small layers) with the
+    image processor of facebook/dinov2-*: shorter side 256 bicubic, centre crop 224, ImageNet mean and std."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    torch.manual_seed(11)
+    Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                             image_size=224, patch_size=14)).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3,
+                      do_center_crop=True, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder
+
+
+def test_hugging_face_encoders_are_backbones_with_their_processors_preprocessing(tiny_dinov2):
+    name = f"hf:{tiny_dinov2}"
+    bb = create_backbone(name, "none", seed=0)
+    assert (bb.feature_dim, bb.spec.resize, bb.spec.crop, bb.spec.interpolation) == (64, 256, 224, "bicubic")
+    pretrained = create_backbone(name, "imagenet")  # the folder's own weights
+    assert pretrained.weights.startswith(f"hf:{tiny_dinov2.resolve()}@sha256=")
+    with torch.inference_mode():
+        x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+        assert bb.model(x).shape == (2, 64) and not torch.allclose(bb.model(x), pretrained.model(x))
+    empty = tiny_dinov2.parent / "empty"
+    empty.mkdir(exist_ok=True)
+    with pytest.raises(UserError, match="holds no config.json"):
+        get_entry(f"hf:{empty}")
+
+
+def test_hf_features_equal_transformers_own_pipeline(tmp_path, tiny_dinov2):
+    """The cache holds the CLS token that transformers' own processor and model give, same weights file."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(tiny_dinov2).eval()
+    processor = AutoImageProcessor.from_pretrained(tiny_dinov2)
+
+    class Reference(torch.nn.Module):  # the library's own pipeline: processor tensors in, CLS token out
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def state_dict(self, *args, **kwargs):
+            return model.state_dict(*args, **kwargs)
+
+        def forward(self, pixel_values):
+            return model(pixel_values=pixel_values).last_hidden_state[:, 0]
+
+    def transform(image):
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    assert_library_parity(tmp_path, f"hf:{tiny_dinov2}", Reference().eval(), transform)

@@ -37,6 +37,9 @@ class BackboneEntry:
     # (library, the weights' name in that library).
     make_spec: Callable[[], PreprocessSpec] | None = None
     load_pretrained: Callable[[object], tuple[str, str]] | None = None
+    # Prefix of the model's own keys inside the built module (a wrapper's attribute name): added to the keys
+    # of a --weights file written by the library itself.
+    state_prefix: str = ""
 
     def weights_enum(self):
         return self.load()[1]
@@ -124,7 +127,8 @@ def backbone_facts(name: str) -> dict:
 
 # Families of backbones named FAMILY:NAME, each a module with ``entry(name) -> BackboneEntry``, imported
 # only when a name of that family is asked for.
-FAMILIES = {"tv": "featcache.backbones.tv", "timm": "featcache.backbones.timm_models"}
+FAMILIES = {"tv": "featcache.backbones.tv", "timm": "featcache.backbones.timm_models",
+            "hf": "featcache.backbones.hf"}
 _RESOLVED: dict[str, BackboneEntry] = {}
 
 
@@ -238,6 +242,8 @@ def _load_weights_file(model, entry: BackboneEntry, path: Path) -> str:
     if not isinstance(state, dict) or not state:
         raise UserError(f"{path} holds no state_dict (a dict of tensors)")
     state = {_strip_wrapper_prefix(k): v for k, v in state.items()}
+    if entry.state_prefix:
+        state = {k if k.startswith(entry.state_prefix) else entry.state_prefix + k: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(entry.head_prefixes)}
     own = model.state_dict()
     shapes = [(k, tuple(getattr(v, "shape", ())), tuple(own[k].shape)) for k, v in state.items()
@@ -269,6 +275,13 @@ def load_tensors(path: Path, what: str):
 
     import torch
 
+    if Path(path).suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        except Exception as exc:
+            raise UserError(f"cannot read {path} as {what}: {exc.__class__.__name__}: {str(exc)[:200]}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

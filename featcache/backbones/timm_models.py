@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from featcache.backbones.registry import BackboneEntry
+from featcache.backbones.hub import hub_reachable, in_hf_cache, quiet_hub
 from featcache.backbones.spec import PreprocessSpec
 from featcache.errors import UserError
 
@@ -62,44 +63,6 @@ def _feature_dim(model, spec: PreprocessSpec) -> int:
         return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
-def _in_hf_cache(repo: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return any(isinstance(try_to_load_from_cache(repo, f), str)
-               for f in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"))
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One TCP connection to the hub: offline, fail in seconds rather than after the hub's retries."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub.constants import HF_HUB_OFFLINE
-
-    if HF_HUB_OFFLINE:
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-class _quiet_hub:
-    """The hub's retry warnings off while a download is attempted: a failure is reported in one line."""
-
-    def __enter__(self):
-        from huggingface_hub.utils import logging
-
-        self.logging, self.level = logging, logging.get_verbosity()
-        logging.set_verbosity_error()
-
-    def __exit__(self, *exc):
-        self.logging.set_verbosity(self.level)
-
-
 def entry(name: str) -> BackboneEntry:
     """The backbone ``timm:NAME``; an unknown name is one line with the closest timm names."""
     timm = _timm()
@@ -126,11 +89,11 @@ def entry(name: str) -> BackboneEntry:
 
         where = (f"put the Hugging Face repo {hub_id} in {HF_HUB_CACHE} (huggingface-cli download {hub_id} where "
                  "there is a network, then copy that cache here), or pass --weights PATH, or --weights none")
-        if not _in_hf_cache(hub_id) and not _hub_reachable():
+        if not in_hf_cache(hub_id) and not hub_reachable():
             raise UserError(f"cannot get pretrained weights for timm:{name}: not in the Hugging Face cache and "
                             f"huggingface.co cannot be reached; {where}")
         try:
-            with _quiet_hub():
+            with quiet_hub():
                 pretrained = timm.create_model(name, pretrained=True, num_classes=0)
         except Exception as exc:  # a partial download, a missing repo, a lost connection
             first = (str(exc).splitlines() or [""])[0][:200]

@@ -1,0 +1,134 @@
+"""The ``hf:`` family: Hugging Face image encoders, by repo id or local folder.
+
+``hf:microsoft/rad-dino``, ``hf:facebook/dinov2-small``, ``hf:/models/my-dinov2``
+are built with ``transformers.AutoModel``; the preprocessing is the repo's
+own ``AutoImageProcessor`` config (shorter side, centre crop, resampling,
+mean and std), which featcache's decoders apply to uint8 pixels. The
+features are the CLS token of the last hidden state for transformer
+encoders, or the pooled output for convolutional ones. Pretrained weights
+come from the Hugging Face cache (or the folder); ``--weights none`` needs
+only the config (``config.json``) and builds a seeded random init.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from featcache.backbones.hub import hub_reachable
+from featcache.backbones.registry import BackboneEntry
+from featcache.backbones.spec import PreprocessSpec
+from featcache.errors import UserError
+
+INSTALL = 'pip install "transformers>=4.45"'
+# PIL resampling codes, as image processors record them.
+RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(f"hf: backbones need the transformers package: {INSTALL}") from None
+    return transformers
+
+
+def _local_only(source: str) -> bool:
+    return Path(source).is_dir() or not hub_reachable()
+
+
+def _config(transformers, source: str):
+    try:
+        return transformers.AutoConfig.from_pretrained(source, local_files_only=_local_only(source))
+    except Exception as exc:
+        where = (f"{source} holds no config.json" if Path(source).is_dir() else
+                 f"the repo {source} is not in the Hugging Face cache and cannot be downloaded here")
+        raise UserError(f"hf:{source}: {where} ({exc.__class__.__name__}); give a repo id or a folder written "
+                        "by save_pretrained") from None
+
+
+def _spec(transformers, source: str) -> PreprocessSpec:
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(source, local_files_only=_local_only(source))
+    except Exception as exc:
+        raise UserError(f"hf:{source}: no image processor config (preprocessor_config.json) to say how images "
+                        f"are prepared ({exc.__class__.__name__})") from None
+    size = dict(getattr(processor, "size", None) or {})
+    crop = dict(getattr(processor, "crop_size", None) or {})
+    shortest = size.get("shortest_edge")
+    crop_side = crop.get("height") if crop.get("height") == crop.get("width") else None
+    if not getattr(processor, "do_center_crop", False) or not shortest or not crop_side:
+        raise UserError(f"hf:{source}: its processor resizes to {size} without a square centre crop; featcache's "
+                        "decoders make shorter-side resizes with a square centre crop")
+    factor = getattr(processor, "rescale_factor", 1 / 255)
+    if abs(factor * 255 - 1) > 1e-6:
+        raise UserError(f"hf:{source}: rescale factor {factor} is not 1/255")
+    resample = getattr(processor, "resample", 2)
+    resample = getattr(resample, "value", resample)
+    return PreprocessSpec(resize=int(shortest), crop=int(crop_side),
+                          mean=tuple(float(v) for v in processor.image_mean),
+                          std=tuple(float(v) for v in processor.image_std),
+                          interpolation=RESAMPLE.get(int(resample), "bilinear"))
+
+
+def _pooled_module():
+    import torch.nn as nn
+
+    class Pooled(nn.Module):
+        """An AutoModel whose forward returns one vector per image: the CLS token, else the pooled output."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            out = self.model(pixel_values=x)
+            hidden = getattr(out, "last_hidden_state", None)
+            if hidden is not None and hidden.ndim == 3:
+                return hidden[:, 0]
+            return out.pooler_output.flatten(1)
+
+    return Pooled
+
+
+def entry(source: str) -> BackboneEntry:
+    """The backbone ``hf:SOURCE`` (a repo id or a local folder)."""
+    transformers = _transformers()
+    config = _config(transformers, source)
+    spec = _spec(transformers, source)
+    Pooled = _pooled_module()
+    feature_dim = int(getattr(config, "hidden_size", 0) or 0) or _probe_dim(transformers, config, spec, Pooled)
+
+    def build(weights=None):
+        return Pooled(transformers.AutoModel.from_config(config))
+
+    def load_pretrained(model) -> tuple[str, str]:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        try:
+            pretrained = transformers.AutoModel.from_pretrained(source, local_files_only=_local_only(source))
+        except Exception as exc:
+            where = (f"{source} holds no weights (model.safetensors)" if Path(source).is_dir() else
+                     f"put the repo {source} in {HF_HUB_CACHE} (huggingface-cli download {source} where there "
+                     "is a network, then copy that cache here)")
+            raise UserError(f"cannot get pretrained weights for hf:{source} ({exc.__class__.__name__}): {where}, "
+                            "or pass --weights PATH, or --weights none") from None
+        model.model.load_state_dict(pretrained.state_dict())
+        if not Path(source).is_dir():
+            return "hf", source
+        # A local folder is named by where it is and what its weights are.
+        digest = hashlib.sha256()
+        for f in sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin")):
+            digest.update(f.read_bytes())
+        return "hf", f"{Path(source).resolve()}@sha256={digest.hexdigest()[:16]}"
+
+    return BackboneEntry(f"hf:{source}", feature_dim, lambda: (build, None), lambda model: None, (),
+                         make_spec=lambda: spec, load_pretrained=load_pretrained, state_prefix="model.")
+
+
+def _probe_dim(transformers, config, spec: PreprocessSpec, Pooled) -> int:
+    import torch
+
+    with torch.device("meta"):
+        model = Pooled(transformers.AutoModel.from_config(config))
+        return int(model(torch.empty(1, 3, spec.crop, spec.crop)).shape[-1])
