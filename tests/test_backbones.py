@@ -279,18 +279,63 @@ def test_hf_features_equal_transformers_own_pipeline(tmp_path, tiny_dinov2):
     model = AutoModel.from_pretrained(tiny_dinov2).eval()
     processor = AutoImageProcessor.from_pretrained(tiny_dinov2)
 
-    class Reference(torch.nn.Module):  # the library's own pipeline: processor tensors in, CLS token out
+    def transform(image):
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    # The library's own pipeline: processor tensors in, CLS token out.
+    reference = library_module(model, lambda x: model(pixel_values=x).last_hidden_state[:, 0])
+    assert_library_parity(tmp_path, f"hf:{tiny_dinov2}", reference, transform)
+
+
+def test_xrv_models_take_one_grey_channel_in_xrv_units():
+    bb = create_backbone("xrv:densenet121-res224-all", "none", seed=0)
+    assert (bb.feature_dim, bb.spec.resize, bb.spec.crop) == (1024, 224, 224)
+    # uint8 0 and 255 must reach the network as -1024 and 1024, on one channel (xrv.utils.normalize).
+    seen = {}
+    hook = bb.model.body.register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
+    with torch.inference_mode():
+        images = torch.zeros(1, 3, 224, 224, dtype=torch.uint8)
+        images[..., :112] = 255
+        assert bb.model(images).shape == (1, 1024)
+    hook.remove()
+    assert seen["x"].shape == (1, 1, 224, 224)
+    assert seen["x"].min().item() == pytest.approx(-1024) and seen["x"].max().item() == pytest.approx(1024)
+    with pytest.raises(UserError, match="choose one of: xrv:densenet121-res224-all"):
+        get_entry("xrv:densenet121-res999")
+
+
+def test_xrv_features_equal_torchxrayvisions_own_pipeline(tmp_path):
+    """The cache holds what TorchXRayVision's own preprocessing (normalize, XRayCenterCrop, XRayResizer)
+    and features2 give, with the same weights file."""
+    import torchvision
+    import torchxrayvision as xrv
+
+    torch.manual_seed(13)
+    model = xrv.models.DenseNet(weights=None).eval()
+
+    pipeline = torchvision.transforms.Compose([xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(224)])
+
+    def transform(image):
+        import numpy as np
+
+        pixels = xrv.datasets.normalize(np.asarray(image.convert("L")), 255)  # xrv's README: grey, [-1024, 1024]
+        return torch.from_numpy(pipeline(pixels[None, ...]))
+
+    assert_library_parity(tmp_path, "xrv:densenet121-res224-all", library_module(model, model.features2), transform)
+
+
+def library_module(model, forward):
+    """``model`` as a library's own pipeline runs it (``forward``), saved with the library's own keys."""
+
+    class Reference(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.inner = model
+            self.inner = model.eval()
 
         def state_dict(self, *args, **kwargs):
             return model.state_dict(*args, **kwargs)
 
-        def forward(self, pixel_values):
-            return model(pixel_values=pixel_values).last_hidden_state[:, 0]
+        def forward(self, x):
+            return forward(x)
 
-    def transform(image):
-        return processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-    assert_library_parity(tmp_path, f"hf:{tiny_dinov2}", Reference().eval(), transform)
+    return Reference()

@@ -19,10 +19,14 @@ class FeatureExtractor(nn.Module):
     def __init__(self, body: nn.Module, spec: PreprocessSpec):
         super().__init__()
         self.body = body
-        scale = torch.tensor([255.0, 255.0, 255.0])
-        self.register_buffer("shift", (torch.tensor(spec.mean) * scale).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", (torch.tensor(spec.std) * scale).view(1, 3, 1, 1), persistent=False)
+        channels = len(spec.mean)  # 3, or 1 for grey-input models (TorchXRayVision)
+        self.grey = channels == 1
+        self.register_buffer("shift", (torch.tensor(spec.mean) * 255.0).view(1, channels, 1, 1), persistent=False)
+        self.register_buffer("scale", (torch.tensor(spec.std) * 255.0).view(1, channels, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.shift) / self.scale
+        x = images.float()
+        if self.grey:  # decoders replicate grey X-rays to 3 channels; colour images become their channel mean
+            x = x.mean(dim=1, keepdim=True)
+        x = (x - self.shift) / self.scale
         return torch.flatten(self.body(x), 1)

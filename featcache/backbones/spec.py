@@ -15,13 +15,14 @@ class PreprocessSpec:
     """How an image becomes the backbone's input: the torchvision weights' transforms.
 
     Shorter side resized to ``resize`` with ``interpolation`` (antialiased),
-    centre crop of ``crop``, then ``(x / 255 - mean) / std``.
+    centre crop of ``crop``, then ``(x / 255 - mean) / std``; with one mean and std the model takes one
+    grey channel (the mean of the three).
     """
 
     resize: int
     crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # three values, or one for models that take one grey channel
+    std: tuple[float, ...]
     interpolation: str = "bilinear"
 
     def to_dict(self) -> dict:
