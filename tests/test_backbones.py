@@ -339,3 +339,22 @@ def library_module(model, forward):
             return forward(x)
 
     return Reference()
+
+
+def test_open_clip_image_towers_are_backbones(tmp_path):
+    bb = create_backbone("open_clip:ViT-B-32:openai", "none", seed=0)  # openai's preprocessing, random weights
+    assert (bb.feature_dim, bb.spec.resize, bb.spec.crop, bb.spec.interpolation) == (512, 224, 224, "bicubic")
+    assert bb.spec.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+    with pytest.raises(UserError, match="has no pretrained tag 'nosuch'"):
+        get_entry("open_clip:ViT-B-32:nosuch")
+    with pytest.raises(UserError, match="names no pretrained tag"):
+        create_backbone("open_clip:ViT-B-32", "imagenet")
+
+
+def test_open_clip_features_equal_open_clips_own_pipeline(tmp_path):
+    """The cache holds open_clip's own preprocess + encode_image, with the same (full-model) weights file."""
+    import open_clip
+
+    torch.manual_seed(17)
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
+    assert_library_parity(tmp_path, "open_clip:ViT-B-32", library_module(model, model.encode_image), preprocess)

@@ -128,7 +128,8 @@ def backbone_facts(name: str) -> dict:
 # Families of backbones named FAMILY:NAME, each a module with ``entry(name) -> BackboneEntry``, imported
 # only when a name of that family is asked for.
 FAMILIES = {"tv": "featcache.backbones.tv", "timm": "featcache.backbones.timm_models",
-            "hf": "featcache.backbones.hf", "xrv": "featcache.backbones.xrv"}
+            "hf": "featcache.backbones.hf", "xrv": "featcache.backbones.xrv",
+            "open_clip": "featcache.backbones.open_clip_models"}
 _RESOLVED: dict[str, BackboneEntry] = {}
 
 
