@@ -566,11 +566,12 @@ def _cmd_models(args) -> int:
     import json
 
     from featcache.runtime.console import get_console
-    from featcache.backbones.costs import model_table, render
+    from featcache.backbones.costs import families_table, model_table, render
 
     if args.json:
         _json_output(args.json, "--json")
     console = get_console()
+    console.print(families_table())
     rows = model_table(names=args.backbones, measure_speed=not args.no_measure, batch_size=args.batch_size,
                        progress=lambda text: console.print(f"[dim]{text}[/]"))
     console.print(render(rows, args.batch_size))

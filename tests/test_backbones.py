@@ -358,3 +358,14 @@ def test_open_clip_features_equal_open_clips_own_pipeline(tmp_path):
     torch.manual_seed(17)
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     assert_library_parity(tmp_path, "open_clip:ViT-B-32", library_module(model, model.encode_image), preprocess)
+
+
+def test_every_family_is_listed_with_examples_that_resolve():
+    from featcache.backbones.registry import FAMILIES, FAMILY_EXAMPLES
+
+    assert set(FAMILY_EXAMPLES) == set(FAMILIES)
+    for family, (_, examples) in FAMILY_EXAMPLES.items():
+        first = examples.split(", ")[0]
+        assert first.startswith(family + ":")
+        if family != "hf":  # a hub repo id needs the network or a filled cache
+            assert get_entry(first).name == first

@@ -107,5 +107,22 @@ def render(rows: list[dict], batch_size: int):
     return table
 
 
+
+def families_table():
+    """The backbone families and names that work in each."""
+    from rich.table import Table
+
+    from featcache.backbones.registry import FAMILIES, FAMILY_EXAMPLES
+
+    table = Table(title="backbone families (--backbone FAMILY:NAME; the four short names are tv models)",
+                  title_justify="left")
+    for col in ("family", "what", "examples"):
+        table.add_column(col)
+    for family in FAMILIES:
+        what, examples = FAMILY_EXAMPLES[family]
+        table.add_row(family, what, examples)
+    return table
+
+
 if __name__ == "__main__":  # python -m featcache.backbones.costs NAME BATCH DEVICE: one line of JSON
     print(json.dumps(probe(sys.argv[1], int(sys.argv[2]), sys.argv[3])))

@@ -131,6 +131,15 @@ FAMILIES = {"tv": "featcache.backbones.tv", "timm": "featcache.backbones.timm_mo
             "hf": "featcache.backbones.hf", "xrv": "featcache.backbones.xrv",
             "open_clip": "featcache.backbones.open_clip_models"}
 _RESOLVED: dict[str, BackboneEntry] = {}
+# What each family is, with names that work, for `featcache models`.
+FAMILY_EXAMPLES = {
+    "tv": ("any torchvision classification model", "tv:efficientnet_b0, tv:convnext_tiny, tv:vit_b_16"),
+    "timm": ("any timm model, with its pretrained tag", "timm:resnet18, timm:vit_small_patch14_dinov2.lvd142m"),
+    "hf": ("a Hugging Face image encoder, repo id or folder", "hf:microsoft/rad-dino, hf:facebook/dinov2-small"),
+    "xrv": ("TorchXRayVision chest X-ray models", "xrv:densenet121-res224-all, xrv:resnet50-res512-all"),
+    "open_clip": ("an open_clip image tower", "open_clip:ViT-B-32:openai, open_clip:hf-hub:microsoft/"
+                                              "BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"),
+}
 
 
 def backbone_names() -> str:
