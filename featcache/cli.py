@@ -538,7 +538,14 @@ def _cmd_zoo(args) -> int:
                n_resamples=args.bootstrap, positive_class=args.positive_class, scan_options=_scan_options(args),
                progress=not args.no_progress)
     console = get_console()
-    console.print(table(rows))
+    # Twelve columns: wider than 80 when the output is a file or a pipe, so a log keeps the table whole.
+    width = console.width
+    if not console.is_terminal:
+        console.width = max(width, 180)
+    try:
+        console.print(table(rows))
+    finally:
+        console.width = width
     console.print(f"leaderboard.json, leaderboard.csv and leaderboard.png written to {args.out}")
     return 0
 
