@@ -224,7 +224,12 @@ def plot_leaderboard(rows: list[dict], path: Path) -> None:
         yerr = [[auc - ci[0]], [ci[1] - auc]] if ci else None
         ax.errorbar([x], [auc], yerr=yerr, fmt="o", capsize=3)
         ax.annotate(f"#{r['rank']} {r['backbone']}", (x, auc), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 10, 20, 50, 100 ...
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # plain seconds, not 2x10^1
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("extraction cost (s per 1,000 images, log scale)")
     ax.set_ylabel("test AUROC (95% CI)")
     ax.set_title("ranked by validation AUROC; test shown, not used to rank", fontsize=8)
