@@ -11,6 +11,25 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEATCACHE_SHARED_DATA", REPO.parent / "shared" / "data" / "chest_xray_224"))
 
+# One quick fine-tuning recipe on the demo subset: resnet18 random init, 90 train images, one epoch, fp32.
+QUICK = dict(weights="none", epochs=1, batch_size=16, max_images=90, amp="off", n_resamples=50, workers=0,
+             progress=False)
+# The QUICK runs conftest's quick_finetune makes once per session, by name. "full" and "frozen" are about
+# keys, files and which weights move: 48 images of every split do (val and test are evaluated twice a run).
+QUICK_RUNS = {
+    "full": {**QUICK, "max_images": 48, "subsample_all": True},
+    "frozen": {**QUICK, "max_images": 48, "subsample_all": True, "freeze_backbone": True},
+    # frozen, three epochs with early stopping and a threshold chosen on validation; val and test whole
+    "frozen-youden": {**QUICK, "max_images": 48, "epochs": 3, "early_stop": 1, "threshold": "youden",
+                      "freeze_backbone": True},
+}
+
+
+def flat(text: str) -> str:
+    """Console output with every run of whitespace made one space: a phrase matches wherever rich (or a
+    narrow terminal, or a longer number earlier in the line) happened to break it."""
+    return " ".join(text.split())
+
 
 def write_image(path: Path, *, size=(40, 48), value: int = 128, mode: str = "L", fmt: str | None = None,
                 seed: int = 0) -> Path:

@@ -48,12 +48,28 @@ def hostile(tmp_path_factory):
     return root, expected
 
 
+@pytest.fixture(scope="module")
+def extracted(hostile, tmp_path_factory):
+    """``extracted(backend)`` -> (exit status, peak MB, stderr, cache) of one extraction of ``hostile`` with that
+    backend, made once for this module (fit-head and predict reuse the pil one). Read-only."""
+    root, _ = hostile
+    folder, made = tmp_path_factory.mktemp("hostile_caches"), {}
+
+    def get(backend: str):
+        if backend not in made:
+            cache = folder / f"{backend}.h5"
+            made[backend] = (*featcache("extract", root, "--out", cache, "--weights", "none", "--backend", backend,
+                                        "--min-val", "0", "--val-fraction", "0.3", "--workers", "1",
+                                        "--no-progress"), cache)
+        return made[backend]
+
+    return get
+
+
 @pytest.mark.parametrize("backend", ["pil", "torchvision", "dali"])
-def test_extract_lists_every_bad_file_and_stays_bounded(hostile, backend, tmp_path):
+def test_extract_lists_every_bad_file_and_stays_bounded(hostile, extracted, backend):
     root, expected = hostile
-    cache = tmp_path / "c.h5"
-    rc, peak, err = featcache("extract", root, "--out", cache, "--weights", "none", "--backend", backend,
-                              "--min-val", "0", "--val-fraction", "0.3", "--workers", "1", "--no-progress")
+    rc, peak, err, cache = extracted(backend)
     assert rc == 0 and "Traceback" not in err, err[-3000:]
     assert peak < MAX_PEAK_MB, peak
     skipped = {p: r for p, r in FeatureCache.open(cache).read("skipped")["skipped"].tolist()}
@@ -63,11 +79,11 @@ def test_extract_lists_every_bad_file_and_stays_bounded(hostile, backend, tmp_pa
     assert len(paths) == len(set(paths)) and not any("/loop/" in p or "/up/" in p for p in paths)
 
 
-def test_fit_head_and_predict_over_hostile_files(hostile, tmp_path):
+def test_fit_head_and_predict_over_hostile_files(hostile, extracted, tmp_path):
     root, expected = hostile
-    cache, run = tmp_path / "c.h5", tmp_path / "run"
-    assert featcache("extract", root, "--out", cache, "--weights", "none", "--min-val", "0", "--val-fraction",
-                     "0.3", "--workers", "0", "--no-progress")[0] == 0
+    rc, _, err, cache = extracted("pil")  # the CPU default backend's cache of the hostile folder
+    assert rc == 0, err[-3000:]
+    run = tmp_path / "run"
     assert featcache("fit-head", cache, "--out", run, "--bootstrap", "0")[0] == 0
     out = tmp_path / "pred.csv"
     rc, peak, err = featcache("predict", run, root / "train" / "NORMAL", "--out", out)

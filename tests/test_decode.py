@@ -64,8 +64,9 @@ def test_dali_rows_are_exact_with_a_partial_last_batch(batch_size):
 # feature distance <= 5 % of the median different-image distance. "Mean cosine >= 0.99" is not one of them:
 # random-init features of two different X-rays already have cosine 0.993-0.995 (test_parity_rejects_...).
 
-# 96 real Kermany images (both splits and classes): enough rivals for (b) to mean something (99.5 % of
-# 96 rows is every row), few enough for seconds per backend on 2 cores. The copy is 224 px, so every
+# 96 real Kermany images (both splits and classes, from the embedded demo subset, so these checks run on
+# every clone): enough rivals for (b) to mean something (99.5 % of 96 rows is every row), few enough for
+# seconds per backend on 2 cores. The copy is 224 px, so every
 # backend upscales it and PIL never takes its reduced-scale (draft) path...
 REAL_SUBSET = {"train": {"NORMAL": 18, "PNEUMONIA": 42}, "test": {"NORMAL": 14, "PNEUMONIA": 22}}
 # ... which full-size (1-3 MP) synthetic X-rays do, with every backend's strongest downscale.
@@ -111,8 +112,8 @@ class Decoded:
 
 
 @pytest.fixture(scope="module")
-def real_images(shared_data, tmp_path_factory):
-    root = link_subset(shared_data, tmp_path_factory.mktemp("real") / "xray", REAL_SUBSET)
+def real_images(tmp_path_factory):
+    root = link_subset(DEMO_DATA, tmp_path_factory.mktemp("real") / "xray", REAL_SUBSET)
     return Decoded(scan(root, min_val=0), root)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from featcache.cli import main
-from helpers import link_subset
+from helpers import flat, link_subset
 
 
 def test_real_subset_reaches_auroc_080_with_random_resnet18(shared_data, tmp_path, capsys):
@@ -26,11 +26,12 @@ def test_real_subset_reaches_auroc_080_with_random_resnet18(shared_data, tmp_pat
     assert metrics["backbone"] == "resnet18" and metrics["weights"] == "none:seed=0"
 
 
-def test_demo_runs_on_the_embedded_subset_and_says_random_init_loudly(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
-    shown = capsys.readouterr().out
+def test_demo_runs_on_the_embedded_subset_and_says_random_init_loudly(demo_run):
+    status, shown, out = demo_run  # `featcache demo --out OUT`, run once per session (its cache is shared)
+    assert status == 0
+    shown = flat(shown)
     assert "RANDOMLY INITIALISED" in shown and "resnet18-f37072fd.pth" in shown
-    metrics = json.loads((tmp_path / "demo" / "logistic" / "metrics.json").read_text())
+    metrics = json.loads((out / "logistic" / "metrics.json").read_text())
     assert metrics["test"]["n"] == 100 and metrics["test"]["auroc"] >= 0.80
 
 

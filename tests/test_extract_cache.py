@@ -15,7 +15,7 @@ from featcache.decode.cpu import load_torchvision as load_image
 from featcache.errors import UserError
 from featcache.extract import extract
 from featcache.data.manifest import scan
-from helpers import write_image
+from helpers import flat, write_image
 
 
 def _extract(data, out, **kw):
@@ -26,9 +26,14 @@ def _extract(data, out, **kw):
     return extract(data, out, **kw)
 
 
-def test_schema_row_order_and_values(small_dataset, tmp_path):
-    out = tmp_path / "c.h5"
-    summary = _extract(small_dataset, out)
+def _tiny(data, out, **kw):
+    """``_extract`` with conftest's "tiny" backbone (the test asks for ``tiny_backbone``): for tests of the
+    cache's plumbing, where resnet18's forward pass would only cost time."""
+    return _extract(data, out, backbone="tiny", **kw)
+
+
+def test_schema_row_order_and_values(small_cache):
+    small_dataset, out, summary = small_cache  # resnet18, batch 5, no workers: _extract's defaults
     manifest = scan(small_dataset)
     assert summary["status"] == "written" and summary["rows"] == len(manifest) == 37
     with h5py.File(out, "r") as f:
@@ -59,15 +64,15 @@ def test_schema_row_order_and_values(small_dataset, tmp_path):
     assert not partial_path(out).exists()
 
 
-def test_workers_and_batch_size_do_not_change_the_cache(small_dataset, tmp_path):
-    _extract(small_dataset, tmp_path / "a.h5", batch_size=7, workers=0)
-    _extract(small_dataset, tmp_path / "b.h5", batch_size=3, workers=2)
+def test_workers_and_batch_size_do_not_change_the_cache(small_dataset, tmp_path, tiny_backbone):
+    _tiny(small_dataset, tmp_path / "a.h5", batch_size=7, workers=0)
+    _tiny(small_dataset, tmp_path / "b.h5", batch_size=3, workers=2)
     a, b = (FeatureCache.open(tmp_path / n).read("features", "paths") for n in ("a.h5", "b.h5"))
     assert list(a["paths"]) == list(b["paths"])
     assert np.allclose(a["features"], b["features"], atol=1e-5)
 
 
-def test_bad_files_are_skipped_and_listed(small_dataset, tmp_path):
+def test_bad_files_are_skipped_and_listed(small_dataset, tmp_path, tiny_backbone):
     good = small_dataset / "train" / "NORMAL" / "IM-0000-0001.jpeg"
     data = good.read_bytes()
     (small_dataset / "train" / "NORMAL" / "IM-0100-0001.jpeg").write_bytes(data[: len(data) // 2])
@@ -75,7 +80,7 @@ def test_bad_files_are_skipped_and_listed(small_dataset, tmp_path):
     (small_dataset / "test" / "PNEUMONIA" / "person77_bacteria_2.jpeg").write_bytes(b"")
     write_image(small_dataset / "test" / "NORMAL" / "with space.png")
     out = tmp_path / "c.h5"
-    summary = _extract(small_dataset, out, batch_size=4)
+    summary = _tiny(small_dataset, out, batch_size=4)
     assert summary["rows"] == 37 + 1  # 37 good files, 4 added, 3 of them bad
     cache = FeatureCache.open(out)
     skipped = {p: r for p, r in cache.read("skipped")["skipped"].tolist()}
@@ -101,35 +106,35 @@ def _clean_copy(data, tmp_path, skipped):
     for rel in skipped:
         os.remove(data / rel)
     out = tmp_path / "clean.h5"
-    _extract(data, out, batch_size=6)
+    _tiny(data, out, batch_size=6)
     return out
 
 
-def test_rerun_is_a_no_op_and_different_inputs_are_refused(small_dataset, tmp_path):
+def test_rerun_is_a_no_op_and_different_inputs_are_refused(small_dataset, tmp_path, tiny_backbone):
     out = tmp_path / "c.h5"
-    _extract(small_dataset, out)
+    _tiny(small_dataset, out)
     mtime = out.stat().st_mtime_ns
-    again = _extract(small_dataset, out)
+    again = _tiny(small_dataset, out)
     assert again["status"] == "up to date" and out.stat().st_mtime_ns == mtime
     with pytest.raises(UserError, match=r"holds a different cache \(.*weights: cache has none:seed=0, this run "
                                         r"has none:seed=1\).*--overwrite"):
-        _extract(small_dataset, out, seed=1)
+        _tiny(small_dataset, out, seed=1)
     write_image(small_dataset / "test" / "NORMAL" / "IM-0555-0001.jpeg")
     with pytest.raises(UserError, match="manifest: cache has"):
-        _extract(small_dataset, out)
-    replaced = _extract(small_dataset, out, overwrite=True, seed=1)
+        _tiny(small_dataset, out)
+    replaced = _tiny(small_dataset, out, overwrite=True, seed=1)
     assert replaced["status"] == "written" and FeatureCache.open(out).attrs["weights"] == "none:seed=1"
 
 
-def test_existing_non_cache_and_leftover_partial(small_dataset, tmp_path):
+def test_existing_non_cache_and_leftover_partial(small_dataset, tmp_path, tiny_backbone):
     out = tmp_path / "c.h5"
     out.write_text("precious notes")
     with pytest.raises(UserError, match="not a featcache cache; pass --overwrite"):
-        _extract(small_dataset, out)
+        _tiny(small_dataset, out)
     assert out.read_text() == "precious notes"
     out.unlink()
     partial_path(out).write_bytes(b"half a file")
-    _extract(small_dataset, out)
+    _tiny(small_dataset, out)
     assert FeatureCache.open(out).attrs["complete"] and not partial_path(out).exists()
 
 
@@ -145,9 +150,9 @@ def test_reader_rejects_missing_non_hdf5_and_incomplete(tmp_path):
         FeatureCache.open(tmp_path / "other.h5")
 
 
-def test_float16_features(small_dataset, tmp_path):
-    _extract(small_dataset, tmp_path / "h.h5", dtype="float16")
-    _extract(small_dataset, tmp_path / "f.h5")
+def test_float16_features(small_dataset, tmp_path, tiny_backbone):
+    _tiny(small_dataset, tmp_path / "h.h5", dtype="float16")
+    _tiny(small_dataset, tmp_path / "f.h5")
     half, full = FeatureCache.open(tmp_path / "h.h5"), FeatureCache.open(tmp_path / "f.h5")
     assert half.attrs["fingerprint"] != full.attrs["fingerprint"]
     xh, _, _ = half.arrays("train")
@@ -156,10 +161,10 @@ def test_float16_features(small_dataset, tmp_path):
     assert len(labels) == len(patients) == len(xf)
 
 
-def test_bf16_autocast_extraction_is_close_and_keyed(small_dataset, tmp_path):
+def test_bf16_autocast_extraction_is_close_and_keyed(small_cache, tmp_path):
+    small_dataset, fp32, _ = small_cache  # resnet18 in fp32, _extract's defaults
     _extract(small_dataset, tmp_path / "bf16.h5", amp="bf16")
-    _extract(small_dataset, tmp_path / "fp32.h5")
-    low, full = FeatureCache.open(tmp_path / "bf16.h5"), FeatureCache.open(tmp_path / "fp32.h5")
+    low, full = FeatureCache.open(tmp_path / "bf16.h5"), FeatureCache.open(fp32)
     assert low.fingerprint_inputs["precision"] == "bf16" and "precision" not in full.fingerprint_inputs
     a, b = low.read("features")["features"], full.read("features")["features"]
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -218,18 +223,19 @@ def test_crafted_or_damaged_caches_are_refused_naming_the_dataset(case, tmp_path
         assert expected in err and len(err.strip().splitlines()) == 1, (case, argv[0], err)
 
 
-def test_a_cache_altered_after_writing_is_rebuilt_not_up_to_date(small_dataset, tmp_path, capsys):
+def test_a_cache_altered_after_writing_is_rebuilt_not_up_to_date(small_dataset, tmp_path, tiny_backbone, capsys):
     out = tmp_path / "c.h5"
-    _extract(small_dataset, out)
+    _tiny(small_dataset, out)
     original = FeatureCache.open(out).read("features")["features"]
     with h5py.File(out, "r+") as f:
         f["features"][2, 3] += 1.0  # one flipped value, fingerprint and attributes untouched
-    again = _extract(small_dataset, out)
-    assert again["status"] == "written" and "checksum mismatch" in capsys.readouterr().out
+    again = _tiny(small_dataset, out)
+    assert again["status"] == "written" and "checksum mismatch" in flat(capsys.readouterr().out)
     assert np.array_equal(FeatureCache.open(out).read("features")["features"], original)
 
 
-def test_a_full_disk_stops_before_assembly_and_the_rerun_resumes(small_dataset, tmp_path, monkeypatch):
+def test_a_full_disk_stops_before_assembly_and_the_rerun_resumes(small_dataset, tmp_path, tiny_backbone,
+                                                                 monkeypatch):
     import shutil
     from collections import namedtuple
 
@@ -240,18 +246,18 @@ def test_a_full_disk_stops_before_assembly_and_the_rerun_resumes(small_dataset, 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(UserError, match=r"not enough disk space to assemble .*MB free, about .*parts are kept"):
-        _extract(small_dataset, out)
+        _tiny(small_dataset, out)
     assert not out.exists() and not partial_path(out).exists() and any(parts_dir(out).glob("chunk-*"))
     monkeypatch.setattr(shutil, "disk_usage", real)
-    assert _extract(small_dataset, out)["status"] == "written"
+    assert _tiny(small_dataset, out)["status"] == "written"
 
 
-def test_parts_left_after_a_finished_assembly_are_removed(small_dataset, tmp_path, capsys):
+def test_parts_left_after_a_finished_assembly_are_removed(small_dataset, tmp_path, tiny_backbone, capsys):
     from featcache.cache.parts import parts_dir
 
     out = tmp_path / "c.h5"
-    _extract(small_dataset, out)
+    _tiny(small_dataset, out)
     parts_dir(out).mkdir()
     (parts_dir(out) / "chunk-00000.npz").write_bytes(b"left by a run killed after its rename")
-    assert _extract(small_dataset, out)["status"] == "up to date"
+    assert _tiny(small_dataset, out)["status"] == "up to date"
     assert not parts_dir(out).exists() and "removing" in capsys.readouterr().out

@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,19 +14,19 @@ from featcache.cli import main
 from featcache.data.demo import DEMO_DATA
 from featcache.errors import UserError
 from featcache.finetune import finetune
+from helpers import QUICK, QUICK_RUNS, copy_tree, flat
 
-QUICK = dict(weights="none", epochs=1, batch_size=16, max_images=90, amp="off", n_resamples=50, workers=0,
-             progress=False)
+# The runs of helpers.QUICK_RUNS are made once per session by conftest's quick_finetune.
 
 
-def test_frozen_and_full_share_the_loop_and_the_fit_head_keys(tmp_path):
-    frozen = finetune(DEMO_DATA, tmp_path / "frozen", freeze_backbone=True, **QUICK)
-    full = finetune(DEMO_DATA, tmp_path / "full", **QUICK)
+def test_frozen_and_full_share_the_loop_and_the_fit_head_keys(quick_finetune, tmp_path):
+    (frozen_dir, frozen), (full_dir, full) = quick_finetune("frozen"), quick_finetune("full")
+    runs = {"frozen": frozen_dir, "full": full_dir}
     from featcache.backbones.registry import create_backbone
 
     initial = create_backbone("resnet18", "none").model.body.state_dict()
     for name, expect_changed in (("frozen", False), ("full", True)):
-        best = torch.load(tmp_path / name / "best.pt", weights_only=True)["model"]
+        best = torch.load(runs[name] / "best.pt", weights_only=True)["model"]
         changed = any(not torch.equal(best[k], v) for k, v in initial.items() if k.endswith("weight"))
         assert changed == expect_changed, name
         linear = "fc.1.weight" if name == "frozen" else "fc.0.weight"
@@ -43,54 +42,79 @@ def test_frozen_and_full_share_the_loop_and_the_fit_head_keys(tmp_path):
     assert set(full) == set(head)
     assert set(full["test"]) == set(head["test"])
     for name in ("frozen", "full"):
-        history = json.loads((tmp_path / name / "history.json").read_text())
+        history = json.loads((runs[name] / "history.json").read_text())
         assert len(history) == 1
         assert set(history[0]) >= {"train_loss", "train_accuracy", "val_loss", "val_auroc", "val_accuracy",
                                    "images_per_second", "epoch_seconds", "peak_memory_mb"}
-        assert (tmp_path / name / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
-        run = json.loads((tmp_path / name / "run.json").read_text())
+        assert (runs[name] / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+        run = json.loads((runs[name] / "run.json").read_text())
         assert run["complete"] and run["strategy"] == f"finetune-{name}"
         params = run["parameters"]
         assert params["total"] == 11_176_512 + 1026
         assert params["trainable"] == (1026 if name == "frozen" else params["total"])
-        assert run["checkpoint_bytes"] == (tmp_path / name / "best.pt").stat().st_size
+        assert run["checkpoint_bytes"] == (runs[name] / "best.pt").stat().st_size
         assert run["inference"]["ms_per_image"] > 0 and run["time_split"]["train"] > 0
         assert run["peak_host_mb"] > 100 and run["peak_gpu_mb"] is None
 
 
-def test_killed_mid_epoch_resumes_from_the_last_checkpoint(tmp_path):
-    args = [sys.executable, "-m", "featcache", "finetune", str(DEMO_DATA), "--weights", "none", "--epochs", "3",
-            "--batch-size", "16", "--max-images", "90", "--amp", "off", "--bootstrap", "50", "--workers", "0",
-            "--no-progress"]
-    reference = subprocess.run([*args, "--out", str(tmp_path / "clean")], capture_output=True, text=True)
-    assert reference.returncode == 0, reference.stderr[-2000:]
+# `featcache finetune ARGS` that SIGKILLs itself at the second optimizer step after last.pt (the end of
+# epoch 1) appeared: killed mid-epoch 2 wherever the machine's speed would have put a timed kill.
+KILLED_MID_EPOCH_2 = """
+import os, signal, sys
+from pathlib import Path
+
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+last, steps = Path(sys.argv[1]) / "last.pt", []
+
+
+def kill_mid_epoch_2(optimizer, args, kwargs):
+    if last.exists():
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+register_optimizer_step_pre_hook(kill_mid_epoch_2)
+from featcache.cli import main
+
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_killed_mid_epoch_resumes_from_the_last_checkpoint(tmp_path, capsys):
+    # 48 images of every split, batch 8: 4 optimizer steps an epoch; the kill lands on step 2 of epoch 2.
+    args = ["finetune", str(DEMO_DATA), "--weights", "none", "--epochs", "2", "--batch-size", "8", "--max-images",
+            "48", "--subsample-all", "--amp", "off", "--bootstrap", "50", "--workers", "0", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
     out = tmp_path / "killed"
-    proc = subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (out / "last.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(2.0)  # into epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    script = tmp_path / "killed_mid_epoch_2.py"
+    script.write_text(KILLED_MID_EPOCH_2)
+    killed = subprocess.run([sys.executable, str(script), str(out), *args, "--out", str(out)], capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert "epoch 1/2" in flat(killed.stdout) and "epoch 2/2" not in flat(killed.stdout)  # died inside epoch 2
     assert (out / "last.pt").exists() and not (out / "run.json").exists()
-    resumed = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming" in resumed.stdout
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 0
+    assert "resuming" in flat(capsys.readouterr().out)
     a = json.loads((out / "history.json").read_text())
     b = json.loads((tmp_path / "clean" / "history.json").read_text())
-    assert [h["epoch"] for h in a] == [1, 2, 3]
+    assert [h["epoch"] for h in a] == [1, 2]
     for x, y in zip(a, b):
         assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-3)
         assert x["val_auroc"] == pytest.approx(y["val_auroc"], abs=1e-3)
-    again = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True)
-    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert main([*args, "--out", str(out)]) == 0
+    assert "nothing to do" in flat(capsys.readouterr().out)
 
 
-def test_settings_mistakes_and_other_runs(tmp_path):
-    finetune(DEMO_DATA, tmp_path / "run", **QUICK)
+def test_settings_mistakes_and_other_runs(quick_finetune, tmp_path):
+    copy_tree(quick_finetune("full")[0], tmp_path / "run")  # a finished quick run, ours to replace
     with pytest.raises(UserError, match=r"holds a run with other settings \(lr\)"):
-        finetune(DEMO_DATA, tmp_path / "run", lr=0.01, **QUICK)
-    replaced = finetune(DEMO_DATA, tmp_path / "run", lr=0.01, overwrite=True, **QUICK)
+        finetune(DEMO_DATA, tmp_path / "run", lr=0.01, **QUICK_RUNS["full"])
+    # The replacement only needs to differ; a smaller one (every split subsampled) is quicker.
+    replaced = finetune(DEMO_DATA, tmp_path / "run", lr=0.01, overwrite=True,
+                        **{**QUICK, "max_images": 40, "subsample_all": True})
     assert replaced["selected"]["lr"] == 0.01
     with pytest.raises(UserError, match="--amp fp16 needs a CUDA GPU"):
         finetune(DEMO_DATA, tmp_path / "x", **{**QUICK, "amp": "fp16"})
@@ -100,10 +124,12 @@ def test_settings_mistakes_and_other_runs(tmp_path):
 
 
 def test_bf16_autocast_runs_on_cpu_and_the_checkpoint_feeds_extract(tmp_path):
-    metrics = finetune(DEMO_DATA, tmp_path / "bf16", **{**QUICK, "amp": "bf16"})
+    small = {"max_images": 40, "subsample_all": True}  # every split subsampled: the point is the path, not size
+    metrics = finetune(DEMO_DATA, tmp_path / "bf16", **{**QUICK, **small, "amp": "bf16"})
     assert "bf16" in metrics["selected"]["amp"]
     assert main(["extract", str(DEMO_DATA), "--out", str(tmp_path / "tuned.h5"), "--weights",
-                 str(tmp_path / "bf16" / "best.pt"), "--no-progress", "--workers", "0"]) == 0
+                 str(tmp_path / "bf16" / "best.pt"), "--no-progress", "--workers", "0", "--max-images", "40",
+                 "--subsample-all"]) == 0
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
@@ -153,15 +179,14 @@ def _permuted_test_copy(src, dst):
     return dst
 
 
-def test_finetune_choices_are_blind_to_the_test_labels(tmp_path):
+def test_finetune_choices_are_blind_to_the_test_labels(quick_finetune, tmp_path):
     permuted = _permuted_test_copy(DEMO_DATA, tmp_path / "permuted")
-    options = {**QUICK, "epochs": 3, "early_stop": 1, "threshold": "youden", "freeze_backbone": True}
-    a = finetune(DEMO_DATA, tmp_path / "a", **options)
-    b = finetune(permuted, tmp_path / "b", **options)
+    a_dir, a = quick_finetune("frozen-youden")  # 3 epochs, early stop 1, Youden threshold, frozen backbone
+    b = finetune(permuted, tmp_path / "b", **QUICK_RUNS["frozen-youden"])
     assert a["test"]["auroc"] != b["test"]["auroc"]  # the test labels did change
     assert a["selected"] == b["selected"] and a["threshold"] == b["threshold"]  # best epoch, threshold
     assert a["val"] == b["val"]
-    ha = json.loads((tmp_path / "a" / "history.json").read_text())
+    ha = json.loads((a_dir / "history.json").read_text())
     hb = json.loads((tmp_path / "b" / "history.json").read_text())
     keep = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_auroc", "val_accuracy")
     assert [{k: h[k] for k in keep} for h in ha] == [{k: h[k] for k in keep} for h in hb]  # the same early stop
@@ -171,7 +196,7 @@ def test_tutorial_recipe_in_featcaches_loop(tmp_path):
     from featcache.backbones.registry import create_backbone
 
     metrics = finetune(DEMO_DATA, tmp_path / "tut", recipe="tutorial",
-                       **{**QUICK, "epochs": 2, "batch_size": None, "max_images": 40})
+                       **{**QUICK, "epochs": 2, "batch_size": None, "max_images": 40, "subsample_all": True})
     run = json.loads((tmp_path / "tut" / "run.json").read_text())
     settings = run["settings"]
     assert (settings["recipe"], settings["batch_size"], settings["lr"], settings["augment"],
@@ -202,7 +227,8 @@ def test_quick_real_finetune_reaches_val_auroc_080(shared_data, tmp_path):
 
 
 def test_dali_decodes_and_augments_training_batches(tmp_path):
-    metrics = finetune(DEMO_DATA, tmp_path / "dali", backend="dali", augment="strong", **QUICK)
+    metrics = finetune(DEMO_DATA, tmp_path / "dali", backend="dali", augment="strong",
+                       **{**QUICK, "max_images": 40, "subsample_all": True})
     assert metrics["test"]["n"] > 0
     history = json.loads((tmp_path / "dali" / "history.json").read_text())
     assert history[0]["skipped"] == 0 and history[0]["images_per_second"] > 0

@@ -10,15 +10,23 @@ from featcache.cache.h5 import FeatureCache
 from featcache.cli import main
 from featcache.errors import UserError
 from featcache.predict import load_run, predict
+from helpers import copy_tree, flat
+
+
+@pytest.fixture(scope="module")
+def fitted_once(small_cache, tmp_path_factory):
+    """A sweep head fitted on the session's small resnet18 cache, once for this module. Read-only."""
+    data, cache, _ = small_cache
+    run = tmp_path_factory.mktemp("fitted") / "run"
+    assert main(["fit-head", str(cache), "--out", str(run), "--heads", "sweep", "--bootstrap", "0"]) == 0
+    return data, cache, run
 
 
 @pytest.fixture
-def fitted_run(small_dataset, tmp_path):
-    cache, run = tmp_path / "c.h5", tmp_path / "run"
-    assert main(["extract", str(small_dataset), "--out", str(cache), "--weights", "none", "--workers", "0",
-                 "--no-progress"]) == 0
-    assert main(["fit-head", str(cache), "--out", str(run), "--heads", "sweep", "--bootstrap", "0"]) == 0
-    return small_dataset, cache, run
+def fitted_run(fitted_once, tmp_path):
+    """(data, cache, run): this test's own copies of the data and the run folder (the cache is shared, read-only)."""
+    data, cache, run = fitted_once
+    return copy_tree(data, tmp_path / "data"), cache, copy_tree(run, tmp_path / "run")
 
 
 def test_predict_agrees_with_the_head_on_cached_features(fitted_run, tmp_path):
@@ -85,21 +93,18 @@ def test_predict_never_writes_over_the_runs_files(fitted_run, tmp_path, capsys):
     assert (run / "predictions.csv").read_bytes() == before
     written = sorted(run.glob("predict-*.csv"))
     assert len(written) == 1 and len(list(csv.DictReader(written[0].open()))) == 5
-    shown = capsys.readouterr().out
+    shown = flat(capsys.readouterr().out)
     assert "decided by" in shown and "(fixed)" in shown
     assert main(["predict", str(run), str(data / "test"), "--out", str(run / "predictions.csv")]) == 2
     assert (run / "predictions.csv").read_bytes() == before
 
 
-def test_predict_applies_a_finetuned_run_with_its_threshold(tmp_path):
+def test_predict_applies_a_finetuned_run_with_its_threshold(quick_finetune, tmp_path):
     import json
 
     from featcache.data.demo import DEMO_DATA
-    from featcache.finetune import finetune
 
-    run = tmp_path / "ft"
-    finetune(DEMO_DATA, run, weights="none", epochs=1, batch_size=16, max_images=40, amp="off", n_resamples=0,
-             workers=0, progress=False, freeze_backbone=True, threshold="youden")
+    run, _ = quick_finetune("frozen-youden")  # a frozen-backbone run with a Youden threshold (read-only)
     metrics = json.loads((run / "metrics.json").read_text())
     run_rows = [r for r in csv.DictReader((run / "predictions.csv").open()) if r["split"] == "test"][:8]
     images = [str(DEMO_DATA / r["path"]) for r in run_rows]

@@ -12,8 +12,8 @@ import pytest
 from featcache.cli import main
 from featcache.data.demo import DEMO_DATA
 from featcache.errors import UserError
-from featcache.extract import extract
 from featcache.fit import fit_head
+from helpers import flat
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,11 +47,11 @@ def _write_runs(root: Path, cache: Path, finetune_test_aurocs: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fixture_runs(tmp_path_factory):
+def fixture_runs(demo_cache, tmp_path_factory):
     """Two real fit-head runs on the demo subset and two fine-tuning runs written by hand."""
     root = tmp_path_factory.mktemp("runs")
     cache = root / "r18.h5"
-    extract(DEMO_DATA, cache, weights="none", workers=0, progress=False)
+    shutil.copy(demo_cache, cache)  # beside the runs, as `featcache run` keeps it (the portability test moves both)
     return _write_runs(root, cache, {"ft-light": 0.8123, "ft-none": 0.7456})
 
 
@@ -166,15 +166,20 @@ def test_models_metadata_and_one_measurement():
 
 
 def test_bench_prints_the_fraction_and_the_ratios(tmp_path, capsys):
-    assert main(["bench", str(DEMO_DATA), "--max-images", "60", "--subsample-all", "--epochs", "1",
-                 "--weights", "none", "--bootstrap", "50", "--json", str(tmp_path / "bench.json")]) == 0
-    shown = capsys.readouterr().out
+    # Every stage, on 40 images in batches of 8: what is checked is that each figure is there and adds up.
+    assert main(["bench", str(DEMO_DATA), "--max-images", "40", "--subsample-all", "--epochs", "1",
+                 "--batch-size", "8", "--weights", "none", "--bootstrap", "50",
+                 "--json", str(tmp_path / "bench.json")]) == 0
+    shown = flat(capsys.readouterr().out)  # phrases match wherever the console broke the lines
     assert "extract / forward-only" in shown and "tutorial time / featcache time" in shown
     assert "fine-tuning time / featcache time" in shown and "naive ImageFolder" in shown
     assert "stratified subset of train, val, test (--subsample-all)" in shown
     facts = json.loads((tmp_path / "bench.json").read_text())
-    assert 0 < facts["extract_fraction_of_forward"] < 2
-    assert facts["subsampled"] == ["train", "val", "test"] and sum(facts["n"].values()) <= 60
+    # The fraction is what it says (a speed ratio; how far below 1 it lands depends on the machine's load).
+    assert facts["extract_fraction_of_forward"] == pytest.approx(
+        facts["extract"]["images_per_second"] / facts["forward_images_per_s"])
+    assert facts["extract_fraction_of_forward"] > 0
+    assert facts["subsampled"] == ["train", "val", "test"] and sum(facts["n"].values()) <= 40
     rows = facts["compare"]["rows"]
     assert len(rows) == 3 and all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 for r in rows.values())
     assert all(len(r["test_auroc_ci"]) == 2 and r["n"]["test"] == facts["n"]["test"] for r in rows.values())
@@ -205,11 +210,20 @@ def test_shipped_configs_read(tmp_path):
         assert config["fixed"] or config["finetune"]
 
 
-def test_small_config_runs_end_to_end(shared_data, tmp_path):
-    """`featcache run configs/small.toml --weights none`: every report section filled with measured numbers."""
+def test_small_config_runs_end_to_end(tmp_path):
+    """`featcache run configs/small.toml --weights none`: every report section filled with measured numbers.
+
+    The shipped config, scaled down to plumbing size: the embedded demo subset instead of the shared set,
+    200 images instead of 600, one epoch instead of two, 100 bootstrap resamples instead of 500. Every run,
+    step and report section of the config is kept; what is checked is that each is there, measured.
+    """
     config = tmp_path / "small.toml"
-    text = (REPO / "configs" / "small.toml").read_text().replace('"../shared/data/chest_xray_224"',
-                                                                  json.dumps(str(shared_data)))
+    text = (REPO / "configs" / "small.toml").read_text()
+    for old, new in (('"../shared/data/chest_xray_224"', json.dumps(str(DEMO_DATA))),
+                     ("max_images = 600", "max_images = 200"), ("epochs = 2", "epochs = 1"),
+                     ("bootstrap = 500", "bootstrap = 100")):
+        assert old in text, old
+        text = text.replace(old, new)
     config.write_text(text)
     assert main(["run", str(config), "--weights", "none", "--out", str(tmp_path / "small")]) == 0
     md = (tmp_path / "small" / "report" / "report.md").read_text()

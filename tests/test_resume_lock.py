@@ -17,16 +17,16 @@ from featcache.cache.h5 import FeatureCache, partial_path
 from featcache.cli import main
 from featcache.cache.lock import lock_path
 from featcache.cache.parts import parts_dir
-from helpers import kermany_names, make_dataset
+from helpers import flat, kermany_names, make_dataset
 
 EXTRACT = ["--weights", "none", "--workers", "0", "--batch-size", "2", "--chunk-rows", "4", "--no-progress"]
 
 
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    """64 small images: 16 chunks of 4 rows."""
-    return make_dataset(tmp_path / "data", {"train": kermany_names("", 12, 12), "test": kermany_names("", 4, 4)},
-                        size=(24, 20))
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """64 small images: 16 chunks of 4 rows. Shared by this module's tests: read-only."""
+    return make_dataset(tmp_path_factory.mktemp("lock_data") / "data",
+                        {"train": kermany_names("", 12, 12), "test": kermany_names("", 4, 4)}, size=(24, 20))
 
 
 def start_extract(data, out, *extra):
@@ -58,14 +58,24 @@ def same_cache(a, b):
     assert x.attrs["fingerprint"] == y.attrs["fingerprint"]
 
 
-@pytest.fixture
-def reference(dataset, tmp_path):
-    out = tmp_path / "reference.h5"
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    """The cache of ``dataset`` made in one go, once for this module: read-only."""
+    out = tmp_path_factory.mktemp("lock_reference") / "reference.h5"
     assert main(["extract", str(dataset), "--out", str(out), *EXTRACT]) == 0
     return out
 
 
-def test_sigkill_at_several_points_then_resume(dataset, reference, tmp_path):
+def collect_stdout(proc) -> list[str]:
+    """``proc``'s stdout lines as they come (a reader thread appends them to the list returned)."""
+    import threading
+
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    return lines
+
+
+def test_sigkill_at_several_points_then_resume(dataset, reference, tmp_path, capsys):
     out = tmp_path / "killed.h5"
     for after in (1, 6, 11):  # committed chunks before each kill
         proc = start_extract(dataset, out)
@@ -74,32 +84,32 @@ def test_sigkill_at_several_points_then_resume(dataset, reference, tmp_path):
         proc.wait()
         assert not out.exists() and committed(out) >= after
     before = committed(out)
-    result = subprocess.run([sys.executable, "-m", "featcache", "extract", str(dataset), "--out", str(out), *EXTRACT],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "resuming" in result.stdout and f"{before} of 16 chunks" in result.stdout.replace("\n", " ")
+    capsys.readouterr()
+    assert main(["extract", str(dataset), "--out", str(out), *EXTRACT]) == 0
+    shown = flat(capsys.readouterr().out)
+    assert "resuming" in shown and f"{before} of 16 chunks" in shown
     same_cache(out, reference)
     assert not parts_dir(out).exists() and not lock_path(out).exists()
     assert FeatureCache.open(out).attrs["rows_written"] == 64
 
 
-def test_second_writer_is_refused_and_the_first_completes_intact(tmp_path):
-    from featcache.data.demo import DEMO_DATA
-
-    args = ["--weights", "none", "--workers", "0", "--chunk-rows", "16", "--no-progress"]
-    reference = tmp_path / "reference.h5"
-    assert main(["extract", str(DEMO_DATA), "--out", str(reference), *args]) == 0
+def test_second_writer_is_refused_and_the_first_completes_intact(dataset, reference, tmp_path):
     out = tmp_path / "shared.h5"
-    first = subprocess.Popen([sys.executable, "-m", "featcache", "extract", str(DEMO_DATA), "--out", str(out),
-                              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: committed(out) >= 1)  # 400 images: the first run has about 10 s to go
-    second = subprocess.run([sys.executable, "-m", "featcache", "extract", str(DEMO_DATA), "--out", str(out),
-                             *args], capture_output=True, text=True, timeout=60)
-    assert first.poll() is None, "the first run ended before the second could be refused"
+    first = start_extract(dataset, out)
+    wait_for(lambda: committed(out) >= 1 or first.poll() is not None)
+    # Paused mid-run (SIGSTOP), the first writer holds the lock for as long as the second needs, on any machine.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert first.poll() is None, "the first run ended before it could be paused"
+        second = subprocess.run([sys.executable, "-m", "featcache", "extract", str(dataset), "--out", str(out),
+                                 *EXTRACT], capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2
     assert f"being written by pid {first.pid}" in second.stderr and "--wait" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
-    assert first.wait(timeout=300) == 0
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
     same_cache(out, reference)
 
 
@@ -109,11 +119,12 @@ def test_wait_queues_behind_the_holder(dataset, reference, tmp_path):
     out = tmp_path / "queued.h5"
     with CacheLock(out):
         queued = start_extract(dataset, out, "--wait")
-        wait_for(lambda: lock_path(out).exists() and queued.poll() is None)
-        time.sleep(3)  # it has started, found the lock taken, and is waiting
+        lines = collect_stdout(queued)
+        # It has started, found the lock taken, and says it waits (however long the start took).
+        wait_for(lambda: any("waiting" in line for line in lines) or queued.poll() is not None, timeout=300)
         assert queued.poll() is None and not out.exists()
-    stdout, _ = queued.communicate(timeout=300)
-    assert queued.returncode == 0 and "waiting" in stdout
+        assert any("waiting" in line for line in lines)
+    assert queued.wait(timeout=300) == 0, queued.stderr.read()[-2000:]
     same_cache(out, reference)
 
 
@@ -121,7 +132,7 @@ def test_stale_lock_is_cleared(dataset, tmp_path, capsys):
     out = tmp_path / "c.h5"
     lock_path(out).write_text(json.dumps({"pid": 999999, "host": "gone", "since": "yesterday", "command": "x"}))
     assert main(["extract", str(dataset), "--out", str(out), *EXTRACT]) == 0
-    assert "cleared a stale lock" in capsys.readouterr().out
+    assert "cleared a stale lock" in flat(capsys.readouterr().out)
     assert not lock_path(out).exists()
 
 
@@ -133,7 +144,7 @@ def test_torn_files_are_rebuilt_never_used(dataset, reference, tmp_path, capsys)
         FeatureCache.open(out)
     assert main(["fit-head", str(out), "--out", str(tmp_path / "run")]) == 2
     assert main(["extract", str(dataset), "--out", str(out), *EXTRACT]) == 0
-    assert "damaged HDF5 file" in capsys.readouterr().out
+    assert "damaged HDF5 file" in flat(capsys.readouterr().out)
     same_cache(out, reference)
     # A half-written assembly file next to complete parts: rebuilt from the parts.
     partial_path(out).write_bytes(data[:5000])
@@ -148,7 +159,7 @@ def test_parts_of_other_inputs_are_discarded(dataset, reference, tmp_path, capsy
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert main(["extract", str(dataset), "--out", str(out), *EXTRACT]) == 0
-    assert "progress of an interrupted run with other inputs" in capsys.readouterr().out
+    assert "progress of an interrupted run with other inputs" in flat(capsys.readouterr().out)
     same_cache(out, reference)
 
 
@@ -166,7 +177,7 @@ def test_two_torchrun_processes_make_the_same_cache(dataset, reference, tmp_path
                             capture_output=True, text=True, timeout=600, cwd=hostile)
     assert not marker.exists(), marker.read_text()
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "2 processes" in result.stdout
+    assert "2 processes" in flat(result.stdout)
     same_cache(out, reference)
     assert json.loads(FeatureCache.open(out).attrs["extract"])["processes"] == 2
 
@@ -185,7 +196,7 @@ def test_inspect_complete_and_in_progress(dataset, reference, tmp_path, capsys):
     assert info["rows_per_split"]["test"] == {"NORMAL": 8, "PNEUMONIA": 8}
     assert info["weights"] == "none:seed=0" and info["size_bytes"] > 64 * 512 * 4
     assert main(["inspect", str(reference)]) == 0
-    shown = capsys.readouterr().out
+    shown = flat(capsys.readouterr().out)
     assert "rows per split and class" in shown and "resnet18" in shown
     out = tmp_path / "partial.h5"
     proc = start_extract(dataset, out)
@@ -272,7 +283,11 @@ def test_ranks_die_with_a_killed_nproc_parent(dataset, reference, tmp_path):
     wait_for(lambda: committed(out) >= 1, timeout=300)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    # torchrun and both ranks follow their parent at once: nothing is left to race the next writer.
-    wait_for(lambda: not _processes_writing(out), timeout=3)
+    at_kill = committed(out)
+    # torchrun and both ranks follow their parent at once: nothing is left to race the next writer, and
+    # nothing more was written after the kill (orphans would go on committing chunks, then assemble).
+    # The generous timeout only allows for a loaded machine's slow process teardown.
+    wait_for(lambda: not _processes_writing(out), timeout=60)
+    assert committed(out) <= at_kill + 2 and not out.exists()  # at most one chunk in flight per rank
     assert main(["extract", str(dataset), "--out", str(out), *EXTRACT]) == 0
     same_cache(out, reference)
