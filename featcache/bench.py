@@ -101,7 +101,7 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
     returns every figure."""
     import torch
 
-    from featcache.backbones.registry import create_backbone
+    from featcache.backbones.registry import create_backbone, file_word
     from featcache.decode import resolve_backend
     from featcache.extract import extract
     from featcache.runtime.device import resolve_device
@@ -127,7 +127,7 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
         if "forward" in stages or "extract" in stages:
             facts["forward_images_per_s"] = forward_only(bb, manifest, n_images=min(256, len(manifest)),
                                                          batch_size=batch_size, device=device)
-        cache = work / f"{backbone.replace(':', '-').replace('/', '-')}.h5"
+        cache = work / f"{file_word(backbone)}.h5"
         if "extract" in stages or "fit-head" in stages:
             summary = extract(data, cache, backbone=backbone, weights="none", batch_size=batch_size, seed=seed,
                               max_images=max_images, subsample_all=subsample_all, overwrite=True,

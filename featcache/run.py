@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from featcache.backbones.registry import file_word
 from featcache.backbones.weights import WeightsRef
 from featcache.errors import UserError
 from featcache.options import EXTRACT, FINETUNE, HEAD
@@ -75,11 +76,6 @@ def read_config(path: str | os.PathLike) -> dict:
     return {**config, **runs}
 
 
-def _slug(backbone: str) -> str:
-    """A backbone name as a file-name word: tv:efficientnet_b0 -> tv-efficientnet_b0, hf:org/model -> hf-org-model."""
-    return backbone.replace(":", "-").replace("/", "-")
-
-
 def _weights_tag(weights: str) -> str:
     ref = WeightsRef.parse(weights)
     return "none" if ref.is_random else ref.short
@@ -116,7 +112,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
             backbone = fixed["backbone"]
             # The seed changes a random-init backbone, so its cache; pretrained features are shared.
             cache_tag = tag if WeightsRef.parse(weights).is_random else ""
-            cache = out / "caches" / f"{_slug(backbone)}-{_weights_tag(weights)}{cache_tag}.h5"
+            cache = out / "caches" / f"{file_word(backbone)}-{_weights_tag(weights)}{cache_tag}.h5"
             console.rule(f"[bold]fixed feature extractor {i + 1}/{len(config['fixed'])}: {backbone}"
                          + (f", seed {seed}" if repeated else ""))
             extract(data, cache, backbone=backbone, weights=weights,
@@ -124,7 +120,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
                     backend=config.get("backend", EXTRACT.backend), device=config.get("device", EXTRACT.device),
                     scan_options=scan_options, **common)
             heads = fixed.get("heads", "sweep")
-            run_dir = out / "runs" / f"{_slug(backbone)}-{heads}{tag}"
+            run_dir = out / "runs" / f"{file_word(backbone)}-{heads}{tag}"
             metrics = fit_head(cache, run_dir, heads=heads, C=fixed.get("C"), class_weight=fixed.get("class_weight"),
                                threshold=fixed.get("threshold", HEAD.threshold),
                                epochs=fixed.get("epochs", HEAD.epochs),
@@ -139,7 +135,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
             mode = "frozen" if tune.get("freeze_backbone") or tune.get("recipe") == "tutorial" else "full"
             augment = tune.get("augment", "tutorial" if tune.get("recipe") == "tutorial" else "light")
             recipe = "-tutorial-recipe" if tune.get("recipe") == "tutorial" else ""
-            run_dir = out / "runs" / f"{_slug(backbone)}-finetune-{mode}-{augment}{recipe}{tag}"
+            run_dir = out / "runs" / f"{file_word(backbone)}-finetune-{mode}-{augment}{recipe}{tag}"
             console.rule(f"[bold]fine-tuning {i + 1}/{len(config['finetune'])}: {backbone}, {mode}, augment {augment}"
                          + (f", seed {seed}" if repeated else ""))
             options = {k: v for k, v in tune.items() if k not in ("backbone",)}

@@ -25,10 +25,6 @@ COLUMNS = ("rank", "backbone", "family", "feature_dim", "params_m", "gmacs", "ex
            "difference_to_first", "difference_to_first_ci")
 
 
-def _slug(name: str) -> str:
-    return name.replace(":", "-").replace("/", "-")
-
-
 def rank(rows: list[dict]) -> list[dict]:
     """Rows ordered by validation AUROC (highest first; ties by name), ranks attached. Test plays no part."""
     ordered = sorted(rows, key=lambda r: (-r["val_auroc"], r["backbone"]))
@@ -94,7 +90,7 @@ def zoo(data, out, *, backbones: list[str], weights: str = EXTRACT.weights, head
         scan_options: dict | None = None, progress: bool = True) -> list[dict]:
     """Extract and fit every backbone, then rank them on validation; returns the leaderboard rows."""
     from featcache.backbones.costs import counted_facts
-    from featcache.backbones.registry import get_entry
+    from featcache.backbones.registry import file_word, get_entry
     from featcache.extract import extract
     from featcache.fit import fit_head
     from featcache.heads import HEADS
@@ -110,11 +106,11 @@ def zoo(data, out, *, backbones: list[str], weights: str = EXTRACT.weights, head
     runs, costs = {}, {}
     for i, name in enumerate(names, 1):
         console.rule(f"[bold]{i}/{len(names)}: {name}")
-        cache = out / "caches" / f"{_slug(name)}.h5"
+        cache = out / "caches" / f"{file_word(name)}.h5"
         extract(data, cache, backbone=name, weights=weights, seed=seed, max_images=max_images,
                 subsample_all=subsample_all, batch_size=batch_size, backend=backend, device=device, workers=workers,
                 scan_options=scan_options, progress=progress)
-        runs[name] = out / "runs" / _slug(name)
+        runs[name] = out / "runs" / file_word(name)
         fit_head(cache, runs[name], heads=heads, seed=seed, n_resamples=n_resamples, device=device,
                  positive_class=positive_class)
         facts = counted_facts(name)

@@ -37,9 +37,9 @@ def _local_only(source: str) -> bool:
     return Path(source).is_dir() or not hub_reachable()
 
 
-def _config(transformers, source: str):
+def _config(transformers, source: str, local: bool):
     try:
-        return transformers.AutoConfig.from_pretrained(source, local_files_only=_local_only(source))
+        return transformers.AutoConfig.from_pretrained(source, local_files_only=local)
     except Exception as exc:
         where = (f"{source} holds no config.json" if Path(source).is_dir() else
                  f"the repo {source} is not in the Hugging Face cache and cannot be downloaded here")
@@ -47,9 +47,9 @@ def _config(transformers, source: str):
                         "by save_pretrained") from None
 
 
-def _spec(transformers, source: str) -> PreprocessSpec:
+def _spec(transformers, source: str, local: bool) -> PreprocessSpec:
     try:
-        processor = transformers.AutoImageProcessor.from_pretrained(source, local_files_only=_local_only(source))
+        processor = transformers.AutoImageProcessor.from_pretrained(source, local_files_only=local)
     except Exception as exc:
         raise UserError(f"hf:{source}: no image processor config (preprocessor_config.json) to say how images "
                         f"are prepared ({exc.__class__.__name__})") from None
@@ -94,8 +94,9 @@ def _pooled_module():
 def entry(source: str) -> BackboneEntry:
     """The backbone ``hf:SOURCE`` (a repo id or a local folder)."""
     transformers = _transformers()
-    config = _config(transformers, source)
-    spec = _spec(transformers, source)
+    local = _local_only(source)  # one reachability check for the config, the processor and the weights
+    config = _config(transformers, source, local)
+    spec = _spec(transformers, source, local)
     Pooled = _pooled_module()
     feature_dim = int(getattr(config, "hidden_size", 0) or 0) or _probe_dim(transformers, config, spec, Pooled)
 
@@ -106,7 +107,7 @@ def entry(source: str) -> BackboneEntry:
         from huggingface_hub.constants import HF_HUB_CACHE
 
         try:
-            pretrained = transformers.AutoModel.from_pretrained(source, local_files_only=_local_only(source))
+            pretrained = transformers.AutoModel.from_pretrained(source, local_files_only=local)
         except Exception as exc:
             where = (f"{source} holds no weights (model.safetensors)" if Path(source).is_dir() else
                      f"put the repo {source} in {HF_HUB_CACHE} (huggingface-cli download {source} where there "

@@ -1,4 +1,4 @@
-"""The Hugging Face hub as featcache meets it: what is cached, whether the hub can be reached, and
+"""The Hugging Face hub (and download hosts) as featcache meets it: what is cached, whether the hub can be reached, and
 downloads whose failures are reported in one line (timm and transformers backbones share these)."""
 
 from __future__ import annotations
@@ -11,22 +11,28 @@ def in_hf_cache(repo: str) -> bool:
                for f in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"))
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One TCP connection to the hub: offline, fail in seconds rather than after the hub's retries."""
-    import os
+def reachable(host: str, timeout: float = 3.0) -> bool:
+    """One TCP connection to ``host``:443: offline, a download fails in seconds rather than after a
+    library's retries."""
     import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) can be reached, unless ``HF_HUB_OFFLINE`` says not to try."""
+    import os
     from urllib.parse import urlparse
 
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
     if HF_HUB_OFFLINE:
         return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return reachable(urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co")
 
 
 class quiet_hub:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlparse
 
-from featcache.backbones.hub import hub_reachable, in_hf_cache, quiet_hub
+from featcache.backbones.hub import hub_reachable, in_hf_cache, quiet_hub, reachable
 from featcache.backbones.registry import BackboneEntry
 from featcache.backbones.spec import PreprocessSpec
 from featcache.errors import UserError
@@ -144,15 +144,15 @@ def _where(open_clip, arch: str, tag: str | None) -> str | None:
     """None when the weights can be had (cached, or the network is there); else where to put them."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    repo = arch[len("hf-hub:"):] if arch.startswith("hf-hub:") else \
-        (open_clip.get_pretrained_cfg(arch, tag).get("hf_hub") or "").rstrip("/")
+    config = {} if arch.startswith("hf-hub:") else open_clip.get_pretrained_cfg(arch, tag)
+    repo = arch[len("hf-hub:"):] if arch.startswith("hf-hub:") else (config.get("hf_hub") or "").rstrip("/")
     if repo:
         if in_hf_cache(repo) or hub_reachable():
             return None
         return f"put the Hugging Face repo {repo} in {HF_HUB_CACHE} (huggingface-cli download {repo} where there " \
                "is a network, then copy that cache here)"
-    url = open_clip.get_pretrained_cfg(arch, tag).get("url", "")
+    url = config.get("url", "")
     cached = os.path.expanduser(os.path.join("~/.cache/clip", os.path.basename(urlparse(url).path)))
-    if os.path.isfile(cached) or hub_reachable():
+    if os.path.isfile(cached) or reachable(urlparse(url).hostname or ""):
         return None
     return f"put {os.path.basename(cached)} (from {url}) at {cached}"

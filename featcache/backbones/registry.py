@@ -142,6 +142,11 @@ FAMILY_EXAMPLES = {
 }
 
 
+def file_word(name: str) -> str:
+    """A backbone name as a file-name word: tv:efficientnet_b0 -> tv-efficientnet_b0, hf:org/model -> hf-org-model."""
+    return name.replace(":", "-").replace("/", "-")
+
+
 def backbone_names() -> str:
     """For help texts: the short names, then the families."""
     return ", ".join(REGISTRY) + ", or " + ", ".join(f"{f}:NAME" for f in FAMILIES)

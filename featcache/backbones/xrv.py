@@ -17,6 +17,7 @@ import hashlib
 import os
 from urllib.parse import urlparse
 
+from featcache.backbones.hub import reachable
 from featcache.backbones.registry import BackboneEntry
 from featcache.backbones.spec import PreprocessSpec
 from featcache.errors import UserError
@@ -84,7 +85,7 @@ def entry(name: str) -> BackboneEntry:
     def load_pretrained(model) -> tuple[str, str]:
         url = info["weights_url"]
         path = os.path.expanduser(os.path.join(xrv.utils.get_cache_dir(), os.path.basename(urlparse(url).path)))
-        if not os.path.isfile(path) and not _reachable(url):
+        if not os.path.isfile(path) and not reachable(urlparse(url).hostname):
             raise UserError(f"cannot get TorchXRayVision weights for xrv:{name}: put {os.path.basename(path)} "
                             f"(from {url}) at {path}, or pass --weights PATH, or --weights none")
         try:  # TorchXRayVision's own loader: it reads its own files (a pickled model for the DenseNets)
@@ -101,13 +102,3 @@ def entry(name: str) -> BackboneEntry:
     return BackboneEntry(f"xrv:{name}", 1024 if dense else 2048, lambda: (build, None), lambda model: None,
                          ("model.classifier.",) if dense else ("model.fc.",), make_spec=lambda: spec,
                          load_pretrained=load_pretrained, state_prefix="model.")
-
-
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    import socket
-
-    try:
-        socket.create_connection((urlparse(url).hostname, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
