@@ -196,6 +196,10 @@ def finetune(
     if "train" not in manifest.splits or "val" not in manifest.splits:
         raise UserError(f"{data} has no train split to train and validate on")
     split_rows = {s: manifest.indices(s) for s in ("train", "val", "test")}
+    from featcache.eval.metrics import positive_class_index
+
+    # Checked before the run folder is touched: a misspelt class never clears a run it would replace.
+    positive = positive_class_index(manifest.classes, positive_class) if len(manifest.classes) == 2 else None
     bb = create_backbone(backbone, weights, seed=seed)
     lr = lr if lr is not None else (TUTORIAL["lr"] if tutorial else DEFAULT_LR_FROZEN if freeze_backbone
                                     else DEFAULT_LR_FULL)
@@ -239,9 +243,7 @@ def finetune(
     wall_start = time.perf_counter()
     device_type = device.split(":")[0]
     from featcache.fit import selection_score
-    from featcache.eval.metrics import positive_class_index
 
-    positive = positive_class_index(classes, positive_class) if len(classes) == 2 else None
     for epoch in range(start_epoch, epochs):
         if early_stop and history and (epoch - 1) - best["epoch"] >= early_stop:
             break  # a resumed run that had already stopped early

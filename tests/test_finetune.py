@@ -232,3 +232,12 @@ def test_dali_decodes_and_augments_training_batches(tmp_path):
     assert metrics["test"]["n"] > 0
     history = json.loads((tmp_path / "dali" / "history.json").read_text())
     assert history[0]["skipped"] == 0 and history[0]["images_per_second"] > 0
+
+
+def test_a_misspelt_positive_class_stops_before_the_run_folder_is_touched(quick_finetune, tmp_path):
+    source, _ = quick_finetune("full")
+    run = copy_tree(source, tmp_path / "run")
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(UserError, match="--positive-class tumour is not a class here"):
+        finetune(DEMO_DATA, run, overwrite=True, positive_class="tumour", **QUICK_RUNS["full"])
+    assert sorted(p.name for p in run.iterdir()) == before  # --overwrite did not clear the run first
