@@ -30,7 +30,7 @@ from pathlib import Path
 
 from featcache.errors import UserError
 from featcache.eval.rundir import RunRecord
-from featcache.runtime.device import cpu_cores, synchronizer
+from featcache.runtime.device import cpu_cores, place, synchronizer
 
 STAGES = ("decode", "forward", "extract", "fit-head", "finetune-step", "compare")
 
@@ -54,9 +54,9 @@ def forward_only(backbone, manifest, *, n_images: int, batch_size: int, device: 
     rows = range(min(n_images, len(manifest)))
     images = torch.stack([load_torchvision(os.path.join(manifest.root, manifest.paths[i]), backbone.spec)
                           for i in rows]).to(device)
-    batches = [images[i : i + batch_size].contiguous(memory_format=torch.channels_last)
+    model, layout = place(backbone.model, device)  # the layout extract runs it in
+    batches = [images[i : i + batch_size].contiguous(memory_format=layout)
                for i in range(0, len(images), batch_size)]
-    model = backbone.model.to(device, memory_format=torch.channels_last)
     sync = synchronizer(device)
     best = 0.0
     with torch.inference_mode():
@@ -157,7 +157,7 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
 
 def train_step_images_per_s(backbone: str, *, frozen: bool, amp_dtype, device: str, batch_size: int,
                             steps: int) -> float:
-    """Training images/s of finetune's step (channels_last, autocast, GradScaler for fp16, AdamW,
+    """Training images/s of finetune's step (finetune's memory layout, autocast, GradScaler for fp16, AdamW,
     cross-entropy) on one preloaded uint8 batch of random-init ``backbone``, after one warm-up step."""
     import torch
 
@@ -166,11 +166,12 @@ def train_step_images_per_s(backbone: str, *, frozen: bool, amp_dtype, device: s
 
     bb = create_backbone(backbone, "none")
     model = classifier_class()(bb.model.requires_grad_(not frozen), bb.feature_dim, 2, frozen)
-    model = model.to(device, memory_format=torch.channels_last).train()
+    model, layout = place(model, device)
+    model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=amp_dtype == torch.float16)
     images = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=layout)
     labels = torch.randint(0, 2, (batch_size,), device=device)
 
     criterion = torch.nn.CrossEntropyLoss()

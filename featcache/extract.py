@@ -26,7 +26,7 @@ from featcache.errors import UserError
 from featcache.options import EXTRACT
 from featcache.data.manifest import HIDDEN, IMAGE_EXTENSIONS, SYSTEM
 from featcache.cache.parts import PartStore
-from featcache.runtime.device import peak_gpu_mb, peak_host_mb, resolve_device, synchronizer
+from featcache.runtime.device import peak_gpu_mb, peak_host_mb, place, resolve_device, synchronizer
 
 # Set by `featcache extract --nproc K` for its torchrun workers: the parent
 # process holds the cache lock for them.
@@ -343,7 +343,7 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
     pending = [c for c in mine if c not in done]
     resumed = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for c in mine if c in done)
     rows = np.concatenate([np.arange(*store.chunk_range(c)) for c in pending]) if pending else np.empty(0, np.int64)
-    model = bb.model.to(device, memory_format=torch.channels_last)
+    model, layout = place(bb.model, device)
     loader = make_loader(manifest, bb.spec, backend=decode.name, batch_size=batch_size, workers=workers,
                          pin_memory=device.startswith("cuda"), rows=rows, device=device,
                          hw_decoder_load=hw_decoder_load)
@@ -365,7 +365,7 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
             for row, reason in batch.failed:
                 buffers[row // store.chunk_rows].fail(row, reason)
             if len(batch.indices):
-                x = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                x = batch.images.to(device, non_blocking=True).contiguous(memory_format=layout)
                 sync()
                 t2 = time.perf_counter()
                 with autocast(device, amp_dtype):

@@ -28,7 +28,7 @@ from featcache.runtime.amp import autocast
 from featcache.errors import UserError
 from featcache.eval.rundir import RunRecord
 from featcache.options import FINETUNE
-from featcache.runtime.device import peak_gpu_mb, peak_host_mb, peak_memory_mb
+from featcache.runtime.device import memory_format, peak_gpu_mb, peak_host_mb, peak_memory_mb, place
 
 DEFAULT_LR_FULL = 3e-4
 DEFAULT_LR_FROZEN = 1e-3
@@ -346,8 +346,7 @@ def build(bb, n_classes: int, *, labels_train, freeze_backbone: bool, tutorial: 
 
     torch.manual_seed(seed)
     extractor = bb.model.requires_grad_(not freeze_backbone)
-    model = classifier_class()(extractor, bb.feature_dim, n_classes, freeze_backbone, tutorial).to(
-        device, memory_format=torch.channels_last)
+    model, _ = place(classifier_class()(extractor, bb.feature_dim, n_classes, freeze_backbone, tutorial), device)
     params = [p for p in model.parameters() if p.requires_grad]
     if tutorial:  # SGD with momentum, lr divided by 10 every 7 epochs (stepped once per epoch)
         optimizer = torch.optim.SGD(params, lr=lr, momentum=TUTORIAL["momentum"])
@@ -451,6 +450,7 @@ def _train_epoch(train_model, model, manifest, rows, spec, backend, aug, optimiz
                          pin_memory=device_type == "cuda", device=device, augment=aug, seed=epoch_seed)
     labels_of = np.asarray(manifest.labels)
     model.train()
+    layout = memory_format(model, device)
     total_loss, correct, seen, failed = 0.0, 0, 0, 0
     with image_progress(len(order), f"epoch {epoch + 1}/{epochs}", enabled=progress) as advance:
         for batch in loader:
@@ -458,7 +458,7 @@ def _train_epoch(train_model, model, manifest, rows, spec, backend, aug, optimiz
             if not len(batch.indices):
                 advance(len(batch.failed))
                 continue
-            images = batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            images = batch.images.to(device, non_blocking=True).contiguous(memory_format=layout)
             labels = torch.as_tensor(labels_of[batch.indices], device=device)
             loss, logits = train_step(train_model, images, labels, optimizer, scaler, criterion,
                                       device_type=device_type, amp_dtype=amp_dtype)
@@ -485,12 +485,13 @@ def predict_rows(model, manifest, rows, spec, backend, batch_size, workers, devi
     position = {int(r): i for i, r in enumerate(rows)}
     loss_sum, n = 0.0, 0
     labels = np.asarray(manifest.labels)
+    layout = memory_format(model, device)
     with torch.inference_mode():
         for batch in make_loader(manifest, spec, backend=backend, batch_size=batch_size, workers=workers,
                                  rows=rows, device=device):
             if not len(batch.indices):
                 continue
-            x = batch.images.to(device).contiguous(memory_format=torch.channels_last)
+            x = batch.images.to(device).contiguous(memory_format=layout)
             with autocast(device_type, amp_dtype):
                 logits = model(x).float()
             if criterion is not None:

@@ -19,6 +19,7 @@ import numpy as np
 from featcache.errors import UserError
 from featcache.eval.rundir import RunRecord
 from featcache.data.manifest import IMAGE_EXTENSIONS, printable_path
+from featcache.runtime.device import place
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,6 @@ def _decode_backend(mode: str | None) -> str:
 
 def _finetuned_scorer(record: RunRecord, device: str):
     """(score(images) -> probs, spec, decode backend, config) of a finetune run's best.pt."""
-    import torch
-
     from featcache.backbones.registry import create_backbone, get_entry, load_tensors
     from featcache.finetune import classifier_class, load_torchvision_state_dict
 
@@ -126,19 +125,18 @@ def _finetuned_scorer(record: RunRecord, device: str):
     model = classifier_class()(backbone.model, backbone.feature_dim, len(settings["classes"]),
                                 settings["freeze_backbone"], settings.get("recipe") == "tutorial")
     load_torchvision_state_dict(model, payload["model"], entry)
-    model = model.to(device, memory_format=torch.channels_last).eval()
+    model, layout = place(model, device)
+    model.eval()
     config = {k: metrics.get(k) for k in ("classes", "positive_class", "threshold", "threshold_rule")}
 
     def score(images):
-        return model(images).float().softmax(dim=1).cpu().numpy()
+        return model(images.contiguous(memory_format=layout)).float().softmax(dim=1).cpu().numpy()
 
     return score, backbone.spec, "torchvision", config
 
 
 def _head_scorer(run_dir, weights, device):
     """(score(images) -> probs, spec, decode backend, config) of a fit-head run: its backbone, then head.pt."""
-    import torch
-
     from featcache.backbones.registry import create_backbone
 
     head, config = load_run(run_dir)
@@ -148,10 +146,10 @@ def _head_scorer(run_dir, weights, device):
         raise UserError(f"--weights gives {backbone.weights}, but the head was fitted on {config['weights']}")
     if config.get("preprocess") and json.loads(json.dumps(backbone.spec.to_dict())) != config["preprocess"]:
         raise UserError("the backbone's preprocessing differs from the one the head was fitted with")
-    model = backbone.model.to(device, memory_format=torch.channels_last)
+    model, layout = place(backbone.model, device)
 
     def score(images):
-        return head.predict_proba(model(images).float().cpu().numpy())
+        return head.predict_proba(model(images.contiguous(memory_format=layout)).float().cpu().numpy())
 
     return score, backbone.spec, _decode_backend(config.get("decode")), config
 
@@ -191,7 +189,7 @@ def predict(run_dir: str | os.PathLike, inputs: list[str], *, out_csv: str | os.
             for i, reason in batch.failed:
                 rows[i] = {"path": printable_path(files[i]), "prediction": "", "error": reason}
             if len(batch.indices):
-                probs = score(batch.images.to(device).contiguous(memory_format=torch.channels_last))
+                probs = score(batch.images.to(device))
                 for i, p in zip(batch.indices.tolist(), probs):
                     label = (classes[positive] if p[positive] >= threshold else classes[1 - positive]) \
                         if positive is not None else classes[int(np.argmax(p))]

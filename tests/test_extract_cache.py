@@ -261,3 +261,18 @@ def test_parts_left_after_a_finished_assembly_are_removed(small_dataset, tmp_pat
     (parts_dir(out) / "chunk-00000.npz").write_bytes(b"left by a run killed after its rename")
     assert _tiny(small_dataset, out)["status"] == "up to date"
     assert not parts_dir(out).exists() and "removing" in capsys.readouterr().out
+
+
+def test_each_network_runs_in_the_memory_layout_that_is_fastest_for_it():
+    """channels_last for BatchNorm CNNs on a CPU and for everything on a GPU; ConvNeXt and ViTs stay contiguous
+    on a CPU, where channels_last made convnext_tiny 0.8x as fast."""
+    import torchvision
+
+    from featcache.runtime.device import memory_format
+
+    with torch.device("meta"):
+        nets = {name: torchvision.models.get_model(name) for name in ("resnet18", "convnext_tiny", "vit_b_16")}
+    assert memory_format(nets["resnet18"], "cpu") == torch.channels_last
+    assert memory_format(nets["convnext_tiny"], "cpu") == torch.contiguous_format
+    assert memory_format(nets["vit_b_16"], "cpu") == torch.contiguous_format
+    assert all(memory_format(net, "cuda") == torch.channels_last for net in nets.values())

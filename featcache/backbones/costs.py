@@ -18,12 +18,12 @@ def probe(name: str, batch_size: int, device: str) -> dict:
     import torch
 
     from featcache.backbones.registry import create_backbone
-    from featcache.runtime.device import peak_memory_mb, synchronizer
+    from featcache.runtime.device import peak_memory_mb, place, synchronizer
 
     bb = create_backbone(name, "none")
-    model = bb.model.to(device, memory_format=torch.channels_last)
+    model, layout = place(bb.model, device)
     x = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=layout)
     sync = synchronizer(device)
     with torch.inference_mode():
         model(x)
