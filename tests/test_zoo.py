@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import shutil
 
 import h5py
@@ -215,3 +216,63 @@ def test_the_report_refuses_a_leaderboard_it_cannot_trust(tmp_path):
     with pytest.raises(UserError, match="one featcache zoo folder per report, got 2"):
         build_report([ranked_on_test, zoo("v", [{**_row("a", 0.7, 0.9), "rank": 1}])], tmp_path / "r")
 
+
+def _config(tmp_path, text: str):
+    config = tmp_path / "zoo.toml"
+    config.write_text(f'data = {json.dumps(str(DEMO_DATA))}\nout = {json.dumps(str(tmp_path / "out"))}\n'
+                      'weights = "none"\nmax_images = 60\nsubsample_all = true\nbootstrap = 50\n' + text)
+    return config
+
+
+def test_a_config_with_only_a_zoo_table_runs_the_zoo_and_reports_it(tmp_path, tiny_backbone):
+    from featcache.run import run_config
+
+    facts = run_config(_config(tmp_path, f'[zoo]\nbackbones = ["{tiny_backbone}", "resnet18"]\nheads = "sweep"\n'))
+    board = json.loads((tmp_path / "out" / "zoo" / "leaderboard.json").read_text())
+    assert [r["backbone"] for r in board["rows"]] == [r["backbone"] for r in rank(board["rows"])]
+    assert {r["backbone"] for r in board["rows"]} == {"tiny", "resnet18"}
+    assert {r["feature_dim"] for r in board["rows"]} == {32, 512}
+    assert facts["runs"] == [] and facts["choices"] == {"zoo": {
+        "chosen": board["rows"][0]["backbone"], "by": "val_auroc", "value": board["rows"][0]["val_auroc"]}}
+    md = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "## Task A: which backbone for this data" in md and "RANDOM INIT" in md
+    assert f"Ranked first on validation: {board['rows'][0]['backbone']}" in md
+
+
+def test_a_config_sets_the_positive_class_for_its_runs_and_its_zoo(tmp_path, tiny_backbone):
+    from featcache.run import run_config
+
+    facts = run_config(_config(tmp_path, f'positive_class = "NORMAL"\n[[fixed]]\nbackbone = "{tiny_backbone}"\n'
+                                         f'heads = "logistic"\n[zoo]\nbackbones = ["{tiny_backbone}"]\n'))
+    [run] = facts["runs"]
+    assert json.loads((tmp_path / "out" / "runs" / run / "metrics.json").read_text())["positive_class"] == "NORMAL"
+    [row] = json.loads((tmp_path / "out" / "zoo" / "leaderboard.json").read_text())["rows"]
+    assert row["positive_class"] == "NORMAL"
+    assert set(facts["choices"]) >= {"zoo", "best_run"} and facts["zoo"]["rows"][0]["positive_class"] == "NORMAL"
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[zoo]\nbackbones = ["resnet18", "timm:not_a_model"]\n', "timm:not_a_model is not a timm model"),
+    ('[zoo]\nbackbones = ["resnet18"]\nheads = "nope"\n', "heads takes"),
+    ('[zoo]\nbackbones = "resnet18"\n', "backbones must be a list"),
+    ('[zoo]\nbackbones = []\n', "backbones must be a list of one or more backbone names"),
+    ('[zoo]\nbackbones = ["resnet18"]\nmax_images = 10\n', "max_images is set at the top of the config"),
+    ('[zoo]\nbackbones = ["resnet18"]\nbackbone = "vgg16"\n', "unknown setting backbone"),
+    ('[[zoo]]\nbackbones = ["resnet18"]\n', "write one [zoo] table"),
+    ('positive_class = 1\n[zoo]\nbackbones = ["resnet18"]\n', "positive_class must be a str"),
+])
+def test_zoo_table_mistakes_stop_the_run_before_any_work(tmp_path, table, message):
+    from featcache.run import run_config
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_config(_config(tmp_path, table))
+    assert not (tmp_path / "out").exists()
+
+
+def test_featcache_zoo_reads_the_same_zoo_table(tmp_path, capsys):
+    config = _config(tmp_path, '[zoo]\nbackbones = ["resnet18", "timm:not_a_model"]\n')
+    assert main(["zoo", str(DEMO_DATA), "--out", str(tmp_path / "z"), "--config", str(config)]) == 2
+    assert "timm:not_a_model is not a timm model" in capsys.readouterr().err
+    assert main(["run", str(config)]) == 2
+    assert "timm:not_a_model is not a timm model" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists() and not (tmp_path / "out").exists()
