@@ -1,6 +1,6 @@
 """featcache run CONFIG.toml: every step of a comparison, then the report.
 
-A config names the data and lists runs of two kinds::
+A config names the data, lists runs of two kinds, and may add a zoo::
 
     title = "..."
     data = "chest_xray"          # relative paths are read from the working directory

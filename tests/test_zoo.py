@@ -215,6 +215,7 @@ def test_the_report_refuses_a_leaderboard_it_cannot_trust(tmp_path):
         build_report([zoo("u", [{"backbone": "a"}])], tmp_path / "r")
     with pytest.raises(UserError, match="one featcache zoo folder per report, got 2"):
         build_report([ranked_on_test, zoo("v", [{**_row("a", 0.7, 0.9), "rank": 1}])], tmp_path / "r")
+    assert not (tmp_path / "r").exists()  # refused before any output
 
 
 def _config(tmp_path, text: str):

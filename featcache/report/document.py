@@ -63,6 +63,8 @@ def load_zoo(path: str | os.PathLike) -> dict:
         raise UserError(f"{folder / LEADERBOARD} is not a featcache zoo leaderboard; rerun featcache zoo into "
                         f"{folder}")
     rows = sorted(rows, key=lambda r: r.get("rank") or 0)
+    if choose_backbone(rows)["chosen"] != rows[0]["backbone"]:  # its differences to #1 would be to another
+        raise UserError(f"{folder / LEADERBOARD} is not ranked by validation AUROC; rerun featcache zoo")
     record = next((rundir.RunRecord(c) for r in rows if r.get("run")
                    for c in (folder / "runs" / Path(r["run"]).name, Path(r["run"]))
                    if (c / rundir.METRICS).is_file()), None)
@@ -627,8 +629,6 @@ def _zoo_section(doc: _Doc, zoo: dict, out: Path, facts: dict) -> None:
     """Task A: the zoo's leaderboard (ranked by validation), its plot, and the choice in words."""
     rows = zoo["rows"]
     facts["choices"]["zoo"] = choose_backbone(rows)
-    if facts["choices"]["zoo"]["chosen"] != rows[0]["backbone"]:
-        raise UserError(f"{zoo['folder'] / LEADERBOARD} is not ranked by validation AUROC; rerun featcache zoo")
     sentence = zoo_sentence(rows)
     facts["zoo"] = {"folder": str(zoo["folder"]), "weights": zoo["weights"], "data_root": zoo["data_root"],
                     "rows": rows, "sentence": sentence}
