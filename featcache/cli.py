@@ -289,11 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_seed(p)
     p.set_defaults(func=_cmd_zoo)
 
-    p = sub.add_parser("report", help="Markdown and HTML report comparing runs (Task D) and explaining test "
-                                      "results (Task E)",
+    p = sub.add_parser("report", help="Markdown and HTML report ranking a zoo's backbones (Task A), comparing "
+                                      "runs (Task D) and explaining test results (Task E)",
                        description="Compare fit-head and finetune runs; analyse class balance, thresholds, "
-                                   "train/test shift, leakage, overfitting and the worst errors.")
-    p.add_argument("runs", metavar="RUN_DIR", nargs="+")
+                                   "train/test shift, leakage, overfitting and the worst errors. A featcache zoo "
+                                   "folder among them adds Task A: its leaderboard and the backbone ranked first "
+                                   "on validation.")
+    p.add_argument("runs", metavar="RUN_DIR", nargs="+",
+                   help="fit-head and finetune run folders, and at most one featcache zoo folder (it holds "
+                        "leaderboard.json)")
     p.add_argument("--out", required=True, metavar="REPORT_DIR")
     p.add_argument("--title", default="featcache report")
     p.add_argument("--pdf", action="store_true", help="also write report.pdf (for hand-ins that must be PDF)")
@@ -552,11 +556,12 @@ def _cmd_zoo(args) -> int:
 
 def _cmd_report(args) -> int:
     from featcache.runtime.console import get_console
-    from featcache.report.document import build_report
+    from featcache.report.document import build_report, summary
 
     facts = build_report(args.runs, args.out, title=args.title, pdf=args.pdf)
     console = get_console()
-    console.print(facts["verdict"])
+    for line in summary(facts):
+        console.print(line)
     console.print(f"report.md, report.html (self-contained){', report.pdf' if args.pdf else ''} and plots in "
                   f"{args.out}")
     return 0

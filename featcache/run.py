@@ -1,6 +1,6 @@
 """featcache run CONFIG.toml: every step of a comparison, then the report.
 
-A config names the data and lists runs of two kinds::
+A config names the data, lists runs of two kinds, and may add a zoo::
 
     title = "..."
     data = "chest_xray"          # relative paths are read from the working directory
@@ -10,6 +10,11 @@ A config names the data and lists runs of two kinds::
     subsample_all = false        # true: max_images subsamples val and test too (quick looks only)
     split_seed = 0               # seeds the carved validation split (seed seeds init and shuffles)
     seeds = [0, 1, 2]            # optional: repeat every run once per seed; the report shows mean and sd
+    positive_class = "PNEUMONIA" # optional: the class scored as positive (two classes)
+
+    [zoo]                        # Task A: rank backbones on this data (featcache zoo), into OUT/zoo
+    backbones = ["resnet18", "tv:efficientnet_b0", "timm:resnet18"]
+    heads = "sweep"
 
     [[fixed]]                    # Task C: features cached once, heads trained on the cache
     backbone = "resnet50"
@@ -20,7 +25,11 @@ A config names the data and lists runs of two kinds::
     epochs = 10
     freeze_backbone = false
 
-Every step is resumable (caches and fine-tuning runs pick up where they
+A config may hold only a ``[zoo]`` table. The zoo runs with the config's
+top-level settings (data, weights, max_images, subsample_all, split_seed,
+the first of its seeds, backend, device, batch_size, bootstrap,
+label_from_name, positive_class); ``featcache zoo --config`` reads the same
+table. Every step is resumable (caches and fine-tuning runs pick up where they
 stopped), so rerunning a config after a crash or an edit redoes only what
 changed.
 """
@@ -37,12 +46,13 @@ from featcache.options import EXTRACT, FINETUNE, HEAD
 
 TOP_KEYS = {"title": str, "data": str, "out": str, "weights": str, "max_images": int, "subsample_all": bool,
             "seed": int, "seeds": list, "split_seed": int, "backend": str, "device": str, "batch_size": int,
-            "bootstrap": int, "label_from_name": list}
+            "bootstrap": int, "label_from_name": list, "positive_class": str}
 FIXED_KEYS = {"backbone": str, "heads": str, "class_weight": str, "threshold": str, "C": float, "epochs": int,
               "sampler": str}
 FINETUNE_KEYS = {"backbone": str, "epochs": int, "lr": float, "batch_size": int, "amp": str,
                  "freeze_backbone": bool, "augment": str, "hflip": bool, "class_weight": str, "early_stop": int,
                  "compile": bool, "threshold": str, "recipe": str}
+ZOO_KEYS = {"backbones": list, "heads": str}
 
 
 def _check(table: dict, allowed: dict, where: str) -> None:
@@ -61,7 +71,10 @@ def read_config(path: str | os.PathLike) -> dict:
     file = Path(path)
     config = read_toml(file)
     runs = {"fixed": config.pop("fixed", []), "finetune": config.pop("finetune", [])}
+    zoo = config.pop("zoo", None)
     _check(config, TOP_KEYS, str(file))
+    if zoo is not None:
+        _check_zoo(zoo, file)
     for kind, allowed in (("fixed", FIXED_KEYS), ("finetune", FINETUNE_KEYS)):
         if not isinstance(runs[kind], list):
             raise UserError(f"{file}: write [[{kind}]] tables, one per run")
@@ -69,11 +82,26 @@ def read_config(path: str | os.PathLike) -> dict:
             _check(table, allowed, f"{file} [[{kind}]] #{i + 1}")
             if "backbone" not in table:
                 raise UserError(f"{file} [[{kind}]] #{i + 1}: backbone is required")
-    if not runs["fixed"] and not runs["finetune"]:
-        raise UserError(f"{file} lists no runs: add [[fixed]] or [[finetune]] tables")
+    if not runs["fixed"] and not runs["finetune"] and zoo is None:
+        raise UserError(f"{file} lists no runs: add [[fixed]] or [[finetune]] tables, or a [zoo] table")
     if "data" not in config:
         raise UserError(f"{file}: data (the chest X-ray folder) is required")
-    return {**config, **runs}
+    return {**config, **runs, "zoo": zoo}
+
+
+def _check_zoo(zoo, file: Path) -> None:
+    """The [zoo] table: backbones (names) and heads; every other setting is the config's top-level one."""
+    where = f"{file} [zoo]"
+    if not isinstance(zoo, dict):
+        raise UserError(f"{file}: write one [zoo] table (backbones = [...]), not [[zoo]]")
+    top = sorted(k for k in zoo if k.replace("-", "_") in TOP_KEYS)
+    if top:
+        raise UserError(f"{where}: {', '.join(top)} is set at the top of the config, for every run and the zoo "
+                        "alike; move it above the tables")
+    _check(zoo, ZOO_KEYS, where)
+    backbones = zoo.get("backbones")
+    if not backbones or not all(isinstance(b, str) for b in backbones):
+        raise UserError(f"{where}: backbones must be a list of one or more backbone names, got {backbones!r}")
 
 
 def _weights_tag(weights: str) -> str:
@@ -89,11 +117,16 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
     from featcache.extract import extract
     from featcache.finetune import finetune
     from featcache.fit import fit_head
-    from featcache.report.document import build_report
+    from featcache.heads import HEADS
+    from featcache.report.document import build_report, summary
+    from featcache.zoo import zoo
 
     config = read_config(path)
-    for table in (*config["fixed"], *config["finetune"]):
-        get_entry(table["backbone"])  # every name is checked before the first long step
+    zoo_table = config["zoo"] or {"backbones": []}
+    for name in (*(t["backbone"] for t in (*config["fixed"], *config["finetune"])), *zoo_table["backbones"]):
+        get_entry(name)  # every name is checked before the first long step
+    if zoo_table.get("heads", "sweep") not in HEADS:
+        raise UserError(f"{path} [zoo]: heads takes {', '.join(HEADS)}, got {zoo_table['heads']!r}")
     console = get_console()
     data = data or config["data"]
     weights = weights or config.get("weights", EXTRACT.weights)
@@ -104,6 +137,16 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
     repeated = len(seeds) > 1
     scan_options = {"label_from_name": config.get("label_from_name"), "split_seed": config.get("split_seed", 0)}
     run_dirs = []
+    if config["zoo"]:
+        console.rule(f"[bold]zoo: {len(zoo_table['backbones'])} backbones")
+        # One leaderboard, with the first seed: the zoo compares backbones, the seeds repeat the runs below.
+        zoo(data, out / "zoo", backbones=zoo_table["backbones"], weights=weights,
+            heads=zoo_table.get("heads", "sweep"), seed=seeds[0], max_images=config.get("max_images"),
+            subsample_all=config.get("subsample_all", False),
+            batch_size=config.get("batch_size", EXTRACT.batch_size), backend=config.get("backend", EXTRACT.backend),
+            device=config.get("device", EXTRACT.device), n_resamples=config.get("bootstrap", HEAD.n_resamples),
+            positive_class=config.get("positive_class"), scan_options=scan_options)
+        run_dirs.append(out / "zoo")
     for seed in seeds:
         tag = f"-seed{seed}" if repeated else ""  # the report shows mean and sd over runs named NAME-seedN
         common = {"seed": seed, "max_images": config.get("max_images"),
@@ -150,6 +193,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
     console.rule("[bold]report")
     facts = build_report([str(d) for d in run_dirs], out / "report",
                          title=config.get("title", f"featcache: {Path(path).stem}"))
-    console.print(facts["verdict"])
+    for line in summary(facts):
+        console.print(line)
     console.print(f"report: {out / 'report' / 'report.html'} (and report.md)")
     return facts

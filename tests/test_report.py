@@ -207,7 +207,7 @@ def test_shipped_configs_read(tmp_path):
         if path.name == "kermany_resnet18.toml":
             continue  # command tables for --config, not a run config
         config = read_config(path)
-        assert config["fixed"] or config["finetune"]
+        assert config["fixed"] or config["finetune"] or config["zoo"]["backbones"]
 
 
 def test_small_config_runs_end_to_end(tmp_path):

@@ -40,6 +40,41 @@ def load_run(path: str | os.PathLike) -> dict:
             "predictions": record.predictions_path}
 
 
+LEADERBOARD = "leaderboard.json"
+
+
+def is_zoo_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ``featcache zoo`` output folder (it holds leaderboard.json)."""
+    return (Path(path) / LEADERBOARD).is_file()
+
+
+def load_zoo(path: str | os.PathLike) -> dict:
+    """A zoo folder as the report reads it: the leaderboard's rows in rank order (by validation AUROC), and
+    the weights and data of its runs (read from the first run folder found, beside the leaderboard first)."""
+    folder = Path(path)
+    try:
+        board = json.loads((folder / LEADERBOARD).read_text())
+        rows = board["rows"]
+        usable = board.get("ranked_by") == "val_auroc" and bool(rows) and all(
+            isinstance(r.get("backbone"), str) and isinstance(r.get("val_auroc"), (int, float)) for r in rows)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        usable = False
+    if not usable:
+        raise UserError(f"{folder / LEADERBOARD} is not a featcache zoo leaderboard; rerun featcache zoo into "
+                        f"{folder}")
+    rows = sorted(rows, key=lambda r: r.get("rank") or 0)
+    if choose_backbone(rows)["chosen"] != rows[0]["backbone"]:  # its differences to #1 would be to another
+        raise UserError(f"{folder / LEADERBOARD} is not ranked by validation AUROC; rerun featcache zoo")
+    record = next((rundir.RunRecord(c) for r in rows if r.get("run")
+                   for c in (folder / "runs" / Path(r["run"]).name, Path(r["run"]))
+                   if (c / rundir.METRICS).is_file()), None)
+    metrics, run = (record.metrics, record.run) if record else ({}, {})
+    return {"folder": folder, "rows": rows, "weights": metrics.get("weights"), "data_root": run.get("data_root"),
+            "n_train": metrics.get("n_train"), "n_val": (metrics.get("val") or {}).get("n"),
+            "n_test": (metrics.get("test") or {}).get("n"), "head": (metrics.get("selected") or {}).get("head"),
+            "n_heads": metrics.get("n_heads"), "plot": folder / "leaderboard.png"}
+
+
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return "-"
@@ -279,6 +314,69 @@ def verdict(rows: list[dict], choices: dict) -> str:
     return " ".join(parts)
 
 
+def choose_backbone(rows: list[dict]) -> dict:
+    """The zoo's choice: the backbone ranked first by validation AUROC (ties by name, as the zoo ranks).
+
+    Nothing here reads a test figure: permuting the test labels leaves the choice as it is.
+    """
+    from featcache.zoo import rank
+
+    chosen = rank([dict(r) for r in rows])[0]
+    return {"chosen": chosen["backbone"], "by": "val_auroc", "value": chosen["val_auroc"]}
+
+
+def _difference(r: dict) -> str:
+    ci = r["difference_to_first_ci"]
+    return f"{r['backbone']} {r['difference_to_first']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _names(rows: list[dict]) -> str:
+    names = [r["backbone"] for r in rows]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def zoo_sentence(rows: list[dict]) -> str:
+    """The backbone ranked first on validation, in words, and whether its test lead over each other backbone
+    is beyond noise: the paired 95% CI of the test AUROC difference (other minus first) decides, nothing else.
+
+    ``rows`` are the leaderboard's, in rank order.
+    """
+    first = rows[0]
+    ci = first.get("test_auroc_ci")
+    test = ("it has no test split" if first.get("test_auroc") is None else
+            f"test AUROC {first['test_auroc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+    parts = [f"Ranked first on validation: {first['backbone']} (val AUROC {first['val_auroc']:.3f}; {test})."]
+    others = rows[1:]
+    if not others:
+        return parts[0] + " It is the only backbone, so there is nothing to compare it with."
+    paired = [r for r in others if r.get("difference_to_first_ci")]
+    behind = [r for r in paired if r["difference_to_first_ci"][1] < 0]
+    ahead = [r for r in paired if r["difference_to_first_ci"][0] > 0]
+    level = [r for r in paired if r not in behind and r not in ahead]
+    unpaired = [r for r in others if r not in paired]
+    if behind:
+        parts.append(f"Its test lead over {'every other backbone' if len(behind) == len(others) else _names(behind)} "
+                     "is beyond noise: the paired patient-bootstrap 95% CI of the test AUROC difference to it lies "
+                     f"below 0 ({'; '.join(map(_difference, behind))}).")
+    if level:
+        parts.append(f"Against {_names(level)} the interval includes 0 ({'; '.join(map(_difference, level))}): "
+                     "on this test set the difference is within noise, so the test does not separate them.")
+    if ahead:
+        parts.append(f"{_names(ahead)} {'scores' if len(ahead) == 1 else 'score'} higher on test beyond noise "
+                     f"({'; '.join(map(_difference, ahead))}); the choice stays with validation, and a test set "
+                     "that disagrees with it this clearly is worth a look (a shift between validation and test, "
+                     "or too few validation images to rank on).")
+    if unpaired:
+        parts.append(f"For {_names(unpaired)} there is no paired interval (no test split, no test images shared "
+                     "with the first, or too few resamples with both classes).")
+    return " ".join(parts)
+
+
+def summary(facts: dict) -> list[str]:
+    """What a command prints after writing a report: the zoo's sentence and the verdict on the runs."""
+    return [text for text in ((facts.get("zoo") or {}).get("sentence"), facts.get("verdict")) if text]
+
+
 def _cached_vs_tuned(c: dict, t: dict) -> str:
     """The best fixed-feature run against the best fine-tuning run (both chosen on validation)."""
     def test(r):
@@ -374,21 +472,27 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
     import tempfile
 
     if not run_dirs:
-        raise UserError("give at least one run folder")
+        raise UserError("give at least one run folder (or a featcache zoo folder)")
+    zoo_dirs = [d for d in run_dirs if is_zoo_folder(d)]
+    if len(zoo_dirs) > 1:
+        raise UserError(f"give one featcache zoo folder per report, got {len(zoo_dirs)}: "
+                        + ", ".join(map(str, zoo_dirs)))
+    zoo = load_zoo(zoo_dirs[0]) if zoo_dirs else None
     out = Path(out)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "report.json").is_file())):
         raise UserError(f"--out {out} exists and is not a featcache report folder; give a new or empty folder")
     from featcache.runtime.outputs import output_folder
 
     output_folder(out)
-    runs = sorted((load_run(d) for d in run_dirs), key=lambda r: (STRATEGY_ORDER.get(r["kind"], 9), r["name"]))
+    runs = sorted((load_run(d) for d in run_dirs if d not in zoo_dirs),
+                  key=lambda r: (STRATEGY_ORDER.get(r["kind"], 9), r["name"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(scratch, 0o777 & ~mask)  # a folder like any other, not mkdtemp's private one
     try:
-        facts = _write_report(runs, scratch, title, analyses, pdf)
+        facts = _write_report(runs, zoo, scratch, title, analyses, pdf)
         if out.exists():
             old = scratch.with_name(scratch.name.replace(".partial-", ".old-"))
             out.rename(old)
@@ -402,15 +506,36 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
     return facts
 
 
-def _write_report(runs: list[dict], out: Path, title: str, analyses: bool, pdf: bool) -> dict:
+def _write_report(runs: list[dict], zoo: dict | None, out: Path, title: str, analyses: bool, pdf: bool) -> dict:
+    doc, facts = _Doc(), {"runs": [r["name"] for r in runs], "choices": {}}
+    doc.h(1, title)
+    roots = sorted({r["run"].get("data_root") for r in runs if r["run"].get("data_root")}
+                   | ({zoo["data_root"]} if zoo and zoo["data_root"] else set()))
+    source = " and ".join(([f"{len(runs)} runs"] if runs else [])
+                          + ([f"a zoo of {len(zoo['rows'])} backbones"] if zoo else []))
+    doc.p(f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by featcache {__version__} from "
+          f"{source}; data: {', '.join(roots) or 'not recorded'}. Every number below is measured; "
+          "choices were made on the validation split and the test split was touched once per run.")
+    if runs:
+        _runs_sections(doc, runs, zoo, out, facts, analyses)
+    elif zoo:
+        _zoo_section(doc, zoo, out, facts)
+
+    (out / "report.md").write_text(doc.markdown(out))
+    (out / "report.html").write_text(doc.html(title))
+    if pdf:
+        from featcache.report.pdf import write_pdf
+
+        write_pdf(doc.blocks, out / "report.pdf", title)
+    (out / "report.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
+    return facts
+
+
+def _runs_sections(doc: _Doc, runs: list[dict], zoo: dict | None, out: Path, facts: dict, analyses: bool) -> None:
+    """Provenance, the zoo's Task A when there is one, Task D, per run, and Task E."""
     from featcache.report import analysis
     from featcache.report.plots import plot_auroc_vs_time
-    doc, facts = _Doc(), {"runs": [r["name"] for r in runs]}
-    doc.h(1, title)
-    roots = sorted({r["run"].get("data_root") for r in runs if r["run"].get("data_root")})
-    doc.p(f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by featcache {__version__} from "
-          f"{len(runs)} runs; data: {', '.join(roots) or 'not recorded'}. Every number below is measured; "
-          "choices were made on the validation split and the test split was touched once per run.")
+
     facts["provenance"] = provenance(runs)
     random_runs = [p["run"] for p in facts["provenance"] if p["random_init"]]
     if random_runs:
@@ -422,6 +547,8 @@ def _write_report(runs: list[dict], out: Path, title: str, analyses: bool, pdf: 
                "featcache", "device"],
               [[p["run"], p["backbone"], p["weights_words"], p["data_root"], _counts_words(p["counts"], p["n_train"]),
                 p["validation"], p["featcache_version"], p["device"]] for p in facts["provenance"]])
+    if zoo:
+        _zoo_section(doc, zoo, out, facts)
 
     rows = task_d_rows(runs)
     facts["task_d"] = rows
@@ -458,7 +585,7 @@ def _write_report(runs: list[dict], out: Path, title: str, analyses: bool, pdf: 
                 _num(r["train_seconds"], 0), _num(r["wall_seconds"], 0), _num(r["images_per_second"], 1),
                 _num(r["peak_host_mb"] or r["peak_memory_mb"], 0), _num(r["peak_gpu_mb"], 0),
                 _num(r["inference_ms"], 1)] for r in rows])
-    facts["choices"] = choose_runs(rows)
+    facts["choices"].update(choose_runs(rows))
     facts["verdict"] = verdict(rows, facts["choices"])
     doc.p(facts["verdict"])
     doc.table(["run", "how it was trained"], [[r["run"], r["recipe"]] for r in rows])
@@ -497,14 +624,46 @@ def _write_report(runs: list[dict], out: Path, title: str, analyses: bool, pdf: 
         doc.h(3, "What to try next")
         doc.table(["finding", "try"], [[r["finding"], r["try"]] for r in facts["recommendations"]])
 
-    (out / "report.md").write_text(doc.markdown(out))
-    (out / "report.html").write_text(doc.html(title))
-    if pdf:
-        from featcache.report.pdf import write_pdf
 
-        write_pdf(doc.blocks, out / "report.pdf", title)
-    (out / "report.json").write_text(json.dumps(facts, indent=2, default=str) + "\n")
-    return facts
+def _zoo_section(doc: _Doc, zoo: dict, out: Path, facts: dict) -> None:
+    """Task A: the zoo's leaderboard (ranked by validation), its plot, and the choice in words."""
+    rows = zoo["rows"]
+    facts["choices"]["zoo"] = choose_backbone(rows)
+    sentence = zoo_sentence(rows)
+    facts["zoo"] = {"folder": str(zoo["folder"]), "weights": zoo["weights"], "data_root": zoo["data_root"],
+                    "rows": rows, "sentence": sentence}
+    doc.h(2, "Task A: which backbone for this data")
+    sizes = ", ".join(f"{split} {n:,}" for split, n in (("train", zoo["n_train"]), ("val", zoo["n_val"]),
+                                                         ("test", zoo["n_test"])) if n)
+    head = (f" ({zoo['head']}" + (f", the best of {zoo['n_heads']} on validation" if (zoo["n_heads"] or 1) > 1
+                                   else "") + ")") if zoo["head"] else ""
+    doc.p(f"featcache zoo ({zoo['folder']}): {len(rows)} backbones, each extracted once and fitted with the same "
+          f"head{head}, on {zoo['data_root'] or 'data not recorded'} ({sizes or 'split sizes not recorded'}), weights: "
+          f"{weights_words(zoo['weights'])}. Ranked by validation AUROC; test AUROC is reported with its "
+          "patient-bootstrap 95% CI and never used to rank. The difference to #1 is this backbone's test AUROC "
+          "minus #1's on the same test images, with a paired patient-bootstrap 95% CI.")
+    if is_random_init(zoo["weights"]):
+        doc.p("RANDOM INIT: every backbone in the zoo starts from randomly initialised weights, not pretrained "
+              "ones. The ranking shows what the pipeline does, not which pretrained encoder suits this data.")
+    doc.table(["#", "backbone", "val AUROC", "test AUROC [95% CI]", "test diff. to #1 [95% CI]", "sensitivity",
+               "specificity", "feature dim", "params (M)", "GMACs", "extract images/s", "cache MB"],
+              [[r["rank"], r["backbone"], r["val_auroc"], _with_ci(r.get("test_auroc"), r.get("test_auroc_ci")),
+                _with_ci(r.get("difference_to_first"), r.get("difference_to_first_ci"), signed=True),
+                r.get("sensitivity"), r.get("specificity"), r.get("feature_dim"), _num(r.get("params_m"), 1),
+                _num(r.get("gmacs"), 2), _num(r.get("extract_images_per_second"), 1), _num(r.get("cache_mb"), 1)]
+               for r in rows])
+    if zoo["plot"].is_file():
+        target = out / "zoo_leaderboard.png"
+        target.write_bytes(zoo["plot"].read_bytes())
+        doc.img(target, "zoo: test AUROC (95% CI) against extraction cost; ranked by validation, test not used")
+    doc.p(sentence)
+
+
+def _with_ci(value, ci, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    if value is None:
+        return "-"
+    return f"{value:{sign}.3f}" + (f" [{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]" if ci else "")
 
 
 def _num(value, digits: int) -> str | None:
