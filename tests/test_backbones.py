@@ -217,28 +217,38 @@ def test_timm_features_equal_timms_own_pipeline(tmp_path):
     assert_library_parity(tmp_path, "timm:resnet18", reference, transform)
 
 
-def assert_library_parity(tmp_path, backbone: str, reference, transform):
-    """Extract 40 demo images with ``backbone`` from ``reference``'s saved weights; the features must equal
-    ``reference(transform(image))`` for the same images by the discriminating parity criteria."""
+# (--amp, demo images): each family's parity test extracts 40 images in fp32 and 16 under bf16 autocast.
+PARITY_RUNS = (("off", 40), ("bf16", 16))
+
+
+def assert_library_parity(tmp_path, backbone: str, reference, transform, runs=PARITY_RUNS):
+    """Extract demo images with ``backbone`` from ``reference``'s saved weights, once per (--amp, number of
+    images) in ``runs``; the features of each cache must equal ``reference(transform(image))`` (fp32) for
+    the same images by the discriminating parity criteria. bf16 autocast moves the numbers a little, never
+    to another image's; a wrong cast, an overflow or a NaN does."""
     import h5py
     from PIL import Image
 
+    from featcache.cache.h5 import FeatureCache
     from featcache.data.demo import DEMO_DATA
     from featcache.eval import parity
     from featcache.extract import extract
 
     weights_file = tmp_path / "weights.pt"
     torch.save(reference.state_dict(), weights_file)
-    cache = tmp_path / "c.h5"
-    extract(DEMO_DATA, cache, backbone=backbone, weights=str(weights_file), max_images=40, subsample_all=True,
-            workers=0, batch_size=16, progress=False)
-    with h5py.File(cache) as f:
-        ours = f["features"][:]
-        paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
-    with torch.inference_mode():
-        theirs = reference(torch.stack([transform(Image.open(DEMO_DATA / p).convert("RGB")) for p in paths])).numpy()
-    result = parity.parity(ours, theirs, same=parity.duplicate_groups(paths, DEMO_DATA))
-    assert result["passed"], parity.failures(result)
+    for amp, n_images in runs:
+        cache = tmp_path / f"{amp}.h5"
+        extract(DEMO_DATA, cache, backbone=backbone, weights=str(weights_file), max_images=n_images,
+                subsample_all=True, workers=0, batch_size=16, amp=amp, progress=False)
+        assert FeatureCache.open(cache).fingerprint_inputs.get("precision") == (None if amp == "off" else amp)
+        with h5py.File(cache) as f:
+            ours = f["features"][:]
+            paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
+        with torch.inference_mode():
+            images = torch.stack([transform(Image.open(DEMO_DATA / p).convert("RGB")) for p in paths])
+            theirs = reference(images).numpy()
+        result = parity.parity(ours, theirs, same=parity.duplicate_groups(paths, DEMO_DATA))
+        assert result["passed"], (f"--amp {amp}", parity.failures(result))
 
 
 @pytest.fixture(scope="module")
