@@ -14,6 +14,7 @@ A config names the data and lists runs of two kinds::
     [[fixed]]                    # Task C: features cached once, heads trained on the cache
     backbone = "resnet50"
     heads = "sweep"
+    # pool = "cls+mean"          # hf: vision transformers: cls, mean or cls+mean, as extract --pool
 
     [[finetune]]                 # Task B: one AMP training loop
     backbone = "resnet18"
@@ -30,7 +31,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from featcache.backbones.registry import file_word
+from featcache.backbones.registry import file_word, with_pool
 from featcache.backbones.weights import WeightsRef
 from featcache.errors import UserError
 from featcache.options import EXTRACT, FINETUNE, HEAD
@@ -38,9 +39,9 @@ from featcache.options import EXTRACT, FINETUNE, HEAD
 TOP_KEYS = {"title": str, "data": str, "out": str, "weights": str, "max_images": int, "subsample_all": bool,
             "seed": int, "seeds": list, "split_seed": int, "backend": str, "device": str, "batch_size": int,
             "bootstrap": int, "label_from_name": list}
-FIXED_KEYS = {"backbone": str, "heads": str, "class_weight": str, "threshold": str, "C": float, "epochs": int,
-              "sampler": str}
-FINETUNE_KEYS = {"backbone": str, "epochs": int, "lr": float, "batch_size": int, "amp": str,
+FIXED_KEYS = {"backbone": str, "pool": str, "heads": str, "class_weight": str, "threshold": str, "C": float,
+              "epochs": int, "sampler": str}
+FINETUNE_KEYS = {"backbone": str, "pool": str, "epochs": int, "lr": float, "batch_size": int, "amp": str,
                  "freeze_backbone": bool, "augment": str, "hflip": bool, "class_weight": str, "early_stop": int,
                  "compile": bool, "threshold": str, "recipe": str}
 
@@ -69,6 +70,7 @@ def read_config(path: str | os.PathLike) -> dict:
             _check(table, allowed, f"{file} [[{kind}]] #{i + 1}")
             if "backbone" not in table:
                 raise UserError(f"{file} [[{kind}]] #{i + 1}: backbone is required")
+            table["backbone"] = with_pool(table["backbone"], table.pop("pool", None))  # one name from here on
     if not runs["fixed"] and not runs["finetune"]:
         raise UserError(f"{file} lists no runs: add [[fixed]] or [[finetune]] tables")
     if "data" not in config:
