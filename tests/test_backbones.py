@@ -409,6 +409,30 @@ def test_the_pool_is_part_of_the_cache_identity_and_predict_rebuilds_it(small_da
         assert float(r["p_PNEUMONIA"]) == pytest.approx(expected[1], abs=1e-4)
 
 
+def test_an_hf_backbone_fine_tunes_and_its_run_rebuilds_the_pool(small_dataset, tiny_dinov2, tmp_path):
+    """finetune --pool cls+mean: best.pt keeps the new head apart from the encoder's keys (so it is a
+    --weights file for extract), and predict rebuilds the pooled backbone from the name the run records."""
+    import csv
+
+    from featcache.cli import main
+    from featcache.predict import predict
+
+    run, name = tmp_path / "run", f"hf:{tiny_dinov2}#pool=cls+mean"
+    assert main(["finetune", str(small_dataset), "--out", str(run), "--backbone", f"hf:{tiny_dinov2}", "--pool",
+                 "cls+mean", "--weights", "imagenet", "--freeze-backbone", "--epochs", "1", "--batch-size", "32",
+                 "--amp", "off", "--workers", "0", "--bootstrap", "0", "--no-progress"]) == 0
+    tuned, pretrained = create_backbone(name, str(run / "best.pt")), create_backbone(name, "imagenet")
+    with torch.inference_mode():
+        x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+        assert torch.equal(tuned.model(x), pretrained.model(x)) and tuned.feature_dim == 128  # frozen encoder
+    theirs = {r["path"]: float(r["p_PNEUMONIA"]) for r in csv.DictReader((run / "predictions.csv").open())
+              if r["split"] == "test"}
+    rows = predict(run, [str(small_dataset / "test")], out_csv=tmp_path / "p.csv")
+    assert len(rows) == len(theirs) == 5
+    for r in rows:
+        assert r["p_PNEUMONIA"] == pytest.approx(theirs[r["path"][len(str(small_dataset)) + 1:]], abs=1e-4)
+
+
 def test_pooled_names_make_file_words_and_config_runs(tmp_path):
     from featcache.backbones.registry import file_word, with_pool
     from featcache.run import read_config

@@ -26,6 +26,8 @@ from featcache.errors import UserError
 INSTALL = 'pip install "transformers>=4.45"'
 # PIL resampling codes, as image processors record them.
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+# Where a fine-tuned run stores its classifier beside the encoder's own keys (model.*).
+HEAD_PREFIX = "model.featcache_head."
 
 
 def _transformers():
@@ -138,8 +140,10 @@ def entry(source: str, pool: str = "cls") -> BackboneEntry:
             digest.update(f.read_bytes())
         return "hf", f"{Path(source).resolve()}@sha256={digest.hexdigest()[:16]}"
 
-    return BackboneEntry(with_pool(f"hf:{source}", pool), feature_dim, lambda: (build, None), lambda model: None, (),
-                         make_spec=lambda: spec, load_pretrained=load_pretrained, state_prefix="model.")
+    # AutoModel is the encoder without a classifier: a fine-tuned run's best.pt keeps its new head under
+    # HEAD_PREFIX, which a --weights file then skips.
+    return BackboneEntry(with_pool(f"hf:{source}", pool), feature_dim, lambda: (build, None), lambda model: None,
+                         (HEAD_PREFIX,), make_spec=lambda: spec, load_pretrained=load_pretrained, state_prefix="model.")
 
 
 def _probe_dim(transformers, config, spec: PreprocessSpec, Pooled) -> int:
