@@ -377,6 +377,20 @@ def test_pool_mistakes_are_one_line_before_any_work(argv, words, tmp_path, tiny_
     assert words in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_pool_over_a_list_of_backbones_pools_the_hf_ones_that_name_no_pool(tiny_dinov2, tmp_path):
+    """zoo and models --backbones ... --pool P: hf: names without a #pool= of their own take P, an explicit
+    suffix (#pool=cls too) wins, and other families keep their own features."""
+    import json
+
+    from featcache.cli import main
+
+    out = tmp_path / "models.json"
+    assert main(["models", "--backbones", "resnet18", f"hf:{tiny_dinov2}", f"hf:{tiny_dinov2}#pool=cls", "--pool",
+                 "cls+mean", "--no-measure", "--json", str(out)]) == 0
+    rows = [(r["name"], r["feature_dim"]) for r in json.loads(out.read_text())]
+    assert rows == [("resnet18", 512), (f"hf:{tiny_dinov2}#pool=cls+mean", 128), (f"hf:{tiny_dinov2}", 64)]
+
+
 def test_the_pool_is_part_of_the_cache_identity_and_predict_rebuilds_it(small_dataset, tiny_dinov2, tmp_path):
     """--pool mean names the backbone hf:DIR#pool=mean: the cache fingerprint differs from the CLS cache's,
     and predict, reading the name back, pools the same way (same dimension as CLS, so only the numbers
