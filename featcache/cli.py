@@ -99,6 +99,11 @@ def _add_model(p: argparse.ArgumentParser, defaults, weights_help: str | None = 
                                         "or a state_dict file (default %(default)s)")
 
 
+# --pool beside --backbones (zoo, models), where names of several families mix.
+LIST_POOL_HELP = ("how the hf: vision transformers among them pool their tokens, as extract --pool; a name's own "
+                  "#pool= suffix wins, other families keep their own features (default cls)")
+
+
 def _add_pool(p: argparse.ArgumentParser, help: str) -> None:
     from featcache.backbones.registry import POOLS
 
@@ -297,8 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--backbones", nargs="+", default=None, metavar="NAME",
                    help=f"backbones to compare: {_backbone_names()}")
-    _add_pool(p, "how the hf: vision transformers among them pool their tokens, as extract --pool; a name's "
-                 "own #pool= suffix wins, other families keep their own features (default cls)")
+    _add_pool(p, LIST_POOL_HELP)
     p.add_argument("--weights", default=EXTRACT.weights, metavar="imagenet|none|PATH",
                    help="the same for every backbone (default %(default)s)")
     p.add_argument("--heads", default="sweep", metavar="|".join(_head_kinds()),
@@ -341,8 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--backbones", nargs="+", default=None, metavar="NAME",
                    help="any backbone names (tv:..., timm:...; default: the four short names)")
-    _add_pool(p, "how the hf: vision transformers among them pool their tokens, as extract --pool; a name's "
-                 "own #pool= suffix wins, other families keep their own features (default cls)")
+    _add_pool(p, LIST_POOL_HELP)
     p.add_argument("--no-measure", action="store_true", help="no speed measurement (metadata and counts only)")
     p.add_argument("--json", default=None, metavar="OUT.json")
     p.set_defaults(func=_cmd_models)
