@@ -89,11 +89,40 @@ def _add_scan_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser, defaults, weights_help: str | None = None) -> None:
-    """--backbone and --weights, for the commands that build a backbone."""
+    """--backbone, --pool and --weights, for the commands that build a backbone."""
     p.add_argument("--backbone", default=defaults.backbone, help=f"one of: {_backbone_names()} (default %(default)s)")
+    _add_pool(p, "hf: vision transformers: the CLS token, the mean of the patch tokens, or both concatenated "
+                 "(DINOv2's linear-eval input, twice the dimension); part of the backbone's name, "
+                 "hf:REPO#pool=mean, which may also be written directly (default cls)")
     p.add_argument("--weights", default=defaults.weights, metavar="imagenet|none|PATH",
                    help=weights_help or "torchvision ImageNet weights, seeded random init (none or none:seed=N), "
                                         "or a state_dict file (default %(default)s)")
+
+
+# --pool beside --backbones (zoo, models), where names of several families mix.
+LIST_POOL_HELP = ("how the hf: vision transformers among them pool their tokens, as extract --pool; a name's own "
+                  "#pool= suffix wins, other families keep their own features (default cls)")
+
+
+def _add_pool(p: argparse.ArgumentParser, help: str) -> None:
+    from featcache.backbones.registry import POOLS
+
+    p.add_argument("--pool", default=None, choices=POOLS, metavar="|".join(POOLS), help=help)
+
+
+def _backbone(args) -> str:
+    """--backbone pooled as --pool says: the one name its caches, runs and predict know it by."""
+    from featcache.backbones.registry import with_pool
+
+    return with_pool(args.backbone, args.pool)
+
+
+def _backbones(args) -> list[str]:
+    """--backbones with --pool applied to the hf: encoders among them that name no pool of their own."""
+    from featcache.backbones.registry import POOL_MARK, poolable, with_pool
+
+    return [with_pool(name, args.pool) if poolable(name) and POOL_MARK not in name else name
+            for name in args.backbones or ()]
 
 
 def _add_device(p: argparse.ArgumentParser, default: str = "auto", help: str = "(default auto: cuda when present)"):
@@ -273,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--backbones", nargs="+", default=None, metavar="NAME",
                    help=f"backbones to compare: {_backbone_names()}")
+    _add_pool(p, LIST_POOL_HELP)
     p.add_argument("--weights", default=EXTRACT.weights, metavar="imagenet|none|PATH",
                    help="the same for every backbone (default %(default)s)")
     p.add_argument("--heads", default="sweep", metavar="|".join(_head_kinds()),
@@ -319,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--backbones", nargs="+", default=None, metavar="NAME",
                    help="any backbone names (tv:..., timm:...; default: the four short names)")
+    _add_pool(p, LIST_POOL_HELP)
     p.add_argument("--no-measure", action="store_true", help="no speed measurement (metadata and counts only)")
     p.add_argument("--json", default=None, metavar="OUT.json")
     p.set_defaults(func=_cmd_models)
@@ -329,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the classic tutorial's frozen-backbone training, and full fine-tuning.")
     p.add_argument("data", metavar="DATA")
     p.add_argument("--backbone", default="resnet18")
+    _add_pool(p, "hf: vision transformers: cls, mean or cls+mean, as extract --pool (default cls)")
     p.add_argument("--max-images", type=int, default=600,
                    help="stratified subset of N train images, val and test whole (default %(default)s; 0: all)")
     p.add_argument("--subsample-all", action="store_true",
@@ -421,7 +453,7 @@ def _cmd_scan(args) -> int:
 
 
 def _extract_kwargs(args) -> dict:
-    return dict(backbone=args.backbone, weights=args.weights, batch_size=args.batch_size, backend=args.backend,
+    return dict(backbone=_backbone(args), weights=args.weights, batch_size=args.batch_size, backend=args.backend,
                 device=args.device, workers=args.workers, seed=args.seed, overwrite=args.overwrite, dtype=args.dtype,
                 compression=args.compression, chunk_rows=args.chunk_rows, wait=args.wait, max_images=args.max_images,
                 subsample_all=args.subsample_all,
@@ -439,7 +471,7 @@ def _cmd_extract(args) -> int:
 
     from featcache.extract import validate_options
 
-    validate_options(Path(args.out), args.backbone, args.dtype, args.compression, args.chunk_rows)  # before the scan
+    validate_options(Path(args.out), _backbone(args), args.dtype, args.compression, args.chunk_rows)  # before the scan
     manifest = scan(args.data, **_scan_options(args)).limit(args.max_images, args.seed,
                                                            subsample_all=args.subsample_all)
     if os.environ.get("RANK", "0") == "0":
@@ -448,7 +480,7 @@ def _cmd_extract(args) -> int:
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch(args.out, nproc=args.nproc, argv=args.argv, manifest=manifest,
-                      backbone=args.backbone, weights=args.weights, seed=args.seed, device=args.device,
+                      backbone=_backbone(args), weights=args.weights, seed=args.seed, device=args.device,
                       backend=args.backend, dtype=args.dtype, amp=args.amp, wait=args.wait,
                       overwrite=args.overwrite)
     extract(args.data, args.out, manifest=manifest, **_extract_kwargs(args))
@@ -508,14 +540,14 @@ def _cmd_finetune(args) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from featcache.backbones.registry import get_entry
 
-        get_entry(args.backbone)  # the commonest mistakes fail here, once, before the launch
+        get_entry(_backbone(args))  # the commonest mistakes fail here, once, before the launch
         from featcache.data.manifest import scan
 
         scan(args.data, **_scan_options(args))
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
     from featcache.finetune import finetune
 
-    metrics = finetune(args.data, args.out, backbone=args.backbone, weights=args.weights, epochs=args.epochs,
+    metrics = finetune(args.data, args.out, backbone=_backbone(args), weights=args.weights, epochs=args.epochs,
                        lr=args.lr, batch_size=args.batch_size, amp=args.amp, freeze_backbone=args.freeze_backbone,
                        augment=args.augment, hflip=args.hflip, class_weight=args.class_weight,
                        early_stop=args.early_stop, recipe=args.recipe, max_images=args.max_images,
@@ -536,7 +568,7 @@ def _cmd_zoo(args) -> int:
     _require(args, "data", "out")
     if not args.backbones:
         raise UserError("--backbones is required (on the command line, or as backbones in the --config table)")
-    rows = zoo(args.data, args.out, backbones=list(args.backbones), weights=args.weights, heads=args.heads,
+    rows = zoo(args.data, args.out, backbones=_backbones(args), weights=args.weights, heads=args.heads,
                seed=args.seed, max_images=args.max_images, subsample_all=args.subsample_all,
                batch_size=args.batch_size, backend=args.backend, device=args.device, workers=args.workers,
                n_resamples=args.bootstrap, positive_class=args.positive_class, scan_options=_scan_options(args),
@@ -584,7 +616,7 @@ def _cmd_models(args) -> int:
         _json_output(args.json, "--json")
     console = get_console()
     console.print(families_table())
-    rows = model_table(names=args.backbones, measure_speed=not args.no_measure, batch_size=args.batch_size,
+    rows = model_table(names=_backbones(args) or None, measure_speed=not args.no_measure, batch_size=args.batch_size,
                        progress=lambda text: console.print(f"[dim]{text}[/]"))
     console.print(render(rows, args.batch_size))
     if args.json:
@@ -607,7 +639,7 @@ def _cmd_bench(args) -> int:
     from featcache.bench import STAGES, render, run_bench
     from featcache.runtime.console import get_console
 
-    facts = run_bench(args.data, backbone=args.backbone, max_images=args.max_images or None, epochs=args.epochs,
+    facts = run_bench(args.data, backbone=_backbone(args), max_images=args.max_images or None, epochs=args.epochs,
                       batch_size=args.batch_size, stages=tuple(args.stages or STAGES), keep=args.keep,
                       subsample_all=args.subsample_all, weights=args.weights, n_resamples=args.bootstrap)
     console = get_console()

@@ -19,6 +19,7 @@ A config names the data, lists runs of two kinds, and may add a zoo::
     [[fixed]]                    # Task C: features cached once, heads trained on the cache
     backbone = "resnet50"
     heads = "sweep"
+    # pool = "cls+mean"          # hf: vision transformers: cls, mean or cls+mean, as extract --pool
 
     [[finetune]]                 # Task B: one AMP training loop
     backbone = "resnet18"
@@ -39,7 +40,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from featcache.backbones.registry import file_word
+from featcache.backbones.registry import file_word, with_pool
 from featcache.backbones.weights import WeightsRef
 from featcache.errors import UserError
 from featcache.options import EXTRACT, FINETUNE, HEAD
@@ -47,9 +48,9 @@ from featcache.options import EXTRACT, FINETUNE, HEAD
 TOP_KEYS = {"title": str, "data": str, "out": str, "weights": str, "max_images": int, "subsample_all": bool,
             "seed": int, "seeds": list, "split_seed": int, "backend": str, "device": str, "batch_size": int,
             "bootstrap": int, "label_from_name": list, "positive_class": str}
-FIXED_KEYS = {"backbone": str, "heads": str, "class_weight": str, "threshold": str, "C": float, "epochs": int,
-              "sampler": str}
-FINETUNE_KEYS = {"backbone": str, "epochs": int, "lr": float, "batch_size": int, "amp": str,
+FIXED_KEYS = {"backbone": str, "pool": str, "heads": str, "class_weight": str, "threshold": str, "C": float,
+              "epochs": int, "sampler": str}
+FINETUNE_KEYS = {"backbone": str, "pool": str, "epochs": int, "lr": float, "batch_size": int, "amp": str,
                  "freeze_backbone": bool, "augment": str, "hflip": bool, "class_weight": str, "early_stop": int,
                  "compile": bool, "threshold": str, "recipe": str}
 ZOO_KEYS = {"backbones": list, "heads": str}
@@ -82,6 +83,7 @@ def read_config(path: str | os.PathLike) -> dict:
             _check(table, allowed, f"{file} [[{kind}]] #{i + 1}")
             if "backbone" not in table:
                 raise UserError(f"{file} [[{kind}]] #{i + 1}: backbone is required")
+            table["backbone"] = with_pool(table["backbone"], table.pop("pool", None))  # one name from here on
     if not runs["fixed"] and not runs["finetune"] and zoo is None:
         raise UserError(f"{file} lists no runs: add [[fixed]] or [[finetune]] tables, or a [zoo] table")
     if "data" not in config:

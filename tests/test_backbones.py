@@ -217,28 +217,38 @@ def test_timm_features_equal_timms_own_pipeline(tmp_path):
     assert_library_parity(tmp_path, "timm:resnet18", reference, transform)
 
 
-def assert_library_parity(tmp_path, backbone: str, reference, transform):
-    """Extract 40 demo images with ``backbone`` from ``reference``'s saved weights; the features must equal
-    ``reference(transform(image))`` for the same images by the discriminating parity criteria."""
+# (--amp, demo images): each family's parity test extracts 40 images in fp32 and 16 under bf16 autocast.
+PARITY_RUNS = (("off", 40), ("bf16", 16))
+
+
+def assert_library_parity(tmp_path, backbone: str, reference, transform, runs=PARITY_RUNS):
+    """Extract demo images with ``backbone`` from ``reference``'s saved weights, once per (--amp, number of
+    images) in ``runs``; the features of each cache must equal ``reference(transform(image))`` (fp32) for
+    the same images by the discriminating parity criteria. bf16 autocast moves the numbers a little, never
+    to another image's; a wrong cast, an overflow or a NaN does."""
     import h5py
     from PIL import Image
 
+    from featcache.cache.h5 import FeatureCache
     from featcache.data.demo import DEMO_DATA
     from featcache.eval import parity
     from featcache.extract import extract
 
     weights_file = tmp_path / "weights.pt"
     torch.save(reference.state_dict(), weights_file)
-    cache = tmp_path / "c.h5"
-    extract(DEMO_DATA, cache, backbone=backbone, weights=str(weights_file), max_images=40, subsample_all=True,
-            workers=0, batch_size=16, progress=False)
-    with h5py.File(cache) as f:
-        ours = f["features"][:]
-        paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
-    with torch.inference_mode():
-        theirs = reference(torch.stack([transform(Image.open(DEMO_DATA / p).convert("RGB")) for p in paths])).numpy()
-    result = parity.parity(ours, theirs, same=parity.duplicate_groups(paths, DEMO_DATA))
-    assert result["passed"], parity.failures(result)
+    for amp, n_images in runs:
+        cache = tmp_path / f"{amp}.h5"
+        extract(DEMO_DATA, cache, backbone=backbone, weights=str(weights_file), max_images=n_images,
+                subsample_all=True, workers=0, batch_size=16, amp=amp, progress=False)
+        assert FeatureCache.open(cache).fingerprint_inputs.get("precision") == (None if amp == "off" else amp)
+        with h5py.File(cache) as f:
+            ours = f["features"][:]
+            paths = [p.decode() if isinstance(p, bytes) else p for p in f["paths"][:]]
+        with torch.inference_mode():
+            images = torch.stack([transform(Image.open(DEMO_DATA / p).convert("RGB")) for p in paths])
+            theirs = reference(images).numpy()
+        result = parity.parity(ours, theirs, same=parity.duplicate_groups(paths, DEMO_DATA))
+        assert result["passed"], (f"--amp {amp}", parity.failures(result))
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +295,171 @@ def test_hf_features_equal_transformers_own_pipeline(tmp_path, tiny_dinov2):
     # The library's own pipeline: processor tensors in, CLS token out.
     reference = library_module(model, lambda x: model(pixel_values=x).last_hidden_state[:, 0])
     assert_library_parity(tmp_path, f"hf:{tiny_dinov2}", reference, transform)
+
+
+POOLED = {
+    "mean": lambda hidden, prefix: hidden[:, prefix:].mean(dim=1),
+    "cls+mean": lambda hidden, prefix: torch.cat([hidden[:, 0], hidden[:, prefix:].mean(dim=1)], dim=1),
+}
+
+
+@pytest.mark.parametrize("pool", sorted(POOLED))
+def test_hf_pooled_features_equal_transformers_own_pipeline(tmp_path, tiny_dinov2, pool):
+    """#pool=mean is the mean of the patch tokens (CLS left out); #pool=cls+mean is CLS then that mean, as
+    DINOv2's linear evaluation concatenates them: transformers' own processor and model, same weights."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    from featcache.backbones.registry import with_pool
+
+    model = AutoModel.from_pretrained(tiny_dinov2).eval()
+    processor = AutoImageProcessor.from_pretrained(tiny_dinov2)
+
+    def transform(image):
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    reference = library_module(model, lambda x: POOLED[pool](model(pixel_values=x).last_hidden_state, 1))
+    name = with_pool(f"hf:{tiny_dinov2}", pool)
+    assert name == f"hf:{tiny_dinov2}#pool={pool}"
+    assert create_backbone(name, "none").feature_dim == 64 * (2 if pool == "cls+mean" else 1)
+    assert_library_parity(tmp_path, name, reference, transform, runs=PARITY_RUNS[:1])
+
+
+def test_hf_mean_pool_leaves_register_tokens_out(tmp_path):
+    """DINOv2 with registers: [CLS, 4 registers, 256 patches]; the mean is over the patches only."""
+    from transformers import BitImageProcessor, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(19)
+    model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=14,
+        num_register_tokens=4)).eval()
+    model.save_pretrained(tmp_path)
+    BitImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+                      image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(tmp_path)
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        hidden = model(pixel_values=(images.float() / 255 - 0.5) / 0.5).last_hidden_state
+        assert hidden.shape[1] == 1 + 4 + 256
+        for pool, expected in POOLED.items():
+            bb = create_backbone(f"hf:{tmp_path}#pool={pool}", "imagenet")
+            assert torch.allclose(bb.model(images), expected(hidden, 5), atol=1e-5)
+            assert not torch.allclose(bb.model(images), expected(hidden, 1), atol=1e-5)  # registers do count
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_resnet(tmp_path_factory):
+    """A Hugging Face ResNet folder (random weights): a convolutional encoder, no token sequence."""
+    from transformers import BitImageProcessor, ResNetConfig, ResNetModel
+
+    folder = tmp_path_factory.mktemp("tiny-hf-resnet")
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--backbone", "resnet18", "--pool", "mean"], "--pool mean (#pool=mean) pools the tokens of hf: vision "
+                                                    "transformers only; resnet18 has pooled features of its own"),
+    (["--backbone", "timm:resnet18#pool=cls+mean"], "--pool cls+mean (#pool=cls+mean) pools the tokens of hf:"),
+    (["--backbone", "HF_RESNET", "--pool", "cls+mean"], "its last hidden state is no token sequence"),
+    (["--backbone", "HF_RESNET#pool=mean"], "use --pool cls (its pooled output)"),
+    (["--backbone", "HF_DINO#pool=mean", "--pool", "cls+mean"], "--pool cls+mean contradicts the backbone name"),
+    (["--backbone", "HF_DINO#pool=max"], "pool 'max' is not one of cls, mean, cls+mean"),
+    (["--pool", "max"], "argument --pool: invalid choice: 'max'"),
+])
+def test_pool_mistakes_are_one_line_before_any_work(argv, words, tmp_path, tiny_dinov2, tiny_hf_resnet, capsys):
+    from featcache.cli import main
+
+    argv = [a.replace("HF_RESNET", f"hf:{tiny_hf_resnet}").replace("HF_DINO", f"hf:{tiny_dinov2}") for a in argv]
+    # The data folder does not exist: a pool mistake must be found before the scan.
+    assert main(["extract", str(tmp_path / "no-data"), "--out", str(tmp_path / "c.h5"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_pool_over_a_list_of_backbones_pools_the_hf_ones_that_name_no_pool(tiny_dinov2, tmp_path):
+    """zoo and models --backbones ... --pool P: hf: names without a #pool= of their own take P, an explicit
+    suffix (#pool=cls too) wins, and other families keep their own features."""
+    import json
+
+    from featcache.cli import main
+
+    out = tmp_path / "models.json"
+    assert main(["models", "--backbones", "resnet18", f"hf:{tiny_dinov2}", f"hf:{tiny_dinov2}#pool=cls", "--pool",
+                 "cls+mean", "--no-measure", "--json", str(out)]) == 0
+    rows = [(r["name"], r["feature_dim"]) for r in json.loads(out.read_text())]
+    assert rows == [("resnet18", 512), (f"hf:{tiny_dinov2}#pool=cls+mean", 128), (f"hf:{tiny_dinov2}", 64)]
+
+
+def test_the_pool_is_part_of_the_cache_identity_and_predict_rebuilds_it(small_dataset, tiny_dinov2, tmp_path):
+    """--pool mean names the backbone hf:DIR#pool=mean: the cache fingerprint differs from the CLS cache's,
+    and predict, reading the name back, pools the same way (same dimension as CLS, so only the numbers
+    would tell a lost pool)."""
+    import csv
+
+    from featcache.cache.h5 import FeatureCache
+    from featcache.cli import main
+    from featcache.predict import load_run, predict
+
+    common = [str(small_dataset), "--backbone", f"hf:{tiny_dinov2}", "--weights", "imagenet", "--workers", "0",
+              "--no-progress"]
+    cls_cache, cache, run = tmp_path / "cls.h5", tmp_path / "mean.h5", tmp_path / "run"
+    assert main(["extract", *common, "--out", str(cls_cache)]) == 0
+    assert main(["extract", *common, "--out", str(cache), "--pool", "mean"]) == 0
+    pooled, plain = FeatureCache.open(cache), FeatureCache.open(cls_cache)
+    assert pooled.attrs["backbone"] == f"hf:{tiny_dinov2}#pool=mean" and plain.attrs["backbone"] == f"hf:{tiny_dinov2}"
+    assert pooled.attrs["fingerprint"] != plain.attrs["fingerprint"]
+    assert main(["extract", *common, "--out", str(cls_cache), "--pool", "mean"]) == 2  # a different cache there
+    assert main(["fit-head", str(cache), "--out", str(run), "--bootstrap", "0"]) == 0
+    head, _ = load_run(run)
+    arrays = pooled.read("features", "paths")
+    by_path = dict(zip(arrays["paths"], arrays["features"]))
+    out = tmp_path / "p.csv"
+    predict(run, [str(small_dataset / "test")], out_csv=out)
+    rows = list(csv.DictReader(out.open()))
+    assert rows
+    for r in rows:
+        expected = head.predict_proba(by_path[r["path"][len(str(small_dataset)) + 1:]][None])[0]
+        assert float(r["p_PNEUMONIA"]) == pytest.approx(expected[1], abs=1e-4)
+
+
+def test_an_hf_backbone_fine_tunes_and_its_run_rebuilds_the_pool(small_dataset, tiny_dinov2, tmp_path):
+    """finetune --pool cls+mean: best.pt keeps the new head apart from the encoder's keys (so it is a
+    --weights file for extract), and predict rebuilds the pooled backbone from the name the run records."""
+    import csv
+
+    from featcache.cli import main
+    from featcache.predict import predict
+
+    run, name = tmp_path / "run", f"hf:{tiny_dinov2}#pool=cls+mean"
+    assert main(["finetune", str(small_dataset), "--out", str(run), "--backbone", f"hf:{tiny_dinov2}", "--pool",
+                 "cls+mean", "--weights", "imagenet", "--freeze-backbone", "--epochs", "1", "--batch-size", "32",
+                 "--amp", "off", "--workers", "0", "--bootstrap", "0", "--no-progress"]) == 0
+    tuned, pretrained = create_backbone(name, str(run / "best.pt")), create_backbone(name, "imagenet")
+    with torch.inference_mode():
+        x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+        assert torch.equal(tuned.model(x), pretrained.model(x)) and tuned.feature_dim == 128  # frozen encoder
+    theirs = {r["path"]: float(r["p_PNEUMONIA"]) for r in csv.DictReader((run / "predictions.csv").open())
+              if r["split"] == "test"}
+    rows = predict(run, [str(small_dataset / "test")], out_csv=tmp_path / "p.csv")
+    assert len(rows) == len(theirs) == 5
+    for r in rows:
+        assert r["p_PNEUMONIA"] == pytest.approx(theirs[r["path"][len(str(small_dataset)) + 1:]], abs=1e-4)
+
+
+def test_pooled_names_make_file_words_and_config_runs(tmp_path):
+    from featcache.backbones.registry import file_word, with_pool
+    from featcache.run import read_config
+
+    assert with_pool("hf:org/model#pool=cls", None) == "hf:org/model" == with_pool("hf:org/model", "cls")
+    assert file_word(with_pool("hf:org/model", "cls+mean")) == "hf-org-model-pool-cls-mean"
+    assert file_word("hf:org/model") == "hf-org-model" and file_word("tv:efficientnet_b0") == "tv-efficientnet_b0"
+    config = tmp_path / "c.toml"
+    config.write_text('data = "d"\n[[fixed]]\nbackbone = "hf:org/model"\npool = "cls+mean"\n'
+                      '[[finetune]]\nbackbone = "hf:org/model"\npool = "mean"\n')
+    read = read_config(config)
+    assert read["fixed"][0] == {"backbone": "hf:org/model#pool=cls+mean"}
+    assert read["finetune"][0] == {"backbone": "hf:org/model#pool=mean"}
 
 
 def test_xrv_models_take_one_grey_channel_in_xrv_units():

@@ -5,7 +5,10 @@ are built with ``transformers.AutoModel``; the preprocessing is the repo's
 own ``AutoImageProcessor`` config (shorter side, centre crop, resampling,
 mean and std), which featcache's decoders apply to uint8 pixels. The
 features are the CLS token of the last hidden state for transformer
-encoders, or the pooled output for convolutional ones. Pretrained weights
+encoders, or the pooled output for convolutional ones; ``hf:REPO#pool=mean``
+takes the mean of a transformer's patch tokens instead (CLS and register or
+distillation tokens left out) and ``#pool=cls+mean`` both, concatenated as
+DINOv2's linear evaluation does (twice the feature dimension). Pretrained weights
 come from the Hugging Face cache (or the folder); ``--weights none`` needs
 only the config (``config.json``) and builds a seeded random init.
 """
@@ -16,13 +19,15 @@ import hashlib
 from pathlib import Path
 
 from featcache.backbones.hub import hub_reachable
-from featcache.backbones.registry import BackboneEntry
+from featcache.backbones.registry import BackboneEntry, with_pool
 from featcache.backbones.spec import PreprocessSpec
 from featcache.errors import UserError
 
 INSTALL = 'pip install "transformers>=4.45"'
 # PIL resampling codes, as image processors record them.
 RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+# Where a fine-tuned run stores its classifier beside the encoder's own keys (model.*).
+HEAD_PREFIX = "model.featcache_head."
 
 
 def _transformers():
@@ -72,36 +77,48 @@ def _spec(transformers, source: str, local: bool) -> PreprocessSpec:
 
 
 def _pooled_module():
+    import torch
     import torch.nn as nn
 
     class Pooled(nn.Module):
-        """An AutoModel whose forward returns one vector per image: the CLS token, else the pooled output."""
+        """An AutoModel whose forward returns one vector per image: the CLS token (else the pooled output),
+        the mean of the patch tokens (the last ``patches`` of the sequence), or both."""
 
-        def __init__(self, model):
+        def __init__(self, model, pool: str = "cls", patches: int = 0):
             super().__init__()
-            self.model = model
+            self.model, self.pool, self.patches = model, pool, patches
 
         def forward(self, x):
             out = self.model(pixel_values=x)
             hidden = getattr(out, "last_hidden_state", None)
-            if hidden is not None and hidden.ndim == 3:
-                return hidden[:, 0]
-            return out.pooler_output.flatten(1)
+            if self.pool == "cls" and (hidden is None or hidden.ndim != 3):
+                return out.pooler_output.flatten(1)
+            cls = hidden[:, 0]
+            if self.pool == "cls":
+                return cls
+            mean = hidden[:, -self.patches:].mean(dim=1)
+            return mean if self.pool == "mean" else torch.cat([cls, mean], dim=1)
 
     return Pooled
 
 
-def entry(source: str) -> BackboneEntry:
-    """The backbone ``hf:SOURCE`` (a repo id or a local folder)."""
+def entry(source: str, pool: str = "cls") -> BackboneEntry:
+    """The backbone ``hf:SOURCE`` (a repo id or a local folder), its tokens pooled by ``pool`` (cls, mean or
+    cls+mean)."""
     transformers = _transformers()
     local = _local_only(source)  # one reachability check for the config, the processor and the weights
     config = _config(transformers, source, local)
     spec = _spec(transformers, source, local)
     Pooled = _pooled_module()
-    feature_dim = int(getattr(config, "hidden_size", 0) or 0) or _probe_dim(transformers, config, spec, Pooled)
+    if pool == "cls":
+        patches = 0
+        feature_dim = int(getattr(config, "hidden_size", 0) or 0) or _probe_dim(transformers, config, spec, Pooled)
+    else:
+        patches, width = _patch_tokens(transformers, config, spec, source, pool)
+        feature_dim = width * (2 if pool == "cls+mean" else 1)
 
     def build(weights=None):
-        return Pooled(transformers.AutoModel.from_config(config))
+        return Pooled(transformers.AutoModel.from_config(config), pool, patches)
 
     def load_pretrained(model) -> tuple[str, str]:
         from huggingface_hub.constants import HF_HUB_CACHE
@@ -123,8 +140,10 @@ def entry(source: str) -> BackboneEntry:
             digest.update(f.read_bytes())
         return "hf", f"{Path(source).resolve()}@sha256={digest.hexdigest()[:16]}"
 
-    return BackboneEntry(f"hf:{source}", feature_dim, lambda: (build, None), lambda model: None, (),
-                         make_spec=lambda: spec, load_pretrained=load_pretrained, state_prefix="model.")
+    # AutoModel is the encoder without a classifier: a fine-tuned run's best.pt keeps its new head under
+    # HEAD_PREFIX, which a --weights file then skips.
+    return BackboneEntry(with_pool(f"hf:{source}", pool), feature_dim, lambda: (build, None), lambda model: None,
+                         (HEAD_PREFIX,), make_spec=lambda: spec, load_pretrained=load_pretrained, state_prefix="model.")
 
 
 def _probe_dim(transformers, config, spec: PreprocessSpec, Pooled) -> int:
@@ -133,3 +152,26 @@ def _probe_dim(transformers, config, spec: PreprocessSpec, Pooled) -> int:
     with torch.device("meta"):
         model = Pooled(transformers.AutoModel.from_config(config))
         return int(model(torch.empty(1, 3, spec.crop, spec.crop)).shape[-1])
+
+
+def _patch_tokens(transformers, config, spec: PreprocessSpec, source: str, pool: str) -> tuple[int, int]:
+    """(patch tokens, token width) of the last hidden state, from a forward on the meta device (no memory,
+    no arithmetic): the patch tokens are the sequence's last (crop / patch size)^2, after the CLS token and
+    any register or distillation tokens. A model without such a sequence cannot be pooled: a user error."""
+    import torch
+
+    with torch.device("meta"):
+        out = transformers.AutoModel.from_config(config)(pixel_values=torch.empty(1, 3, spec.crop, spec.crop))
+    hidden = getattr(out, "last_hidden_state", None)
+    shape = tuple(hidden.shape) if hidden is not None else None
+    if shape is None or len(shape) != 3:
+        raise UserError(f"hf:{source}: --pool {pool} averages a vision transformer's patch tokens, but its last "
+                        f"hidden state is no token sequence (shape {shape}); use --pool cls (its pooled output)")
+    side = getattr(config, "patch_size", None)
+    side = side[0] if isinstance(side, (tuple, list)) else side
+    patches = (spec.crop // side) ** 2 if isinstance(side, int) and side > 0 else 0
+    if not patches or shape[1] - patches < 1:
+        raise UserError(f"hf:{source}: --pool {pool} cannot tell its patch tokens from the others ({shape[1]} "
+                        f"tokens, patch size {side}, crop {spec.crop}: no CLS token before a patch grid); "
+                        "use --pool cls")
+    return patches, int(shape[2])

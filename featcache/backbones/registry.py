@@ -142,9 +142,46 @@ FAMILY_EXAMPLES = {
 }
 
 
+# How a ViT's last token sequence becomes one vector (hf: only; every other family has one pooled output):
+# the CLS token, the mean of the patch tokens, or both concatenated, DINOv2's linear-evaluation input. The
+# pool is part of the backbone's name, hf:REPO#pool=mean, so caches, fingerprints and run records that name
+# the backbone rebuild the same features; cls, the default, is the plain name.
+POOLS = ("cls", "mean", "cls+mean")
+POOL_MARK = "#pool="
+POOLED_FAMILIES = ("hf",)
+
+
+def split_pool(name: str) -> tuple[str, str]:
+    """(the name without its pool, the pool): hf:org/model#pool=mean -> (hf:org/model, mean); no suffix: cls."""
+    base, mark, pool = name.rpartition(POOL_MARK)
+    if not mark:
+        return name, "cls"
+    if pool not in POOLS:
+        raise UserError(f"{name}: pool {pool!r} is not one of {', '.join(POOLS)}")
+    return base, pool
+
+
+def with_pool(name: str, pool: str | None) -> str:
+    """``name`` pooled by ``pool`` (None: as the name says), canonical: cls is the plain name, the others
+    end in #pool=POOL. A name whose own suffix says another pool is a user error."""
+    base, named = split_pool(name)
+    if pool is not None and pool not in POOLS:
+        raise UserError(f"--pool takes {', '.join(POOLS)}, got {pool!r}")
+    if pool is not None and POOL_MARK in name and pool != named:
+        raise UserError(f"--pool {pool} contradicts the backbone name {name}; give one of them")
+    pool = pool or named
+    return base if pool == "cls" else f"{base}{POOL_MARK}{pool}"
+
+
+def poolable(name: str) -> bool:
+    """Whether ``--pool`` can choose this backbone's features (an hf: encoder)."""
+    return split_pool(name)[0].partition(":")[0] in POOLED_FAMILIES
+
+
 def file_word(name: str) -> str:
-    """A backbone name as a file-name word: tv:efficientnet_b0 -> tv-efficientnet_b0, hf:org/model -> hf-org-model."""
-    return name.replace(":", "-").replace("/", "-")
+    """A backbone name as a file-name word: tv:efficientnet_b0 -> tv-efficientnet_b0, hf:org/model -> hf-org-model,
+    hf:org/model#pool=cls+mean -> hf-org-model-pool-cls-mean."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name)
 
 
 def backbone_names() -> str:
@@ -154,9 +191,14 @@ def backbone_names() -> str:
 
 def get_entry(name: str) -> BackboneEntry:
     """The backbone ``name``: a short name (resnet18, ...) or ``FAMILY:NAME`` (tv:efficientnet_b0, ...)."""
+    name = with_pool(name, None)
+    base, pool = split_pool(name)
+    if pool != "cls" and not poolable(name):
+        raise UserError(f"--pool {pool} (#pool={pool}) pools the tokens of hf: vision transformers only; {base} "
+                        "has pooled features of its own: leave the pool out")
     if name in REGISTRY:
         return REGISTRY[name]
-    family, sep, model = name.partition(":")
+    family, sep, model = base.partition(":")
     if not sep:
         raise UserError(f"unknown backbone {name!r}; choose one of: {backbone_names()}")
     if family not in FAMILIES:
@@ -166,7 +208,8 @@ def get_entry(name: str) -> BackboneEntry:
     if name not in _RESOLVED:
         import importlib
 
-        _RESOLVED[name] = importlib.import_module(FAMILIES[family]).entry(model)
+        module = importlib.import_module(FAMILIES[family])
+        _RESOLVED[name] = module.entry(model, pool=pool) if pool != "cls" else module.entry(model)
     return _RESOLVED[name]
 
 
