@@ -5,7 +5,8 @@ fed to the frozen backbone in batches. ``featcache extract`` does the same
 forward plus reading, decoding, resizing and writing the cache; the ratio of
 the two says how much of the backbone's speed the pipeline keeps.
 
-    python bench/extract_vs_forward.py [DATA] [--backbone resnet18] [--workers 0 1 2] [--amp off|bf16] [--json OUT]
+    python bench/extract_vs_forward.py [DATA] [--backbone resnet18] [--workers 0 1 2] [--amp off|bf16]
+        [--max-images N] [--json OUT]
 
 With ``--amp bf16`` both sides run under the same autocast, so the ratio still
 compares like with like.
@@ -32,6 +33,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[None],
                         help="decode worker counts to try (default: featcache's default)")
     parser.add_argument("--forward-images", type=int, default=512)
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="extract a stratified subset of this many images of every split (slow backbones)")
     parser.add_argument("--backend", default="auto", help="decode backend for extract (default auto)")
     parser.add_argument("--amp", default="off", metavar="off|auto|bf16|fp16",
                         help="autocast for both the forward-only pass and extract (as extract --amp; default off)")
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
     from featcache.data.manifest import scan
 
     console = get_console()
-    manifest = scan(args.data)
+    manifest = scan(args.data).limit(args.max_images, subsample_all=True)
     backbone = create_backbone(args.backbone, "none")
     import torch
 
