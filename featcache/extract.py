@@ -169,13 +169,13 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
                     scan_options, progress, dist, console, refusal):
     from featcache.backbones.registry import create_backbone
     from featcache.decode import resolve_backend
-    from featcache.data.manifest import scan
+    from featcache.data.sources import read_manifest
 
     device = resolve_device(device)
     if device == "cuda" and dist.active:
         device = f"cuda:{dist.local_rank}"
     if manifest is None:
-        manifest = scan(data, **(scan_options or {}))
+        manifest = read_manifest(data, **(scan_options or {}))
     manifest = manifest.limit(max_images, seed, subsample_all=subsample_all)
     bb = create_backbone(backbone, weights, seed=seed)
     decode = resolve_backend(backend, device, previous=previous_decode(out))

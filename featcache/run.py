@@ -4,6 +4,8 @@ A config names the data and lists runs of two kinds::
 
     title = "..."
     data = "chest_xray"          # relative paths are read from the working directory
+    format = "folder"            # optional: csv, nih, chexpert or mimic, with path_col, label_col,
+                                 # label_cols, patient_col, split_col, root, views as their flags
     out = "runs/homework"
     weights = "imagenet"         # or "none", or a state_dict path
     max_images = 600             # optional: a stratified subset of train, the same images for every run
@@ -38,6 +40,9 @@ from featcache.options import EXTRACT, FINETUNE, HEAD
 TOP_KEYS = {"title": str, "data": str, "out": str, "weights": str, "max_images": int, "subsample_all": bool,
             "seed": int, "seeds": list, "split_seed": int, "backend": str, "device": str, "batch_size": int,
             "bootstrap": int, "label_from_name": list}
+# The label source (see featcache.data.sources): data is then a CSV file or a dataset folder.
+SOURCE_KEYS = {"format": str, "path_col": str, "label_col": str, "label_cols": str, "patient_col": str,
+               "split_col": str, "root": str, "views": str}
 FIXED_KEYS = {"backbone": str, "heads": str, "class_weight": str, "threshold": str, "C": float, "epochs": int,
               "sampler": str}
 FINETUNE_KEYS = {"backbone": str, "epochs": int, "lr": float, "batch_size": int, "amp": str,
@@ -61,7 +66,7 @@ def read_config(path: str | os.PathLike) -> dict:
     file = Path(path)
     config = read_toml(file)
     runs = {"fixed": config.pop("fixed", []), "finetune": config.pop("finetune", [])}
-    _check(config, TOP_KEYS, str(file))
+    _check(config, {**TOP_KEYS, **SOURCE_KEYS}, str(file))
     for kind, allowed in (("fixed", FIXED_KEYS), ("finetune", FINETUNE_KEYS)):
         if not isinstance(runs[kind], list):
             raise UserError(f"{file}: write [[{kind}]] tables, one per run")
@@ -102,7 +107,8 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds):
         raise UserError(f"{path}: seeds must be a list of integers, got {seeds!r}")
     repeated = len(seeds) > 1
-    scan_options = {"label_from_name": config.get("label_from_name"), "split_seed": config.get("split_seed", 0)}
+    scan_options = {"label_from_name": config.get("label_from_name"), "split_seed": config.get("split_seed", 0),
+                    **{key: config[key] for key in SOURCE_KEYS if key in config}}
     run_dirs = []
     for seed in seeds:
         tag = f"-seed{seed}" if repeated else ""  # the report shows mean and sd over runs named NAME-seedN
