@@ -75,6 +75,7 @@ def fingerprint_inputs(manifest, backbone, decode_mode: str, dtype: str, precisi
         "classes": list(manifest.classes),
         "manifest": manifest.digest(),
         **({"precision": precision} if precision else {}),
+        **({"task": manifest.task} if manifest.multilabel else {}),
     }))
 
 
@@ -308,8 +309,10 @@ def previous_decode(out: Path) -> str | None:
 
 
 def _cache_attrs(manifest, bb, weights, seed, fp, inputs, decode, device) -> dict:
+    labels = ({"task": manifest.task, "label_names": list(manifest.classes)} if manifest.multilabel else
+              {"classes": list(manifest.classes)})
     return {
-        "classes": list(manifest.classes),
+        **labels,
         "backbone": bb.name,
         "weights": bb.weights,
         "weights_note": bb.weights_note,
@@ -423,7 +426,7 @@ def _assemble(out: Path, store: PartStore, manifest, feature_dim: int, attrs: di
         blocks=store.feature_blocks(),
         n_rows=len(keep),
         feature_dim=feature_dim,
-        labels=[manifest.labels[i] for i in keep],
+        labels=manifest.labels[keep] if manifest.multilabel else [manifest.labels[i] for i in keep],
         paths=[manifest.paths[i] for i in keep],
         splits=[manifest.splits[i] for i in keep],
         patients=[manifest.patients[i] for i in keep],

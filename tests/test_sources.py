@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
+from featcache.cache.h5 import FeatureCache
 from featcache.cli import main
 from featcache.data.demo import DEMO_DATA
 from featcache.data.sources import read_manifest
@@ -180,6 +182,55 @@ def test_iterative_stratification_keeps_every_label_share_and_patients_whole():
     assert val == iterative_stratification(groups, labels, fraction=0.2, seed=0)
     assert val != iterative_stratification(groups, labels, fraction=0.2, seed=1)
     assert len(iterative_stratification(["a", "a", "b"], np.zeros((3, 2), np.int8), fraction=0.1, seed=0)) == 1
+
+
+def test_multilabel_cache_stores_labels_as_read(tmp_path, tiny_backbone, capsys):
+    folder = make_chexpert(tmp_path)
+    (folder / "train" / "patient00002").rename(tmp_path / "moved")  # listed images whose files are gone
+    out = tmp_path / "cx.h5"
+    assert main(["extract", str(folder), "--format", "chexpert", "--out", str(out), "--backbone", tiny_backbone,
+                 "--weights", "none", "--workers", "0", "--no-progress"]) == 0
+    m = read_manifest(folder, format="chexpert")
+    gone = [p for p, reason in m.skipped if "patient00002" in p and "no such file" in reason]
+    assert gone and all("train.csv row" in reason for _, reason in m.skipped)
+    with h5py.File(out) as f:
+        assert f["labels"].dtype == np.int8 and f["labels"].shape == (len(m), 14)
+        assert np.array_equal(f["labels"][()], m.labels)
+        assert list(f["paths"].asstr()[()]) == list(m.paths)
+        assert list(f["patients"].asstr()[()]) == list(m.patients)
+        assert f.attrs["task"] == "multilabel" and "classes" not in f.attrs
+        assert json.loads(f.attrs["label_names"]) == list(CHEXPERT_HEADER[5:])
+        assert sorted(f["skipped"].asstr()[()][:, 0]) == sorted(gone)
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["task"] == "multilabel" and info["rows_per_split"] == {s: int(len(m.indices(s)))
+                                                                        for s in ("train", "val", "test")}
+    edema = info["labels_per_split"]["train"]["Edema"]
+    column = m.labels[m.indices("train"), m.classes.index("Edema")]
+    assert [edema[w] for w in ("positive", "negative", "uncertain", "not mentioned")] == [
+        int((column == v).sum()) for v in (1, 0, -1, -2)]
+    assert main(["inspect", str(out)]) == 0
+    shown = flat(capsys.readouterr().out)
+    assert "labels as read" in shown and "Support Devices" in shown
+    for argv in (["fit-head", str(out), "--out", str(tmp_path / "run")],
+                 ["finetune", str(folder), "--format", "chexpert", "--out", str(tmp_path / "ft"), "--weights", "none"]):
+        err = _one_line_error(argv, capsys)
+        assert "multi-label set (14 labels); multi-label heads are not available yet" in err
+    assert FeatureCache.open(out).label_names == list(CHEXPERT_HEADER[5:])
+    with h5py.File(out, "r+") as f:
+        f["labels"][0, 3] = 2
+    with pytest.raises(UserError, match="dataset 'labels' holds -2..2, outside -2..1"):
+        FeatureCache.open(out)
+
+
+def test_single_label_cache_schema_is_unchanged(small_cache):
+    _, out, _ = small_cache
+    with h5py.File(out) as f:
+        assert f["labels"].dtype == np.int64 and f["labels"].ndim == 1
+        assert "task" not in f.attrs and "label_names" not in f.attrs
+        assert "task" not in json.loads(f.attrs["fingerprint_inputs"])
+    assert FeatureCache.open(out).task == "multiclass"
 
 
 @pytest.fixture
