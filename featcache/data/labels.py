@@ -26,11 +26,6 @@ CELL_VALUES = {"1": POSITIVE, "1.0": POSITIVE, "0": NEGATIVE, "0.0": NEGATIVE, "
 CELL_WORDS = "1, 0, -1 (uncertain) or blank (not mentioned)"
 
 
-def parse_cell(text: str) -> int | None:
-    """The label value of one CSV cell, or None when it is not one of :data:`CELL_VALUES`."""
-    return CELL_VALUES.get(text.strip())
-
-
 def tally(labels: np.ndarray, splits, names) -> dict:
     """Per split and label: how many images are positive, negative, uncertain and not mentioned."""
     labels = np.asarray(labels)

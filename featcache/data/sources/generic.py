@@ -46,7 +46,7 @@ def read(data: str | os.PathLike, *, path_col=None, label_col=None, label_cols=N
     base = base.resolve()
     if label_col and label_cols:
         raise UserError("--label-col and --label-cols are alternatives: give one")
-    columns = _column_list(label_cols) if label_cols else []
+    columns = _column_list(label_cols) if label_cols else ()
     label_col = None if columns else (label_col or "label")
     path_col = path_col or "path"
     table = CsvTable(file, [path_col, *(columns or [label_col]), *(c for c in (patient_col, split_col) if c)])
@@ -75,8 +75,8 @@ def read(data: str | os.PathLike, *, path_col=None, label_col=None, label_cols=N
     return _named_labels(listing, options)
 
 
-def _column_list(label_cols) -> list[str]:
-    names = [c.strip() for c in (label_cols.split(",") if isinstance(label_cols, str) else label_cols)]
+def _column_list(label_cols) -> tuple[str, ...]:
+    names = tuple(c.strip() for c in (label_cols.split(",") if isinstance(label_cols, str) else label_cols))
     if not names or not all(names) or len(set(names)) != len(names):
         raise UserError(f"--label-cols takes distinct column names joined by commas, got {label_cols!r}")
     return names

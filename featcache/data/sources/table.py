@@ -9,9 +9,9 @@ import csv
 import gzip
 import io
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from featcache.data.labels import CELL_WORDS, parse_cell
+from featcache.data.labels import CELL_VALUES, CELL_WORDS
 from featcache.errors import UserError
 
 
@@ -54,6 +54,8 @@ class CsvTable:
         if header is None:
             raise UserError(f"{path} is empty: expected a header row with the columns {', '.join(required)}")
         self.columns = {name.strip(): i for i, name in reversed(list(enumerate(header)))}
+        self.width = len(header)
+        self._index_cache: dict[tuple[str, ...], list[int]] = {}
         missing = [c for c in required if c not in self.columns]
         if missing:
             shown = ", ".join(repr(c) for c in list(self.columns)[:12])
@@ -76,15 +78,23 @@ class CsvTable:
     def error(self, row: int, column: str, message: str) -> UserError:
         return UserError(f"{self.path}, row {row}, column '{column}': {message}")
 
-    def label_values(self, row: int, cells, columns) -> tuple[int, ...]:
+    def _indices(self, columns: tuple[str, ...]) -> list[int]:
+        found = self._index_cache.get(columns)
+        if found is None:
+            found = self._index_cache[columns] = [self.columns[c] for c in columns]
+        return found
+
+    def label_values(self, row: int, cells, columns: tuple[str, ...]) -> tuple[int, ...]:
         """One row's value in each label column: 1, 0, -1 (uncertain) or -2 (blank: not mentioned)."""
-        values = []
-        for column in columns:
-            value = parse_cell(cells[column])
-            if value is None:
-                raise self.error(row, column, f"unknown label value {cells[column]!r} (expected {CELL_WORDS})")
-            values.append(value)
-        return tuple(values)
+        fields = cells.fields
+        if len(fields) < self.width:  # a short row: its missing cells are blank
+            fields = fields + [""] * (self.width - len(fields))
+        cell = CELL_VALUES.get
+        values = tuple([cell(fields[i].strip()) for i in self._indices(columns)])
+        if None in values:
+            column = columns[values.index(None)]
+            raise self.error(row, column, f"unknown label value {cells[column]!r} (expected {CELL_WORDS})")
+        return values
 
 
 class _Row:
@@ -114,7 +124,7 @@ def relative_path(text: str, root: Path) -> str | None:
             text = Path(text).relative_to(root).as_posix()
         except ValueError:
             return None
-    parts = [p for p in PurePosixPath(text.replace("\\", "/")).parts if p != "."]
+    parts = [p for p in text.replace("\\", "/").split("/") if p not in ("", ".")]
     if not parts or ".." in parts:
         return None
     return "/".join(parts)
