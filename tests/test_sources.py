@@ -24,7 +24,8 @@ from helpers import CHEXPERT_HEADER, MIMIC_LABELS, flat, make_chexpert, make_mim
 
 def _kermany_csv(path: Path, data: Path = DEMO_DATA) -> Path:
     """A CSV of a folder's images: path (relative to the folder), class name and split, in shuffled order."""
-    rows = sorted((p.relative_to(data).as_posix() for p in data.rglob("*.jpeg")), key=lambda p: p[::-1])
+    rows = sorted((p.relative_to(data).as_posix() for p in data.rglob("*.jpeg") if not p.name.startswith(".")),
+                  key=lambda p: p[::-1])
     return write_csv(path, ["path", "label", "split"], [[p, p.split("/")[1], p.split("/")[0]] for p in rows])
 
 
@@ -44,6 +45,14 @@ def test_csv_gives_the_folder_manifest(tmp_path):
                  "patient_sources"):
         assert getattr(table, name) == getattr(folder, name), name
     assert table.digest() == folder.digest()
+
+
+def test_csv_gives_the_folder_manifest_on_the_whole_shared_set(tmp_path, shared_data):
+    folder = read_manifest(shared_data)
+    table = read_manifest(_kermany_csv(tmp_path / "kermany.csv", shared_data), format="csv", root=str(shared_data),
+                          split_col="split")
+    assert len(table) == 5840 and table.validation == folder.validation
+    assert table.digest() == folder.digest() and table.patients == folder.patients
 
 
 def test_csv_extract_and_fit_head_match_the_folder(tmp_path, tiny_backbone):
@@ -187,6 +196,8 @@ def test_iterative_stratification_keeps_every_label_share_and_patients_whole():
 def test_multilabel_cache_stores_labels_as_read(tmp_path, tiny_backbone, capsys):
     folder = make_chexpert(tmp_path)
     (folder / "train" / "patient00002").rename(tmp_path / "moved")  # listed images whose files are gone
+    broken = "CheXpert-v1.0-small/train/patient00003/study1/view1_frontal.jpg"
+    (tmp_path / broken).write_text("not an image\n")  # listed, present, undecodable
     out = tmp_path / "cx.h5"
     assert main(["extract", str(folder), "--format", "chexpert", "--out", str(out), "--backbone", tiny_backbone,
                  "--weights", "none", "--workers", "0", "--no-progress"]) == 0
@@ -194,20 +205,22 @@ def test_multilabel_cache_stores_labels_as_read(tmp_path, tiny_backbone, capsys)
     gone = [p for p, reason in m.skipped if "patient00002" in p and "no such file" in reason]
     assert gone and all("train.csv row" in reason for _, reason in m.skipped)
     with h5py.File(out) as f:
-        assert f["labels"].dtype == np.int8 and f["labels"].shape == (len(m), 14)
-        assert np.array_equal(f["labels"][()], m.labels)
-        assert list(f["paths"].asstr()[()]) == list(m.paths)
-        assert list(f["patients"].asstr()[()]) == list(m.patients)
+        kept = [i for i, p in enumerate(m.paths) if p != broken]
+        assert f["labels"].dtype == np.int8 and f["labels"].shape == (len(m) - 1, 14)
+        assert np.array_equal(f["labels"][()], m.labels[kept])
+        assert list(f["paths"].asstr()[()]) == [m.paths[i] for i in kept]
+        assert list(f["patients"].asstr()[()]) == [m.patients[i] for i in kept]
         assert f.attrs["task"] == "multilabel" and "classes" not in f.attrs
         assert json.loads(f.attrs["label_names"]) == list(CHEXPERT_HEADER[5:])
-        assert sorted(f["skipped"].asstr()[()][:, 0]) == sorted(gone)
+        assert sorted(f["skipped"].asstr()[()][:, 0]) == sorted([*gone, broken])
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["task"] == "multilabel" and info["rows_per_split"] == {s: int(len(m.indices(s)))
+    splits = np.array([m.splits[i] for i in kept])
+    assert info["task"] == "multilabel" and info["rows_per_split"] == {s: int((splits == s).sum())
                                                                         for s in ("train", "val", "test")}
     edema = info["labels_per_split"]["train"]["Edema"]
-    column = m.labels[m.indices("train"), m.classes.index("Edema")]
+    column = m.labels[kept][splits == "train", m.classes.index("Edema")]
     assert [edema[w] for w in ("positive", "negative", "uncertain", "not mentioned")] == [
         int((column == v).sum()) for v in (1, 0, -1, -2)]
     assert main(["inspect", str(out)]) == 0
