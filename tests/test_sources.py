@@ -89,6 +89,7 @@ def test_csv_label_columns_and_joined_names(tmp_path):
     assert m.task == "multilabel" and m.classes == ("Edema", "Mass")
     assert m.labels.dtype == np.int8 and m.labels.tolist() == [[1, 0], [0, -2], [-1, 1], [-2, -1], [1, 0], [0, 1]]
     assert m.splits == ("train", "train", "train", "val", "test", "test")
+    assert m.validation == {"source": "val rows of column part", "images": 1}
     assert m.patients == ("p0", "p0", "p1", "p1", "p2", "p2")  # a patient column is read as is, not scoped
     joined = write_csv(tmp_path / "joined.csv", ["path", "label"],
                        [[f"img/pt{i // 2}-{i}.png", n] for i, n in
