@@ -59,7 +59,8 @@ def format_names() -> str:
     return "|".join(SOURCES)
 
 
-from featcache.data.sources import chexpert, folder, generic, mimic, nih  # noqa: E402  (importing registers them)
+# Importing registers them, in the order --help lists them.
+from featcache.data.sources import folder, generic, nih, chexpert, mimic  # noqa: E402
 
 __all__ = ["DEFAULT_FORMAT", "SCAN_DEFAULTS", "SOURCES", "chexpert", "folder", "format_names", "generic", "mimic", "nih",
            "read_manifest", "register"]
