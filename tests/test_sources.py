@@ -15,7 +15,7 @@ import pytest
 from featcache.cache.h5 import FeatureCache
 from featcache.cli import main
 from featcache.data.demo import DEMO_DATA
-from featcache.data.sources import read_manifest
+from featcache.data.sources import SOURCES, read_manifest, register
 from featcache.data.splits import iterative_stratification
 from featcache.errors import UserError
 from featcache.fit import fit_head
@@ -313,3 +313,16 @@ def test_run_config_takes_the_label_source_keys(tmp_path):
     config.write_text('data = "x.csv"\nformat = 3\n[[fixed]]\nbackbone = "resnet18"\n')
     with pytest.raises(UserError, match="format must be a str"):
         read_config(config)
+
+
+@pytest.mark.parametrize("fmt", sorted(SOURCES))
+def test_every_source_refuses_the_options_it_does_not_take(fmt, tmp_path):
+    source = SOURCES[fmt]
+    stray = next(name for name in ("views", "label_from_name") if name not in source.options)
+    value = "frontal" if stray == "views" else ["x=Y"]
+    with pytest.raises(UserError, match=f"--{stray.replace('_', '-')} does not apply to --format {fmt}"):
+        read_manifest(tmp_path, format=fmt, **{stray: value})
+    with pytest.raises(ValueError, match="registered twice"):
+        register(fmt, options=(), expects="")(lambda data: None)
+    with pytest.raises(UserError, match="unknown --format 'dicom'"):
+        read_manifest(tmp_path, format="dicom")
