@@ -86,6 +86,30 @@ def _add_scan_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-seed", type=_count, default=0,
                    help="seeds the carved validation split only, so --seed can change without moving it "
                         "(default %(default)s)")
+    _add_label_source_flags(p)
+
+
+def _add_label_source_flags(p: argparse.ArgumentParser) -> None:
+    from featcache.data.sources import DEFAULT_FORMAT, format_names
+
+    g = p.add_argument_group("label sources (--format)")
+    g.add_argument("--format", default=DEFAULT_FORMAT, metavar=format_names(),
+                   help="how DATA lists images and labels: folder (DATA/{train,val,test}/CLASS/*), csv (DATA is a "
+                        "CSV file), nih, chexpert, mimic (DATA is the dataset folder as downloaded) "
+                        "(default %(default)s)")
+    g.add_argument("--path-col", default=None, metavar="COLUMN", help="csv: the image path column (default path)")
+    g.add_argument("--label-col", default=None, metavar="COLUMN",
+                   help="csv: one class name per row, or names joined by | for multi-label (default label)")
+    g.add_argument("--label-cols", default=None, metavar="A,B,...",
+                   help="csv: one column per label holding 1, 0, -1 (uncertain) or blank (not mentioned)")
+    g.add_argument("--patient-col", default=None, metavar="COLUMN",
+                   help="csv: patient ids (default: from file names, as for folders)")
+    g.add_argument("--split-col", default=None, metavar="COLUMN",
+                   help="csv: train, val or test per row (default: every row in split all)")
+    g.add_argument("--root", default=None, metavar="DIR", help="csv: the folder paths are relative to "
+                                                               "(default: the CSV's folder)")
+    g.add_argument("--views", default="all", metavar="frontal|lateral|all|PA,AP,...",
+                   help="nih, chexpert, mimic: keep these views only (default %(default)s)")
 
 
 def _add_model(p: argparse.ArgumentParser, defaults, weights_help: str | None = None) -> None:
@@ -180,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scan", help="list a data folder: images per split and class, patients, skipped files",
                        description="Walk DATA once and print images per split x class, patients and skipped files.")
-    p.add_argument("data", metavar="DATA", nargs="?", help="DATA/{train,val,test}/CLASS/* or DATA/CLASS/*")
+    p.add_argument("data", metavar="DATA", nargs="?", help="DATA/{train,val,test}/CLASS/* or DATA/CLASS/*; with "
+                                                           "--format, a CSV file or a dataset folder")
     _add_config(p)
     p.add_argument("--out", default=None, metavar="MANIFEST.json", help="also write the manifest as JSON")
     _add_scan_flags(p)
@@ -428,7 +453,9 @@ def _require(args, *names: str) -> None:
 def _scan_options(args) -> dict:
     rules = [args.label_from_name] if isinstance(args.label_from_name, str) else args.label_from_name
     return {"val_fraction": args.val_fraction, "min_val": args.min_val, "patient_regex": args.patient_regex,
-            "label_from_name": rules, "split_seed": args.split_seed}
+            "label_from_name": rules, "split_seed": args.split_seed, "format": args.format,
+            "path_col": args.path_col, "label_col": args.label_col, "label_cols": args.label_cols,
+            "patient_col": args.patient_col, "split_col": args.split_col, "root": args.root, "views": args.views}
 
 
 def _print_manifest(manifest) -> None:
@@ -439,12 +466,12 @@ def _print_manifest(manifest) -> None:
 
 
 def _cmd_scan(args) -> int:
-    from featcache.data.manifest import scan
+    from featcache.data.sources import read_manifest
 
     _require(args, "data")
     if args.out:
         _json_output(args.out, "--out")
-    manifest = scan(args.data, **_scan_options(args))
+    manifest = read_manifest(args.data, **_scan_options(args))
     _print_manifest(manifest)
     if args.out:
         manifest.save(args.out)
@@ -464,7 +491,7 @@ def _extract_kwargs(args) -> dict:
 def _cmd_extract(args) -> int:
     import os
 
-    from featcache.data.manifest import scan
+    from featcache.data.sources import read_manifest
 
     _require(args, "data", "out")
     from pathlib import Path
@@ -472,8 +499,8 @@ def _cmd_extract(args) -> int:
     from featcache.extract import validate_options
 
     validate_options(Path(args.out), _backbone(args), args.dtype, args.compression, args.chunk_rows)  # before the scan
-    manifest = scan(args.data, **_scan_options(args)).limit(args.max_images, args.seed,
-                                                           subsample_all=args.subsample_all)
+    manifest = read_manifest(args.data, **_scan_options(args)).limit(args.max_images, args.seed,
+                                                                    subsample_all=args.subsample_all)
     if os.environ.get("RANK", "0") == "0":
         _print_manifest(manifest)
     from featcache.extract import extract, launch
@@ -541,9 +568,11 @@ def _cmd_finetune(args) -> int:
         from featcache.backbones.registry import get_entry
 
         get_entry(_backbone(args))  # the commonest mistakes fail here, once, before the launch
-        from featcache.data.manifest import scan
+        from featcache.data.labels import single_label_only
+        from featcache.data.sources import read_manifest
 
-        scan(args.data, **_scan_options(args))
+        manifest = read_manifest(args.data, **_scan_options(args))
+        single_label_only(manifest.task, args.data, len(manifest.classes))
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
     from featcache.finetune import finetune
 

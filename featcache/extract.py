@@ -75,6 +75,7 @@ def fingerprint_inputs(manifest, backbone, decode_mode: str, dtype: str, precisi
         "classes": list(manifest.classes),
         "manifest": manifest.digest(),
         **({"precision": precision} if precision else {}),
+        **({"task": manifest.task} if manifest.multilabel else {}),
     }))
 
 
@@ -169,13 +170,13 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
                     scan_options, progress, dist, console, refusal):
     from featcache.backbones.registry import create_backbone
     from featcache.decode import resolve_backend
-    from featcache.data.manifest import scan
+    from featcache.data.sources import read_manifest
 
     device = resolve_device(device)
     if device == "cuda" and dist.active:
         device = f"cuda:{dist.local_rank}"
     if manifest is None:
-        manifest = scan(data, **(scan_options or {}))
+        manifest = read_manifest(data, **(scan_options or {}))
     manifest = manifest.limit(max_images, seed, subsample_all=subsample_all)
     bb = create_backbone(backbone, weights, seed=seed)
     decode = resolve_backend(backend, device, previous=previous_decode(out))
@@ -308,8 +309,10 @@ def previous_decode(out: Path) -> str | None:
 
 
 def _cache_attrs(manifest, bb, weights, seed, fp, inputs, decode, device) -> dict:
+    labels = ({"task": manifest.task, "label_names": list(manifest.classes)} if manifest.multilabel else
+              {"classes": list(manifest.classes)})
     return {
-        "classes": list(manifest.classes),
+        **labels,
         "backbone": bb.name,
         "weights": bb.weights,
         "weights_note": bb.weights_note,
@@ -423,7 +426,7 @@ def _assemble(out: Path, store: PartStore, manifest, feature_dim: int, attrs: di
         blocks=store.feature_blocks(),
         n_rows=len(keep),
         feature_dim=feature_dim,
-        labels=[manifest.labels[i] for i in keep],
+        labels=manifest.labels[keep] if manifest.multilabel else [manifest.labels[i] for i in keep],
         paths=[manifest.paths[i] for i in keep],
         splits=[manifest.splits[i] for i in keep],
         patients=[manifest.patients[i] for i in keep],

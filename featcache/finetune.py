@@ -155,7 +155,8 @@ def finetune(
     from featcache.runtime.console import get_console, quiet_console
     from featcache.decode import resolve_backend
     from featcache.runtime.device import resolve_device
-    from featcache.data.manifest import scan
+    from featcache.data.labels import single_label_only
+    from featcache.data.sources import read_manifest
     from featcache.runtime.amp import resolve_amp
     from featcache.eval.metrics import parse_threshold
 
@@ -192,7 +193,8 @@ def finetune(
     amp_dtype, use_scaler, amp_words = resolve_amp(amp, device)
     decode = resolve_backend(backend, device)  # DALI (augmenting on the GPU) on a GPU, PIL workers on a CPU
 
-    manifest = scan(data, **(scan_options or {})).limit(max_images, seed, subsample_all=subsample_all)
+    manifest = read_manifest(data, **(scan_options or {})).limit(max_images, seed, subsample_all=subsample_all)
+    single_label_only(manifest.task, str(data), len(manifest.classes))
     if "train" not in manifest.splits or "val" not in manifest.splits:
         raise UserError(f"{data} has no train split to train and validate on")
     split_rows = {s: manifest.indices(s) for s in ("train", "val", "test")}

@@ -101,8 +101,8 @@ def fit_head(
 
     output_folder(out_dir)  # before the fit, not after it
     cache = FeatureCache.open(cache_path)
+    classes = cache.classes  # a multi-label cache is refused here, before its features are read
     cache.verify()  # NaN, Inf or altered bytes end here, naming the dataset, not inside a solver
-    classes = cache.classes
     K = len(classes)
     positive = positive_class_index(classes, positive_class) if K == 2 else None
     data = _load_splits(cache)

@@ -4,6 +4,8 @@ A config names the data, lists runs of two kinds, and may add a zoo::
 
     title = "..."
     data = "chest_xray"          # relative paths are read from the working directory
+    format = "folder"            # optional: csv, nih, chexpert or mimic, with path_col, label_col,
+                                 # label_cols, patient_col, split_col, root, views as their flags
     out = "runs/homework"
     weights = "imagenet"         # or "none", or a state_dict path
     max_images = 600             # optional: a stratified subset of train, the same images for every run
@@ -48,6 +50,9 @@ from featcache.options import EXTRACT, FINETUNE, HEAD
 TOP_KEYS = {"title": str, "data": str, "out": str, "weights": str, "max_images": int, "subsample_all": bool,
             "seed": int, "seeds": list, "split_seed": int, "backend": str, "device": str, "batch_size": int,
             "bootstrap": int, "label_from_name": list, "positive_class": str}
+# The label source (see featcache.data.sources): data is then a CSV file or a dataset folder.
+SOURCE_KEYS = {"format": str, "path_col": str, "label_col": str, "label_cols": str, "patient_col": str,
+               "split_col": str, "root": str, "views": str}
 FIXED_KEYS = {"backbone": str, "pool": str, "heads": str, "class_weight": str, "threshold": str, "C": float,
               "epochs": int, "sampler": str}
 FINETUNE_KEYS = {"backbone": str, "pool": str, "epochs": int, "lr": float, "batch_size": int, "amp": str,
@@ -73,7 +78,7 @@ def read_config(path: str | os.PathLike) -> dict:
     config = read_toml(file)
     runs = {"fixed": config.pop("fixed", []), "finetune": config.pop("finetune", [])}
     zoo = config.pop("zoo", None)
-    _check(config, TOP_KEYS, str(file))
+    _check(config, {**TOP_KEYS, **SOURCE_KEYS}, str(file))
     if zoo is not None:
         _check_zoo(zoo, file)
     for kind, allowed in (("fixed", FIXED_KEYS), ("finetune", FINETUNE_KEYS)):
@@ -96,7 +101,7 @@ def _check_zoo(zoo, file: Path) -> None:
     where = f"{file} [zoo]"
     if not isinstance(zoo, dict):
         raise UserError(f"{file}: write one [zoo] table (backbones = [...]), not [[zoo]]")
-    top = sorted(k for k in zoo if k.replace("-", "_") in TOP_KEYS)
+    top = sorted(k for k in zoo if k.replace("-", "_") in {**TOP_KEYS, **SOURCE_KEYS})
     if top:
         raise UserError(f"{where}: {', '.join(top)} is set at the top of the config, for every run and the zoo "
                         "alike; move it above the tables")
@@ -137,7 +142,8 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in seeds):
         raise UserError(f"{path}: seeds must be a list of integers, got {seeds!r}")
     repeated = len(seeds) > 1
-    scan_options = {"label_from_name": config.get("label_from_name"), "split_seed": config.get("split_seed", 0)}
+    scan_options = {"label_from_name": config.get("label_from_name"), "split_seed": config.get("split_seed", 0),
+                    **{key: config[key] for key in SOURCE_KEYS if key in config}}
     run_dirs = []
     if config["zoo"]:
         console.rule(f"[bold]zoo: {len(zoo_table['backbones'])} backbones")

@@ -143,3 +143,122 @@ def _claim_jpeg_size(jpeg: bytes, width: int, height: int) -> bytes:
 
     at = jpeg.index(b"\xff\xc0") + 5  # marker (2), length (2), precision (1), then height and width
     return jpeg[:at] + struct.pack(">HH", height, width) + jpeg[at + 4:]
+
+
+# Label-source fixtures in each public format's exact shape (column names, value encodings, folder
+# layouts, gzip), over small generated images. Each returns the folder (or file) to hand to --format.
+
+CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum",
+                   "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis",
+                   "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices"]
+
+
+def write_csv(path: Path, header: list[str], rows: list[list], *, gz: bool = False) -> Path:
+    import csv
+    import gzip
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz:
+        with gzip.open(path, "wt", newline="") as f:
+            f.write(text.getvalue())
+    else:
+        path.write_text(text.getvalue())
+    return path
+
+
+def _cells(rng, n: int, choices=("1.0", "0.0", "-1.0", "")) -> list[str]:
+    return [choices[int(k)] for k in rng.integers(0, len(choices), n)]
+
+
+def make_chexpert(parent: Path, n_train_patients: int = 24, n_valid_patients: int = 4, seed: int = 0) -> Path:
+    """``parent/CheXpert-v1.0-small`` with train.csv, valid.csv and
+    ``train/patientNNNNN/studyS/viewV_{frontal,lateral}.jpg``: each patient one or two studies, a frontal view
+    each and a lateral in some; train labels 1.0 / 0.0 / -1.0 / blank, valid labels 1.0 / 0.0 only."""
+    rng = np.random.default_rng(seed)
+    folder = parent / "CheXpert-v1.0-small"
+    tables = {"train": [], "valid": []}
+    patient = 0
+    for split, n in (("train", n_train_patients), ("valid", n_valid_patients)):
+        choices = ("1.0", "0.0", "-1.0", "") if split == "train" else ("1.0", "0.0")
+        for _ in range(n):
+            patient += 1
+            for study in range(1, 1 + int(rng.integers(1, 3))):
+                views = [("frontal", "Frontal", str(rng.choice(["AP", "PA"])))]
+                if rng.random() < 0.4:
+                    views.append(("lateral", "Lateral", ""))
+                for v, (word, kind, position) in enumerate(views, 1):
+                    rel = f"CheXpert-v1.0-small/{split}/patient{patient:05d}/study{study}/view{v}_{word}.jpg"
+                    write_image(parent / rel, size=(20, 16), seed=patient * 10 + study * 3 + v, fmt="JPEG")
+                    tables[split].append([rel, str(rng.choice(["Female", "Male"])), str(int(rng.integers(20, 90))),
+                                          kind, position, *_cells(rng, 14, choices)])
+    for split, rows in tables.items():
+        write_csv(folder / f"{split}.csv", CHEXPERT_HEADER, rows)
+    return folder
+
+
+NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+              "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]", ""]
+NIH_FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+                "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+
+
+def make_nih(folder: Path, n_patients: int = 30, seed: int = 0) -> Path:
+    """``folder`` as NIH ChestX-ray14 downloads: Data_Entry_2017.csv (its header's split bracket columns and
+    trailing comma included), train_val_list.txt, test_list.txt (patient-wise) and the PNGs spread over
+    images_001/images/ and images_002/images/."""
+    rng = np.random.default_rng(seed)
+    rows, lists = [], {"train_val_list.txt": [], "test_list.txt": []}
+    for patient in range(1, n_patients + 1):
+        listed = "test_list.txt" if patient % 5 == 0 else "train_val_list.txt"
+        for follow_up in range(int(rng.integers(1, 4))):
+            name = f"{patient:08d}_{follow_up:03d}.png"
+            found = [f for f in NIH_FINDINGS if rng.random() < 0.15]
+            home = "images_001" if patient <= n_patients // 2 else "images_002"
+            write_image(folder / home / "images" / name, size=(20, 16), seed=patient * 10 + follow_up, fmt="PNG")
+            rows.append([name, "|".join(found) or "No Finding", str(follow_up), str(patient),
+                         str(int(rng.integers(20, 90))), str(rng.choice(["M", "F"])), str(rng.choice(["PA", "AP"])),
+                         "2500", "2048", "0.143", "0.143", ""])
+            lists[listed].append(name)
+    write_csv(folder / "Data_Entry_2017.csv", NIH_HEADER, rows)
+    for name, names in lists.items():
+        (folder / name).write_text("".join(n + "\n" for n in names))
+    return folder
+
+
+MIMIC_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+                "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+                "Pneumothorax", "Support Devices"]
+MIMIC_METADATA = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
+                  "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
+                  "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
+
+
+def make_mimic(folder: Path, n_subjects: int = 20, seed: int = 0) -> Path:
+    """``folder`` as MIMIC-CXR-JPG ships: mimic-cxr-2.0.0-{split,chexpert,metadata}.csv.gz and
+    files/pNN/pNNNNNNNN/sNNNNNNNN/DICOM_ID.jpg; studies of two or three images (PA or AP, and LATERAL), the
+    last subject's studies left out of the chexpert file, as the labeller skipped some."""
+    rng = np.random.default_rng(seed)
+    splits, labels, metadata = [], [], []
+    for k in range(n_subjects):
+        subject = 10000032 + k * 1117
+        split = "test" if k % 7 == 3 else "validate" if k % 7 == 5 else "train"
+        for s in range(int(rng.integers(1, 3))):
+            study = 50000000 + k * 101 + s
+            if k != n_subjects - 1:
+                labels.append([str(subject), str(study), *_cells(rng, 14)])
+            for position in ("PA" if rng.random() < 0.5 else "AP", "LATERAL")[: int(rng.integers(1, 3))]:
+                dicom = "-".join(f"{int(v):08x}" for v in rng.integers(0, 2**32, 5))
+                write_image(folder / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg",
+                            size=(20, 16), seed=int(rng.integers(0, 2**31)), fmt="JPEG")
+                splits.append([dicom, str(study), str(subject), split])
+                metadata.append([dicom, str(subject), str(study), "CHEST (PA AND LAT)", position, "3056", "2544",
+                                 "21800506", "213014.531", "CHEST (PA AND LAT)", "postero-anterior", "Erect"])
+    write_csv(folder / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], splits, gz=True)
+    write_csv(folder / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id", *MIMIC_LABELS], labels, gz=True)
+    write_csv(folder / "mimic-cxr-2.0.0-metadata.csv.gz", MIMIC_METADATA, metadata, gz=True)
+    return folder

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from featcache.errors import UserError
-from featcache.data.manifest import _patient_id, _compile_patient_regex, carve_patients, scan
+from featcache.data.manifest import _patient_id, _compile_patient_regex, scan
+from featcache.data.splits import carve_patients
 from helpers import kermany_names, make_dataset
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.cache.h5 import FeatureCache, partial_path
+from featcache.data.labels import MULTILABEL, VALUE_NAMES, tally
 from featcache.errors import UserError
 from featcache.cache.parts import META, parts_dir
 
@@ -28,12 +29,18 @@ def describe(path: str | os.PathLike) -> dict:
     cache = FeatureCache.open(path, require_complete=False)
     cache.verify()
     a = cache.attrs
-    classes = cache.classes
+    classes = cache.label_names
     data = cache.read("labels", "splits", "skipped")
-    rows = {}
+    rows, labelled = {}, {}
     for split in cache.split_names():
+        if cache.task == MULTILABEL:
+            rows[split] = int((data["splits"] == split).sum())
+            continue
         counts = np.bincount(data["labels"][data["splits"] == split], minlength=len(classes))
         rows[split] = dict(zip(classes, counts.tolist()))
+    if cache.task == MULTILABEL:
+        labelled = {"task": MULTILABEL, "label_names": classes,
+                    "labels_per_split": tally(data["labels"], data["splits"], classes)}
     with_h5 = cache.handle
     info = {
         "path": str(path),
@@ -46,7 +53,7 @@ def describe(path: str | os.PathLike) -> dict:
         "compression": with_h5["features"].compression or "none",
         "rows": cache.n_rows,
         "rows_per_split": rows,
-        "classes": classes,
+        **(labelled or {"classes": classes}),
         "skipped": data["skipped"].tolist(),
         "preprocess": json.loads(a.get("preprocess", "{}")),
         "decode": json.loads(a.get("decode", "{}")),
@@ -118,6 +125,8 @@ def render(info: dict) -> list:
         ("data", info.get("data_root") or "-"),
     ):
         head.add_row(key, str(value))
+    if info.get("task") == MULTILABEL:
+        return [head, *_label_tables(info), *_notes(info)]
     splits = Table(title="rows per split and class", title_justify="left")
     splits.add_column("split")
     for cls in info["classes"]:
@@ -125,9 +134,28 @@ def render(info: dict) -> list:
     splits.add_column("total", justify="right")
     for split, counts in info["rows_per_split"].items():
         splits.add_row(split, *(f"{counts[c]:,}" for c in info["classes"]), f"{sum(counts.values()):,}")
-    out = [head, splits]
-    for p, reason in info["skipped"][:10]:
-        out.append(f"  [yellow]skipped[/] {p}: {reason}")
+    return [head, splits, *_notes(info)]
+
+
+def _notes(info: dict) -> list[str]:
+    out = [f"  [yellow]skipped[/] {p}: {reason}" for p, reason in info["skipped"][:10]]
     if info.get("note"):
         out.append(f"[yellow]{info['note']}[/]")
     return out
+
+
+def _label_tables(info: dict) -> list:
+    """A multi-label cache: per split, each label's positive, negative, uncertain and unmentioned images."""
+    from rich.table import Table
+
+    tables = []
+    for split, per_label in info["labels_per_split"].items():
+        table = Table(title=f"{split}: {info['rows_per_split'][split]:,} images, labels as read",
+                      title_justify="left")
+        table.add_column("label")
+        for word in VALUE_NAMES.values():
+            table.add_column(word, justify="right")
+        for name, counts in per_label.items():
+            table.add_row(name, *(f"{counts[word]:,}" for word in VALUE_NAMES.values()))
+        tables.append(table)
+    return tables

@@ -5,6 +5,9 @@ Schema (readable with h5py alone)::
     features  float32 (N, D)     one row per cached image, manifest order
                                  (float16 with --dtype float16)
     labels    int64   (N,)       index into attrs["classes"]
+              int8    (N, L)     multi-label sets (attrs["task"] = "multilabel"): the labels as read,
+                                 1 / 0 / -1 uncertain / -2 not mentioned, columns named by
+                                 attrs["label_names"] (JSON list; no "classes")
     paths     utf-8   (N,)       relative to the data folder
     splits    utf-8   (N,)       train / val / test / all
     patients  utf-8   (N,)       patient id, scoped by split folder
@@ -32,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache import __version__
+from featcache.data.labels import MULTICLASS, MULTILABEL, UNMENTIONED, single_label_only
 from featcache.errors import UserError
 
 FORMAT_VERSION = 1
@@ -122,7 +126,8 @@ def write_cache(
             raise RuntimeError(f"cache assembly wrote {at} rows, expected {n_rows}")
         # The bytes of every feature row as written: bit rot or a hand edit is found, not trusted.
         f.attrs["features_sha256"] = digest.hexdigest()
-        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+        labels = np.asarray(labels)
+        f.create_dataset("labels", data=labels.astype(np.int8 if labels.ndim == 2 else np.int64))
         for name, values in (("paths", paths), ("splits", splits), ("patients", patients)):
             f.create_dataset(name, data=np.array(list(values), dtype=object), dtype=strings)
         f.create_dataset("skipped", data=np.array([list(s) for s in skipped], dtype=object).reshape(-1, 2),
@@ -201,8 +206,20 @@ class FeatureCache:
                             "featcache extract with --overwrite")
 
     @property
+    def task(self) -> str:
+        return self.attrs.get("task", MULTICLASS)
+
+    @property
+    def label_names(self) -> list[str]:
+        """The class names of a single-label cache, the label (column) names of a multi-label one."""
+        return json.loads(self.attrs["label_names" if self.task == MULTILABEL else "classes"])
+
+    @property
     def classes(self) -> list[str]:
-        return json.loads(self.attrs["classes"])
+        """The class names; a multi-label cache is refused here, for the single-label heads."""
+        names = self.label_names
+        single_label_only(self.task, str(self.path), len(names))
+        return names
 
     @property
     def fingerprint_inputs(self) -> dict:
@@ -267,33 +284,56 @@ class FeatureCache:
 
 def _schema_problem(f, attrs: dict) -> str | None:
     """What makes an HDF5 file with featcache's dataset names unusable, in words naming the dataset."""
-    import h5py
-
+    task = attrs.get("task", MULTICLASS)
+    if task not in (MULTICLASS, MULTILABEL):
+        return f"attribute 'task' is {task!r}, neither {MULTICLASS} nor {MULTILABEL}"
+    key, least = ("label_names", 1) if task == MULTILABEL else ("classes", 2)
     try:
-        classes = json.loads(attrs.get("classes", ""))
+        classes = json.loads(attrs.get(key, ""))
     except (TypeError, ValueError):
-        return "attribute 'classes' is not a JSON list of class names"
-    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
+        return f"attribute '{key}' is not a JSON list of names"
+    if not (isinstance(classes, list) and len(classes) >= least and all(isinstance(c, str) for c in classes)
             and len(set(classes)) == len(classes)):
-        return "attribute 'classes' must list two or more distinct class names"
+        return f"attribute '{key}' must list {'two' if least == 2 else 'one'} or more distinct names"
     features = f["features"]
     if features.ndim != 2 or features.dtype.kind != "f":
         return f"dataset 'features' must be 2-D floats (rows x dimensions), found {features.ndim}-D {features.dtype}"
     n = features.shape[0]
     labels = f["labels"]
+    if task == MULTILABEL:
+        return _multilabel_problem(labels, n, len(classes)) or _row_problem(f, n)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         return f"dataset 'labels' must be 1-D integers, found {labels.ndim}-D {labels.dtype}"
+    problem = _row_problem(f, n)
+    if problem:
+        return problem
+    values = labels[()]
+    if len(values) and (values.min() < 0 or values.max() >= len(classes)):
+        return f"dataset 'labels' holds {int(values.min())}..{int(values.max())}, outside 0..{len(classes) - 1}"
+    return None
+
+
+def _multilabel_problem(labels, n: int, n_labels: int) -> str | None:
+    if labels.ndim != 2 or labels.dtype.kind != "i" or labels.shape != (n, n_labels):
+        return (f"dataset 'labels' of a multi-label cache must be ({n}, {n_labels}) integers, found "
+                f"{labels.shape} {labels.dtype}")
+    values = labels[()]
+    if values.size and (values.min() < UNMENTIONED or values.max() > 1):
+        return f"dataset 'labels' holds {int(values.min())}..{int(values.max())}, outside -2..1"
+    return None
+
+
+def _row_problem(f, n: int) -> str | None:
+    import h5py
+
     for name in ROW_DATASETS[1:]:
         ds = f[name]
-        if ds.ndim != 1:
+        if ds.ndim != 1 and name != "labels":  # labels: 1-D or (N, L), checked by the caller
             return f"dataset '{name}' must be 1-D, found {ds.ndim}-D"
         if ds.shape[0] != n:
             return f"dataset '{name}' has {ds.shape[0]} rows where 'features' has {n}"
         if name in ("paths", "splits", "patients") and not h5py.check_string_dtype(ds.dtype):
             return f"dataset '{name}' must hold strings, found {ds.dtype}"
-    values = labels[()]
-    if len(values) and (values.min() < 0 or values.max() >= len(classes)):
-        return f"dataset 'labels' holds {int(values.min())}..{int(values.max())}, outside 0..{len(classes) - 1}"
     return None
 
 

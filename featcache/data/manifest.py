@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.data.labels import MULTICLASS, MULTILABEL
+from featcache.data.splits import assign_validation
 from featcache.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -67,7 +69,12 @@ class Manifest:
     Rows are ordered by split (train, val, test, all), then class, then path,
     and are addressed by their index everywhere else in featcache.
     ``patients`` are scoped by the split folder they came from
-    (``train/person12``), because Kermany's person numbers restart in test.
+    (``train/person12``) when they come from file names, because Kermany's
+    person numbers restart in test.
+
+    ``task`` is ``multiclass`` (``labels``: one class index per row, into
+    ``classes``) or ``multilabel`` (``labels``: an (N, L) int8 array as read,
+    1 / 0 / -1 uncertain / -2 not mentioned, columns named by ``classes``).
     """
 
     root: str
@@ -83,6 +90,7 @@ class Manifest:
     validation: dict = field(default_factory=dict)
     patient_sources: dict = field(default_factory=dict)
     label_rules: tuple[tuple[str, str], ...] = ()
+    task: str = MULTICLASS
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -95,8 +103,14 @@ class Manifest:
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(np.asarray(self.splits) == split)
 
+    @property
+    def multilabel(self) -> bool:
+        return self.task == MULTILABEL
+
     def counts(self) -> dict[str, list[int]]:
-        """Images per split and class, classes in ``self.classes`` order."""
+        """Images per split and class, classes in ``self.classes`` order (multi-label: positives per label)."""
+        if self.multilabel:
+            return {s: (self.labels[self.indices(s)] == 1).sum(axis=0).tolist() for s in self.split_names}
         table = {s: [0] * len(self.classes) for s in self.split_names}
         for split, label in zip(self.splits, self.labels):
             table[split][label] += 1
@@ -118,7 +132,8 @@ class Manifest:
         def pick(values):
             return tuple(values[r] for r in rows)
 
-        return replace(self, paths=pick(self.paths), labels=pick(self.labels), splits=pick(self.splits),
+        labels = self.labels[np.asarray(rows, dtype=np.int64)] if self.multilabel else pick(self.labels)
+        return replace(self, paths=pick(self.paths), labels=labels, splits=pick(self.splits),
                        patients=pick(self.patients), sizes=pick(self.sizes), mtimes_ns=pick(self.mtimes_ns))
 
     def stratified_subset(self, n: int | None, seed: int = 0, *, splits: tuple[str, ...] | None = None) -> "Manifest":
@@ -135,7 +150,9 @@ class Manifest:
         if n >= int(pool.sum()):
             return self
         rng = np.random.default_rng(seed)
-        keys = np.array([f"{s}/{lab}" for s, lab in zip(self.splits, self.labels)])
+        # Multi-label rows are drawn per split alone: every label keeps its share in expectation.
+        keys = np.array(list(self.splits) if self.multilabel else
+                        [f"{s}/{lab}" for s, lab in zip(self.splits, self.labels)])
         chosen = np.flatnonzero(~pool).tolist()
         for key in sorted(set(keys[pool].tolist())):
             members = np.flatnonzero((keys == key) & pool)
@@ -152,15 +169,20 @@ class Manifest:
         """Hash of everything about the rows that can change a feature or a label."""
         h = hashlib.sha256()
         h.update(json.dumps(list(self.classes)).encode())
-        for row in zip(self.paths, self.sizes, self.mtimes_ns, self.labels, self.splits, self.patients):
+        for row in zip(self.paths, self.sizes, self.mtimes_ns, self._label_values(), self.splits, self.patients):
             h.update(json.dumps(row).encode())
             h.update(b"\n")
         return h.hexdigest()
+
+    def _label_values(self):
+        """Each row's label as JSON takes it: a class index, or the list of one row's label values."""
+        return self.labels.tolist() if self.multilabel else self.labels
 
     def to_json(self) -> dict:
         return {
             "root": self.root,
             "layout": self.layout,
+            **({"task": self.task} if self.multilabel else {}),
             "classes": list(self.classes),
             "validation": self.validation,
             "patient_sources": self.patient_sources,
@@ -169,7 +191,7 @@ class Manifest:
             "rows": [
                 {"path": p, "label": lab, "split": s, "patient": pt, "size": sz, "mtime_ns": mt}
                 for p, lab, s, pt, sz, mt in zip(
-                    self.paths, self.labels, self.splits, self.patients, self.sizes, self.mtimes_ns
+                    self.paths, self._label_values(), self.splits, self.patients, self.sizes, self.mtimes_ns
                 )
             ],
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
@@ -232,7 +254,11 @@ def scan(
 
     if rules:
         classes = _relabel(rows, classes, rules, list(split_dirs))
-    validation = _assign_validation(rows, min_val=min_val, fraction=val_fraction, seed=split_seed)
+    splits, patients, validation = assign_validation(
+        [r[2] for r in rows], [r[3] for r in rows], [r[1] for r in rows], min_val=min_val, fraction=val_fraction,
+        seed=split_seed, scope=True)
+    for r, split, patient in zip(rows, splits, patients):
+        r[2], r[3] = split, patient
     rows.sort(key=lambda r: (SPLIT_ORDER[r[2]], r[1], r[0]))
     paths, labels, splits, patients, sizes, mtimes = (tuple(col) for col in zip(*rows))
     return Manifest(
@@ -469,68 +495,3 @@ def _patient_id(stem: str, pattern: re.Pattern | None) -> tuple[str, str]:
         if m:
             return m.group(1), "kermany name"
     return stem, "file stem"
-
-
-def _assign_validation(rows: list, *, min_val: int, fraction: float, seed: int) -> dict:
-    """Turn the raw folder splits into final ones and scope patient ids.
-
-    Mutates each row's split (index 2) and patient (index 3) in place.
-    """
-    n_val = sum(1 for r in rows if r[2] == "val")
-    has_train = any(r[2] == "train" for r in rows)
-    if not has_train or (n_val and n_val >= min_val):
-        for r in rows:
-            r[3] = f"{r[2]}/{r[3]}"
-        return {"source": "folder" if n_val else "none", "images": n_val}
-
-    # A too-small val folder is folded into train before carving. Its ids are
-    # read in train's namespace: if a patient is in both, it stays on one side.
-    for r in rows:
-        r[3] = f"{'train' if r[2] in ('train', 'val') else r[2]}/{r[3]}"
-        if r[2] == "val":
-            r[2] = "train"
-    pool = [r for r in rows if r[2] == "train"]
-    val_patients = carve_patients(
-        [r[3] for r in pool], [r[1] for r in pool], fraction=fraction, seed=seed
-    )
-    for r in pool:
-        if r[3] in val_patients:
-            r[2] = "val"
-    return {
-        "source": "carved from train",
-        "fraction": fraction,
-        "seed": seed,
-        "folded_val_images": n_val,
-        "images": sum(1 for r in pool if r[2] == "val"),
-    }
-
-
-def carve_patients(patients: list[str], labels: list[int], *, fraction: float, seed: int) -> set[str]:
-    """Choose whole patients for validation, about ``fraction`` of each class's images.
-
-    A patient counts towards its most frequent label. Each class keeps at
-    least one patient on each side when it has two or more.
-    """
-    per_patient: dict[str, Counter] = defaultdict(Counter)
-    for patient, label in zip(patients, labels):
-        per_patient[patient][label] += 1
-    by_class: dict[int, list[str]] = defaultdict(list)
-    for patient in sorted(per_patient):
-        label = min(per_patient[patient].items(), key=lambda kv: (-kv[1], kv[0]))[0]
-        by_class[label].append(patient)
-
-    rng = np.random.default_rng(seed)
-    chosen: set[str] = set()
-    for label in sorted(by_class):
-        members = by_class[label]
-        if len(members) < 2:
-            continue
-        order = [members[i] for i in rng.permutation(len(members))]
-        target = max(1, round(fraction * sum(sum(per_patient[p].values()) for p in members)))
-        taken = 0
-        for patient in order[:-1]:  # the last one always stays in train
-            if taken >= target:
-                break
-            chosen.add(patient)
-            taken += sum(per_patient[patient].values())
-    return chosen

@@ -28,19 +28,7 @@ def _with_ci(metrics: dict, key: str, fmt: str) -> str:
 
 
 def manifest_tables(manifest) -> list[Table]:
-    counts = manifest.counts()
-    patients = manifest.patient_counts()
-    table = Table(title=f"{manifest.root}  ({manifest.layout} layout)", title_justify="left")
-    table.add_column("split")
-    for cls in manifest.classes:
-        table.add_column(cls, justify="right")
-    table.add_column("total", justify="right", style="bold")
-    table.add_column("patients", justify="right")
-    for split, row in counts.items():
-        table.add_row(split, *(f"{v:,}" for v in row), f"{sum(row):,}", f"{patients[split]:,}")
-    totals = [sum(col) for col in zip(*counts.values())]
-    table.add_row("total", *(f"{v:,}" for v in totals), f"{sum(totals):,}", f"{sum(patients.values()):,}",
-                  style="dim")
+    table = (_multilabel_table(manifest) if manifest.multilabel else _class_table(manifest))
     tables = [table]
     by_reason = manifest.skipped_by_reason()
     if by_reason:
@@ -55,15 +43,56 @@ def manifest_tables(manifest) -> list[Table]:
     return tables
 
 
+def _multilabel_table(manifest) -> Table:
+    """Per label and split: positive images, and in brackets the uncertain and unmentioned ones."""
+    from featcache.data.labels import tally
+
+    counts = tally(manifest.labels, manifest.splits, manifest.classes)
+    patients = manifest.patient_counts()
+    splits = manifest.split_names
+    table = Table(title=f"{manifest.root}  ({manifest.layout} layout, {len(manifest.classes)} labels)",
+                  title_justify="left", caption="[dim]positive (uncertain, not mentioned)[/]")
+    table.add_column("label")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for name in manifest.classes:
+        table.add_row(name, *(f"{c['positive']:,} ({c['uncertain']:,}, {c['not mentioned']:,})"
+                              for c in (counts[s][name] for s in splits)))
+    images = [int(len(manifest.indices(s))) for s in splits]
+    table.add_row("images", *(f"{n:,}" for n in images), style="bold")
+    table.add_row("patients", *(f"{patients[s]:,}" for s in splits), style="dim")
+    return table
+
+
+def _class_table(manifest) -> Table:
+    counts = manifest.counts()
+    patients = manifest.patient_counts()
+    table = Table(title=f"{manifest.root}  ({manifest.layout} layout)", title_justify="left")
+    table.add_column("split")
+    for cls in manifest.classes:
+        table.add_column(cls, justify="right")
+    table.add_column("total", justify="right", style="bold")
+    table.add_column("patients", justify="right")
+    for split, row in counts.items():
+        table.add_row(split, *(f"{v:,}" for v in row), f"{sum(row):,}", f"{patients[split]:,}")
+    totals = [sum(col) for col in zip(*counts.values())]
+    table.add_row("total", *(f"{v:,}" for v in totals), f"{sum(totals):,}", f"{sum(patients.values()):,}",
+                  style="dim")
+    return table
+
+
 def describe_validation(manifest) -> str:
     v = manifest.validation
     if v.get("source") == "carved from train":
         folded = f", after folding the {v['folded_val_images']}-image val/ folder into train" if v.get(
             "folded_val_images") else ""
+        share = "of every label's positives, iterative stratification" if v.get("stratified") else "per class"
         return (f"validation: {v['images']:,} images carved from train by patient "
-                f"({v['fraction']:.0%} per class, split seed {v['seed']}{folded}); no patient is on both sides")
+                f"({v['fraction']:.0%} {share}, split seed {v['seed']}{folded}); no patient is on both sides")
     if v.get("source") == "folder":
         return f"validation: the val/ folder ({v['images']:,} images)"
+    if v.get("source") not in (None, "none"):
+        return f"validation: the {v['source']} ({v['images']:,} images)"
     return "validation: none (no train split to carve it from)"
 
 

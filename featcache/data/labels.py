@@ -1,0 +1,45 @@
+"""Label values as datasets write them, and the one refusal multi-label sets meet for now.
+
+A multi-label set keeps its labels as read, one int8 per image and label::
+
+     1  positive            0  negative
+    -1  uncertain          -2  not mentioned (a blank cell)
+
+Policies (uncertain as positive, ignored, ...) are a choice made when a head
+is fitted, so one cache serves every labelling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featcache.errors import UserError
+
+MULTICLASS = "multiclass"
+MULTILABEL = "multilabel"
+
+POSITIVE, NEGATIVE, UNCERTAIN, UNMENTIONED = 1, 0, -1, -2
+VALUE_NAMES = {POSITIVE: "positive", NEGATIVE: "negative", UNCERTAIN: "uncertain", UNMENTIONED: "not mentioned"}
+# CheXpert, MIMIC-CXR and generic 0/1 columns: floats or integers as text, blank for not mentioned.
+CELL_VALUES = {"1": POSITIVE, "1.0": POSITIVE, "0": NEGATIVE, "0.0": NEGATIVE, "-1": UNCERTAIN, "-1.0": UNCERTAIN,
+               "": UNMENTIONED}
+CELL_WORDS = "1, 0, -1 (uncertain) or blank (not mentioned)"
+
+
+def tally(labels: np.ndarray, splits, names) -> dict:
+    """Per split and label: how many images are positive, negative, uncertain and not mentioned."""
+    labels = np.asarray(labels)
+    splits = np.asarray(splits)
+    out = {}
+    for split in dict.fromkeys(splits.tolist()):
+        block = labels[splits == split]
+        out[split] = {name: {VALUE_NAMES[v]: int((block[:, j] == v).sum()) for v in VALUE_NAMES}
+                      for j, name in enumerate(names)}
+    return out
+
+
+def single_label_only(task: str, what: str, n_labels: int) -> None:
+    """Refuse a multi-label set where only single-label heads and training exist yet."""
+    if task == MULTILABEL:
+        raise UserError(f"{what} is a multi-label set ({n_labels} labels); multi-label heads are not available "
+                        "yet, so fit-head and finetune take single-label data only")
