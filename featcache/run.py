@@ -111,11 +111,6 @@ def _check_zoo(zoo, file: Path) -> None:
         raise UserError(f"{where}: backbones must be a list of one or more backbone names, got {backbones!r}")
 
 
-def _weights_tag(weights: str) -> str:
-    ref = WeightsRef.parse(weights)
-    return "none" if ref.is_random else ref.short
-
-
 def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str | None = None,
                out: str | None = None) -> dict:
     """Run every step of the config at ``path``; returns the report's numbers."""
@@ -163,7 +158,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
             backbone = fixed["backbone"]
             # The seed changes a random-init backbone, so its cache; pretrained features are shared.
             cache_tag = tag if WeightsRef.parse(weights).is_random else ""
-            cache = out / "caches" / f"{file_word(backbone)}-{_weights_tag(weights)}{cache_tag}.h5"
+            cache = out / "caches" / f"{file_word(backbone)}-{WeightsRef.parse(weights).file_tag}{cache_tag}.h5"
             console.rule(f"[bold]fixed feature extractor {i + 1}/{len(config['fixed'])}: {backbone}"
                          + (f", seed {seed}" if repeated else ""))
             extract(data, cache, backbone=backbone, weights=weights,

@@ -1,8 +1,9 @@
 """``featcache zoo``: which encoder is best for *this* data, with confidence intervals and cost.
 
-Every backbone is extracted once into ``OUT/caches`` (resumable; a complete
-cache with the same fingerprint is reused), the head sweep is fitted on each
-into ``OUT/runs``, and a leaderboard ranks them **by validation AUROC**,
+Every backbone is extracted once into ``OUT/caches/NAME-WEIGHTS.h5``
+(resumable; a complete cache with the same fingerprint is reused; WEIGHTS is
+imagenet, none or the weights file's stem, so other weights make other
+caches), the head sweep is fitted on each into ``OUT/runs/NAME-WEIGHTS``, and a leaderboard ranks them **by validation AUROC**,
 never by test. Beside each backbone's test AUROC (patient-bootstrap 95 % CI)
 stands the paired patient-bootstrap CI of its test-AUROC difference to the
 backbone ranked first on validation: whether a gap on test is more than
@@ -91,6 +92,7 @@ def zoo(data, out, *, backbones: list[str], weights: str = EXTRACT.weights, head
     """Extract and fit every backbone, then rank them on validation; returns the leaderboard rows."""
     from featcache.backbones.costs import counted_facts
     from featcache.backbones.registry import file_word, get_entry
+    from featcache.backbones.weights import WeightsRef
     from featcache.extract import extract
     from featcache.fit import fit_head
     from featcache.heads import HEADS
@@ -103,14 +105,17 @@ def zoo(data, out, *, backbones: list[str], weights: str = EXTRACT.weights, head
     names = list(dict.fromkeys(get_entry(b).name for b in backbones))  # every name checked before any work
     console = get_console()
     out = Path(out)
+    # Other weights (or another random init), other caches and runs: a rerun with them never meets a mismatch.
+    ref = WeightsRef.parse(weights)
+    tag = ref.file_tag + (f"-seed{seed}" if ref.is_random and seed else "")
     runs, costs = {}, {}
     for i, name in enumerate(names, 1):
         console.rule(f"[bold]{i}/{len(names)}: {name}")
-        cache = out / "caches" / f"{file_word(name)}.h5"
+        cache = out / "caches" / f"{file_word(name)}-{tag}.h5"
         extract(data, cache, backbone=name, weights=weights, seed=seed, max_images=max_images,
                 subsample_all=subsample_all, batch_size=batch_size, backend=backend, device=device, workers=workers,
                 scan_options=scan_options, progress=progress)
-        runs[name] = out / "runs" / file_word(name)
+        runs[name] = out / "runs" / f"{file_word(name)}-{tag}"
         fit_head(cache, runs[name], heads=heads, seed=seed, n_resamples=n_resamples, device=device,
                  positive_class=positive_class)
         facts = counted_facts(name)

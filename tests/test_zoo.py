@@ -52,10 +52,10 @@ def test_zoo_writes_a_leaderboard_ranked_on_validation(zoo_dir):
 def test_the_ranking_is_blind_to_the_test_labels(zoo_dir, tmp_path):
     from featcache.fit import fit_head
 
-    before = leaderboard({b: zoo_dir / "runs" / b.replace(":", "-") for b in BACKBONES}, n_resamples=50)
+    before = leaderboard({b: zoo_dir / "runs" / f"{b.replace(':', '-')}-none" for b in BACKBONES}, n_resamples=50)
     runs = {}
     for b in BACKBONES:
-        cache = tmp_path / f"{b.replace(':', '-')}.h5"
+        cache = tmp_path / f"{b.replace(':', '-')}-none.h5"  # the zoo's name: backbone and weights
         cache.write_bytes((zoo_dir / "caches" / cache.name).read_bytes())
         with h5py.File(cache, "r+") as f:
             rows = np.flatnonzero(f["splits"].asstr()[()] == "test")
@@ -277,3 +277,16 @@ def test_featcache_zoo_reads_the_same_zoo_table(tmp_path, capsys):
     assert main(["run", str(config)]) == 2
     assert "timm:not_a_model is not a timm model" in capsys.readouterr().err
     assert not (tmp_path / "z").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_zoo_rerun_with_other_weights_makes_its_own_caches(tmp_path, tiny_backbone):
+    """Each weights (and each random seed) has its own caches and runs in one zoo folder, so a rerun with
+    other weights fits instead of stopping at a cache made from different inputs."""
+    from featcache.zoo import zoo
+
+    common = dict(backbones=[tiny_backbone], weights="none", max_images=40, subsample_all=True, n_resamples=20,
+                  progress=False)
+    zoo(DEMO_DATA, tmp_path / "z", **common)
+    zoo(DEMO_DATA, tmp_path / "z", seed=1, **common)
+    assert sorted(p.name for p in (tmp_path / "z" / "caches").glob("*.h5")) == ["tiny-none-seed1.h5", "tiny-none.h5"]
+    assert sorted(p.name for p in (tmp_path / "z" / "runs").iterdir()) == ["tiny-none", "tiny-none-seed1"]

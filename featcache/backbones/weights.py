@@ -116,6 +116,11 @@ class WeightsRef:
             return Path(self.path).stem if self.path else "file"
         return "imagenet" if self.kind == "pretrained" else "random"
 
+    @property
+    def file_tag(self) -> str:
+        """The word cache and run names carry for these weights: imagenet, none, or the weights file's stem."""
+        return "none" if self.is_random else self.short
+
     def words(self) -> str:
         """In words for a report; random init says so plainly, because its numbers mean something else."""
         if self.kind == "none":
