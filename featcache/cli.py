@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_subset(p, EXTRACT.max_images)
     _add_bootstrap(p, HEAD.n_resamples, "patient-bootstrap resamples for the CIs (default %(default)s)")
     _add_positive_class(p, HEAD.positive_class)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a backbone's cache made from other inputs (data, subset, preprocessing) in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_scan_flags(p)
     _add_seed(p)
@@ -366,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the config's weights (offline: none)")
     p.add_argument("--data", default=None, help="override the config's data folder")
     p.add_argument("--out", default=None, help="override the config's output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace caches and fine-tuning runs in OUT made from other inputs (e.g. after editing "
+                        "max_images or data) instead of stopping at them")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("models", help="backbones: parameters, GFLOPs, ImageNet top-1, measured speed",
@@ -601,7 +606,7 @@ def _cmd_zoo(args) -> int:
                seed=args.seed, max_images=args.max_images, subsample_all=args.subsample_all,
                batch_size=args.batch_size, backend=args.backend, device=args.device, workers=args.workers,
                n_resamples=args.bootstrap, positive_class=args.positive_class, scan_options=_scan_options(args),
-               progress=not args.no_progress)
+               progress=not args.no_progress, overwrite=args.overwrite)
     console = get_console()
     # Twelve columns: wider than 80 when the output is a file or a pipe, so a log keeps the table whole.
     width = console.width
@@ -631,7 +636,7 @@ def _cmd_report(args) -> int:
 def _cmd_run(args) -> int:
     from featcache.run import run_config
 
-    run_config(args.config_file, weights=args.weights, data=args.data, out=args.out)
+    run_config(args.config_file, weights=args.weights, data=args.data, out=args.out, overwrite=args.overwrite)
     return 0
 
 
@@ -735,6 +740,10 @@ def _reparse_with_config(parser: argparse.ArgumentParser, args, argv):
     sub = _subparser(parser, args.command)
     actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
     table = load_table(args.config, args.command, set(actions))
+    if args.command == "zoo":  # a run config's [zoo] runs with its top-level settings, as `featcache run` runs it
+        from featcache.run import zoo_settings
+
+        table = {**{k: v for k, v in zoo_settings(args.config).items() if k in actions}, **table}
     sub.set_defaults(**{key: _config_value(args.config, args.command, actions[key], value)
                         for key, value in table.items()})
     return parser.parse_args(argv)

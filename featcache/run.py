@@ -111,8 +111,25 @@ def _check_zoo(zoo, file: Path) -> None:
         raise UserError(f"{where}: backbones must be a list of one or more backbone names, got {backbones!r}")
 
 
+def zoo_settings(path: str | os.PathLike) -> dict:
+    """The top-level settings of the run config at ``path`` that its ``[zoo]`` runs with, named as
+    ``featcache zoo``'s flags: data, weights, subset, seed (the first of ``seeds``), decode, label source...;
+    ``out`` becomes ``OUT/zoo``, where `featcache run` puts the zoo."""
+    from featcache.runtime.config import read_toml
+
+    config = read_toml(Path(path))
+    known = {k: v for k, v in config.items() if k in {**TOP_KEYS, **SOURCE_KEYS}}
+    _check(known, {**TOP_KEYS, **SOURCE_KEYS}, str(path))
+    settings = {k: v for k, v in known.items() if k not in ("title", "seeds")}
+    if config.get("seeds"):
+        settings["seed"] = config["seeds"][0]
+    if "out" in settings:
+        settings["out"] = str(Path(settings["out"]) / "zoo")
+    return settings
+
+
 def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str | None = None,
-               out: str | None = None) -> dict:
+               out: str | None = None, overwrite: bool = False) -> dict:
     """Run every step of the config at ``path``; returns the report's numbers."""
     from featcache.backbones.registry import get_entry
     from featcache.runtime.console import get_console
@@ -148,7 +165,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
             subsample_all=config.get("subsample_all", False),
             batch_size=config.get("batch_size", EXTRACT.batch_size), backend=config.get("backend", EXTRACT.backend),
             device=config.get("device", EXTRACT.device), n_resamples=config.get("bootstrap", HEAD.n_resamples),
-            positive_class=config.get("positive_class"), scan_options=scan_options)
+            positive_class=config.get("positive_class"), scan_options=scan_options, overwrite=overwrite)
         run_dirs.append(out / "zoo")
     for seed in seeds:
         tag = f"-seed{seed}" if repeated else ""  # the report shows mean and sd over runs named NAME-seedN
@@ -164,7 +181,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
             extract(data, cache, backbone=backbone, weights=weights,
                     batch_size=config.get("batch_size", EXTRACT.batch_size),
                     backend=config.get("backend", EXTRACT.backend), device=config.get("device", EXTRACT.device),
-                    scan_options=scan_options, **common)
+                    scan_options=scan_options, overwrite=overwrite, **common)
             heads = fixed.get("heads", "sweep")
             run_dir = out / "runs" / f"{file_word(backbone)}-{heads}{tag}"
             metrics = fit_head(cache, run_dir, heads=heads, C=fixed.get("C"), class_weight=fixed.get("class_weight"),
@@ -190,7 +207,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
             finetune(data, run_dir, backbone=backbone, weights=weights,
                      device=config.get("device", FINETUNE.device),
                      n_resamples=config.get("bootstrap", FINETUNE.n_resamples),
-                     positive_class=config.get("positive_class"), scan_options=scan_options,
+                     positive_class=config.get("positive_class"), scan_options=scan_options, overwrite=overwrite,
                      **options, **common)
             run_dirs.append(run_dir)
     console.rule("[bold]report")

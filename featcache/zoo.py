@@ -88,7 +88,7 @@ def zoo(data, out, *, backbones: list[str], weights: str = EXTRACT.weights, head
         seed: int = 0, max_images: int | None = None, subsample_all: bool = False,
         batch_size: int = EXTRACT.batch_size, backend: str = EXTRACT.backend, device: str = EXTRACT.device,
         workers: int | None = None, n_resamples: int = HEAD.n_resamples, positive_class: str | None = None,
-        scan_options: dict | None = None, progress: bool = True) -> list[dict]:
+        scan_options: dict | None = None, progress: bool = True, overwrite: bool = False) -> list[dict]:
     """Extract and fit every backbone, then rank them on validation; returns the leaderboard rows."""
     from featcache.backbones.costs import counted_facts
     from featcache.backbones.registry import file_word, get_entry
@@ -114,7 +114,7 @@ def zoo(data, out, *, backbones: list[str], weights: str = EXTRACT.weights, head
         cache = out / "caches" / f"{file_word(name)}-{tag}.h5"
         extract(data, cache, backbone=name, weights=weights, seed=seed, max_images=max_images,
                 subsample_all=subsample_all, batch_size=batch_size, backend=backend, device=device, workers=workers,
-                scan_options=scan_options, progress=progress)
+                scan_options=scan_options, progress=progress, overwrite=overwrite)
         runs[name] = out / "runs" / f"{file_word(name)}-{tag}"
         fit_head(cache, runs[name], heads=heads, seed=seed, n_resamples=n_resamples, device=device,
                  positive_class=positive_class)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -279,14 +280,43 @@ def test_featcache_zoo_reads_the_same_zoo_table(tmp_path, capsys):
     assert not (tmp_path / "z").exists() and not (tmp_path / "out").exists()
 
 
+def test_featcache_zoo_runs_a_run_configs_zoo_with_its_top_level_settings(tmp_path, tiny_backbone):
+    """`featcache zoo --config C` and `featcache run C` give the same zoo: data, weights, subset, seed from the
+    top of the config, into OUT/zoo; a flag still wins over the config."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'data = {json.dumps(str(DEMO_DATA))}\nout = {json.dumps(str(tmp_path / "o"))}\n'
+                      'weights = "none"\nmax_images = 40\nsubsample_all = true\nseeds = [3, 4]\nbootstrap = 20\n'
+                      f'[zoo]\nbackbones = ["{tiny_backbone}"]\n')
+    assert main(["zoo", "--config", str(config), "--no-progress", "--heads", "logistic"]) == 0
+    [row] = json.loads((tmp_path / "o" / "zoo" / "leaderboard.json").read_text())["rows"]
+    metrics = json.loads((Path(row["run"]) / "metrics.json").read_text())
+    assert metrics["weights"] == "none:seed=3" and metrics["heads"][0]["name"].startswith("logistic")
+    assert metrics["n_train"] + metrics["val"]["n"] + metrics["test"]["n"] <= 40
+
+
 def test_a_zoo_rerun_with_other_weights_makes_its_own_caches(tmp_path, tiny_backbone):
-    """Each weights (and each random seed) has its own caches and runs in one zoo folder, so a rerun with
-    other weights fits instead of stopping at a cache made from different inputs."""
+    """Each weights (each random seed, each weights file, even two files both named best.pt) has its own caches
+    and runs in one zoo folder, so a rerun with them fits instead of stopping at a cache made from different
+    inputs; a rerun over other data stops, and --overwrite replaces the cache."""
+    import torch
+
+    from featcache.backbones.registry import create_backbone
     from featcache.zoo import zoo
 
-    common = dict(backbones=[tiny_backbone], weights="none", max_images=40, subsample_all=True, n_resamples=20,
-                  progress=False)
-    zoo(DEMO_DATA, tmp_path / "z", **common)
-    zoo(DEMO_DATA, tmp_path / "z", seed=1, **common)
-    assert sorted(p.name for p in (tmp_path / "z" / "caches").glob("*.h5")) == ["tiny-none-seed1.h5", "tiny-none.h5"]
-    assert sorted(p.name for p in (tmp_path / "z" / "runs").iterdir()) == ["tiny-none", "tiny-none-seed1"]
+    common = dict(backbones=[tiny_backbone], max_images=40, subsample_all=True, n_resamples=20, progress=False)
+    zoo(DEMO_DATA, tmp_path / "z", weights="none", **common)
+    zoo(DEMO_DATA, tmp_path / "z", weights="none", seed=1, **common)
+    for folder, seed in (("a", 2), ("b", 3)):
+        (tmp_path / folder).mkdir()
+        torch.save(create_backbone(tiny_backbone, "none", seed=seed).model.body.state_dict(),
+                   tmp_path / folder / "best.pt")
+        zoo(DEMO_DATA, tmp_path / "z", weights=str(tmp_path / folder / "best.pt"), **common)
+    caches = sorted(p.name for p in (tmp_path / "z" / "caches").glob("*.h5"))
+    assert len(caches) == 4 and {"tiny-none.h5", "tiny-none-seed1.h5"} < set(caches)
+    assert sorted(p.name for p in (tmp_path / "z" / "runs").iterdir()) == sorted(c[:-3] for c in caches)
+    args = ["zoo", str(DEMO_DATA), "--out", str(tmp_path / "z"), "--backbones", tiny_backbone, "--weights", "none",
+            "--max-images", "30", "--subsample-all", "--bootstrap", "20", "--no-progress"]
+    assert main(args) == 2  # another subset: the cache is not silently replaced
+    assert main([*args, "--overwrite"]) == 0
+    with h5py.File(tmp_path / "z" / "caches" / "tiny-none.h5") as f:
+        assert len(f["paths"]) <= 30

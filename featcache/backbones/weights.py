@@ -18,6 +18,7 @@ and ``predict`` can rebuild the backbone a head was trained on.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, replace
@@ -118,7 +119,11 @@ class WeightsRef:
 
     @property
     def file_tag(self) -> str:
-        """The word cache and run names carry for these weights: imagenet, none, or the weights file's stem."""
+        """The word cache and run names carry for these weights: imagenet, none, or the weights file's stem and
+        a digest of its absolute path, so two ``best.pt`` files from two runs name two caches."""
+        if self.kind == "file" and self.path:
+            where = hashlib.sha256(str(Path(self.path).resolve()).encode()).hexdigest()[:8]
+            return f"{self.short}-{where}"
         return "none" if self.is_random else self.short
 
     def words(self) -> str:
