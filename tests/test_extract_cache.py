@@ -14,6 +14,7 @@ from featcache.cli import main
 from featcache.decode.cpu import load_torchvision as load_image
 from featcache.errors import UserError
 from featcache.extract import extract
+from featcache.data.demo import DEMO_DATA
 from featcache.data.manifest import scan
 from helpers import flat, write_image
 
@@ -276,3 +277,40 @@ def test_each_network_runs_in_the_memory_layout_that_is_fastest_for_it():
     assert memory_format(nets["convnext_tiny"], "cpu") == torch.contiguous_format
     assert memory_format(nets["vit_b_16"], "cpu") == torch.contiguous_format
     assert all(memory_format(net, "cuda") == torch.channels_last for net in nets.values())
+
+
+def test_extract_feeds_each_network_the_layout_chosen_for_it(tmp_path, monkeypatch):
+    """What reaches the network in extract: channels_last for a BatchNorm CNN, the default layout otherwise."""
+    import torch.nn as nn
+    from torchvision.models import ResNet18_Weights
+
+    from featcache.backbones import registry
+
+    seen = {}
+
+    class Record(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            seen.setdefault(self.name, set()).add(
+                "channels_last" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                else "contiguous")
+            return x
+
+    def net(name, bn):
+        def load():
+            def build(weights=None):
+                layers = [Record(name), nn.Conv2d(3, 8, 8, stride=8)] + ([nn.BatchNorm2d(8)] if bn else [])
+                return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten())
+            return build, ResNet18_Weights.IMAGENET1K_V1
+        registry.register(name, feature_dim=32, strip_head=lambda model: None, head_prefixes=())(load)
+        monkeypatch.setitem(registry.REGISTRY, name, registry.REGISTRY.pop(name))
+
+    net("with-bn", True)
+    net("without-bn", False)
+    for name in ("with-bn", "without-bn"):
+        extract(DEMO_DATA, tmp_path / f"{name}.h5", backbone=name, weights="none", max_images=16,
+                subsample_all=True, workers=0, progress=False)
+    assert seen == {"with-bn": {"channels_last"}, "without-bn": {"contiguous"}}
