@@ -109,7 +109,8 @@ def fit_head(
     if kind.uses_device:
         device = _resolve_device(device)  # imports torch outside the timed fit
     settings = HeadSettings(C=C, class_weight=class_weight, sampler=sampler, epochs=epochs, lrs=lrs,
-                            weight_decays=weight_decays, norms=norms, device=device, seed=seed)
+                            weight_decays=weight_decays, norms=norms, device=device, seed=seed,
+                            cache=str(cache.path))
 
     start = time.perf_counter()
     candidates = kind.candidates(data["train"][:2], data["val"][:2], K,
