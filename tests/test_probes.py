@@ -23,8 +23,9 @@ def test_probes_on_the_demo_cache_reach_a_sensible_auroc_and_export_the_head_cho
     # The exported head is the one scored: for mlp its weights at its best validation epoch, not the last.
     assert metrics["val"]["auroc"] == pytest.approx(chosen["val_auroc"], abs=1e-6)
     assert chosen["val_auroc"] == max(h["val_auroc"] for h in metrics["heads"])
-    # Random-init resnet18 features of 400 demo images: the logistic head reaches 0.91 val, 0.92 test.
-    assert metrics["val"]["auroc"] > 0.8 and metrics["test"]["auroc"] > 0.8
+    # Random-init resnet18 features of 400 demo images: the logistic head reaches 0.91 val, 0.92 test;
+    # knn 0.87 and 0.82, mlp 0.93 and 0.87.
+    assert metrics["val"]["auroc"] > 0.8 and metrics["test"]["auroc"] > 0.75
     if heads == "knn":
         ks = [k for k in knn.K_GRID if k <= metrics["n_train"]]
         assert metrics["n_heads"] == 2 * len(knn.TEMPERATURES) * len(ks)
