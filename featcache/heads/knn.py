@@ -34,8 +34,9 @@ K_GRID = (1, 2, 5, 10, 20, 50, 100, 200)
 # DINO's k-NN evaluation uses T = 0.07; cosines of random-init features sit close together, so the grid
 # also reaches down to 0.01, where one neighbour's small lead in similarity still weighs.
 TEMPERATURES = (0.01, 0.02, 0.05, 0.07, 0.1, 0.2, 0.5)
-# The largest similarity block (queries x train, float32) a search holds at once.
-BLOCK_BYTES = 128 << 20
+# The largest similarity block (queries x train, float32) a search holds at once. Larger blocks were faster
+# on 100,000 x 768 train rows (2 cores): 128 MiB took 1.28x as long as 1 GiB, 512 MiB 1.05x.
+BLOCK_BYTES = 512 << 20
 TRAIN_SPLIT = "train"
 
 

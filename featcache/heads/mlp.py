@@ -69,8 +69,8 @@ class WidthGroup:
         self.best_score = np.full(H, -np.inf)
         self.best_epoch = np.zeros(H, dtype=int)
 
-    def logits(self, x, params=None, dropout_mask=None):
-        W1, b1, W2, b2 = self.params if params is None else params
+    def logits(self, x, dropout_mask=None):
+        W1, b1, W2, b2 = self.params
         hidden = (x @ W1 + b1).relu_()  # (B, D) @ (H, D, W) -> (H, B, W)
         if dropout_mask is not None:
             hidden = hidden * dropout_mask
