@@ -117,3 +117,23 @@ def test_a_knn_head_refuses_a_cache_that_moved_or_changed(tmp_path, capsys):
         f.attrs["fingerprint"] = "1" * 64
     with pytest.raises(UserError, match="not the cache the knn head was fitted on .its fingerprint differs"):
         load_run(run)
+
+
+def test_mlp_training_stops_when_the_best_head_stops_improving_and_keeps_each_heads_best_epoch():
+    from featcache.heads import MlpSweep
+    from featcache.heads.mlp import PATIENCE
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(64, 8)), rng.integers(0, 2, 64)
+    calls = []
+
+    def score(labels, probs):  # scripted: head 0 peaks at epoch 3, head 1 creeps up every epoch below it
+        calls.append(None)
+        epoch, head = divmod(len(calls) - 1, 2)
+        return 0.5 + min(epoch + 1, 3) / 10 if head == 0 else 0.1 + (epoch + 1) / 1000
+
+    grid = [{"width": 4, "weight_decay": 1e-4, "lr": 1e-3}, {"width": 4, "weight_decay": 1e-2, "lr": 1e-3}]
+    sweep = MlpSweep(grid, epochs=20).fit((X, y), (X, y), 2, score)
+    assert sweep.epochs_run_ == 3 + PATIENCE
+    assert [(epoch, round(best, 6)) for _, best, epoch, _ in sweep.results()] == [
+        (3, 0.8), (3 + PATIENCE, round(0.1 + (3 + PATIENCE) / 1000, 6))]
