@@ -111,6 +111,12 @@ def test_a_knn_head_refuses_a_cache_that_moved_or_changed(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "which is not there now" in err and len(err.splitlines()) == 1
 
+    # A copied project (run folder and cache moved together) finds the cache relative to the run folder.
+    project = tmp_path / "copied"
+    shutil.copytree(run, project / "run")
+    shutil.copy(moved, project / "c.h5")
+    assert np.allclose(load_run(project / "run")[0].predict_proba(X), before)
+
     shutil.copy(moved, cache)
     assert np.allclose(load_run(run)[0].predict_proba(X), before)
     with h5py.File(cache, "r+") as f:
