@@ -107,6 +107,11 @@ def vote_probabilities(sims, neighbour_targets: np.ndarray, ks, temperature: flo
     return probs.transpose(1, 0, 2)
 
 
+def _identity(cache) -> tuple[str, str]:
+    """What says a cache is the one a head was fitted on: its fingerprint and its features' SHA-256."""
+    return str(cache.attrs.get("fingerprint", "")), str(cache.attrs.get("features_sha256", ""))
+
+
 @dataclass(frozen=True)
 class TrainRows:
     """Where a kNN head's train rows live: a cache's train split, named by path, fingerprint and checksum."""
@@ -121,9 +126,7 @@ class TrainRows:
     def of(cls, cache_path: str, n_rows: int, dim: int) -> "TrainRows":
         from featcache.cache.h5 import FeatureCache
 
-        cache = FeatureCache.open(cache_path)
-        return cls(str(Path(cache_path).resolve()), str(cache.attrs.get("fingerprint", "")),
-                   str(cache.attrs.get("features_sha256", "")), n_rows, dim)
+        return cls(str(Path(cache_path).resolve()), *_identity(FeatureCache.open(cache_path)), n_rows, dim)
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels) of the train split, after checking it is the cache the head was fitted on."""
@@ -133,7 +136,7 @@ class TrainRows:
             raise UserError(f"the knn head's train features are in {self.cache}, which is not there now; "
                             "put the cache back there (or refit the head)")
         cache = FeatureCache.open(self.cache)
-        now = (cache.attrs.get("fingerprint"), cache.attrs.get("features_sha256"))
+        now = _identity(cache)
         if now != (self.fingerprint, self.features_sha256):
             what = "fingerprint" if now[0] != self.fingerprint else "feature checksum"
             raise UserError(f"{self.cache} is not the cache the knn head was fitted on (its {what} differs); "
@@ -143,7 +146,6 @@ class TrainRows:
             raise UserError(f"{self.cache} holds {X.shape[0]} x {X.shape[1]} train rows, the knn head was fitted "
                             f"on {self.n_rows} x {self.dim}; refit the head")
         return X, y
-
 
 
 @register
