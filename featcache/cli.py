@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--C", type=_positive_float, default=HEAD.C,
                    help="logistic: inverse L2 strength (default: chosen on val)")
     p.add_argument("--class-weight", default=HEAD.class_weight, metavar="none|balanced",
-                   help="default: none for logistic, both (a grid axis) for sweep")
+                   help="default: none for logistic and mlp, both (a grid axis) for sweep and knn")
     p.add_argument("--threshold", default=HEAD.threshold, metavar="0.5|youden|f1",
                    help="two classes: decision threshold on the positive-class probability, fixed or chosen "
                         "on val (default %(default)s)")
@@ -265,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: the highest threshold reaching this validation sensitivity, e.g. 0.95")
     p.add_argument("--sampler", default=HEAD.sampler, metavar="shuffle|balanced",
                    help="sweep minibatches: plain shuffling, or classes drawn equally often")
-    p.add_argument("--epochs", type=_positive_int, default=HEAD.epochs, help="sweep epochs (default %(default)s)")
-    _add_device(p, HEAD.device, help="where the sweep trains")
+    p.add_argument("--epochs", type=_positive_int, default=HEAD.epochs,
+                   help="sweep epochs; mlp: the most, each head stopped early on val (default %(default)s)")
+    _add_device(p, HEAD.device, help="where the sweep and mlp train")
     _add_bootstrap(p, HEAD.n_resamples, "patient-bootstrap resamples for 95%% CIs; 0 turns them off "
                                         "(default %(default)s)")
     p.add_argument("--seed", type=_count, default=HEAD.seed, help="seeds the sweep's minibatches and the bootstrap")

@@ -87,9 +87,9 @@ def fit_head(
     """Fit ``heads`` on ``cache_path``, choose on val, report val and test into ``out_dir``.
 
     ``heads`` names a kind of :data:`featcache.heads.HEADS`. ``class_weight``
-    None means: ``none`` for logistic, both settings as a grid axis for the
-    sweep; ``lrs``, ``weight_decays`` and ``norms`` None mean the sweep's
-    grid. Returns the metrics written to ``metrics.json``.
+    None means: ``none`` for logistic and mlp, both settings as a grid axis
+    for the sweep and knn; ``lrs``, ``weight_decays`` and ``norms`` None mean
+    the kind's own grid. Returns the metrics written to ``metrics.json``.
     """
     kind = resolve_head_options(heads, class_weight, sampler)
     if C is not None and C <= 0:
@@ -109,7 +109,8 @@ def fit_head(
     if kind.uses_device:
         device = _resolve_device(device)  # imports torch outside the timed fit
     settings = HeadSettings(C=C, class_weight=class_weight, sampler=sampler, epochs=epochs, lrs=lrs,
-                            weight_decays=weight_decays, norms=norms, device=device, seed=seed)
+                            weight_decays=weight_decays, norms=norms, device=device, seed=seed,
+                            cache=str(cache.path))
 
     start = time.perf_counter()
     candidates = kind.candidates(data["train"][:2], data["val"][:2], K,

@@ -71,7 +71,7 @@ def test_selection_is_on_validation_and_best_by_auroc(tmp_path):
     assert metrics["val"]["auroc"] == pytest.approx(best)
 
 
-@pytest.mark.parametrize("heads", ["logistic", "sweep"])
+@pytest.mark.parametrize("heads", ["logistic", "sweep", "knn", "mlp"])
 def test_test_labels_never_steer_any_choice(tmp_path, heads):
     cache = synthetic_cache(tmp_path / "c.h5")
     first = fit_head(cache, tmp_path / "a", threshold="youden", heads=heads, n_resamples=50)
@@ -114,8 +114,8 @@ def test_bad_inputs_are_user_errors(tmp_path):
         f["labels"][...] = labels
     with pytest.raises(UserError, match="val split .* holds a single class"):
         fit_head(single, tmp_path / "run")
-    with pytest.raises(UserError, match="unknown head 'mlp'"):
-        fit_head(no_val, tmp_path / "run", heads="mlp")
+    with pytest.raises(UserError, match="unknown head 'forest'"):
+        fit_head(no_val, tmp_path / "run", heads="forest")
     with pytest.raises(UserError, match="--sampler"):
         fit_head(no_val, tmp_path / "run", sampler="weighted")
     with pytest.raises(UserError, match="--threshold"):
@@ -315,7 +315,7 @@ def test_every_head_kind_is_registered_and_head_pt_records_its_kind(tmp_path):
     from featcache.heads import HEADS, Head
     from featcache.predict import load_run
 
-    assert list(HEADS) == ["logistic", "sweep"]
+    assert list(HEADS) == ["logistic", "sweep", "knn", "mlp"]
     assert all(issubclass(cls, Head) and cls.kind == name and cls.help for name, cls in HEADS.items())
     cache = synthetic_cache(tmp_path / "c.h5")
     X = np.random.default_rng(1).normal(size=(7, 32))

@@ -239,11 +239,19 @@ class RunRecord:
         try:
             config = json.loads(payload["config"])
             kind = payload.get("kind") or (config.get("selected") or {}).get("head")
-            return load_head(payload["head"], kind), config
+            return load_head(self._located(payload["head"]), kind), config
         except UserError:
             raise
         except Exception as exc:
             raise UserError(f"{path} is not a featcache head ({exc.__class__.__name__}: {str(exc)[:200]})") from None
+
+    def _located(self, state: dict) -> dict:
+        """A head that reads train rows from its cache (knn) finds it, in a copied project, where
+        :attr:`cache` does: at the same place relative to the run folder. The head still checks it."""
+        cache = state.get("train_cache")
+        if isinstance(cache, str) and not Path(cache).is_file() and self.cache is not None:
+            return {**state, "train_cache": str(self.cache)}
+        return state
 
     # -- best.pt and last.pt (finetune)
     def write_best(self, checkpoint: dict) -> None:

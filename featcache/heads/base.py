@@ -97,6 +97,7 @@ class HeadSettings:
     norms: tuple | None = None
     device: str = "cpu"
     seed: int = 0
+    cache: str | None = None  # the cache train comes from, for kinds that keep train rows by reference (knn)
 
 
 class Head(ABC):
