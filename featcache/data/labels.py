@@ -6,7 +6,9 @@ A multi-label set keeps its labels as read, one int8 per image and label::
     -1  uncertain          -2  not mentioned (a blank cell)
 
 Policies (uncertain as positive, ignored, ...) are a choice made when a head
-is fitted, so one cache serves every labelling.
+is fitted, so one cache serves every labelling: :func:`apply_policy` turns
+the labels as read into training targets, 1.0 / 0.0, or NaN where the label
+is unknown under the policy (left out of the loss and of every metric).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ VALUE_NAMES = {POSITIVE: "positive", NEGATIVE: "negative", UNCERTAIN: "uncertain
 CELL_VALUES = {"1": POSITIVE, "1.0": POSITIVE, "0": NEGATIVE, "0.0": NEGATIVE, "-1": UNCERTAIN, "-1.0": UNCERTAIN,
                "": UNMENTIONED}
 CELL_WORDS = "1, 0, -1 (uncertain) or blank (not mentioned)"
+# CheXpert's U-Ignore, U-Ones and U-Zeros (Irvin et al. 2019), and a blank cell read as negative or as unknown.
+UNCERTAIN_POLICIES = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}
+UNMENTIONED_POLICIES = {"negative": 0.0, "ignore": np.nan}
+DEFAULT_UNCERTAIN = "ignore"
+DEFAULT_UNMENTIONED = "negative"
 
 
 def tally(labels: np.ndarray, splits, names) -> dict:
@@ -35,6 +42,24 @@ def tally(labels: np.ndarray, splits, names) -> dict:
         block = labels[splits == split]
         out[split] = {name: {VALUE_NAMES[v]: int((block[:, j] == v).sum()) for v in VALUE_NAMES}
                       for j, name in enumerate(names)}
+    return out
+
+
+def check_policy(uncertain: str, unmentioned: str) -> None:
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise UserError(f"--uncertain takes {'|'.join(UNCERTAIN_POLICIES)}, got {uncertain!r}")
+    if unmentioned not in UNMENTIONED_POLICIES:
+        raise UserError(f"--unmentioned takes {'|'.join(UNMENTIONED_POLICIES)}, got {unmentioned!r}")
+
+
+def apply_policy(labels: np.ndarray, uncertain: str = DEFAULT_UNCERTAIN,
+                 unmentioned: str = DEFAULT_UNMENTIONED) -> np.ndarray:
+    """(N, L) float32 targets from labels as read: 1.0, 0.0, or NaN where unknown under the policy."""
+    check_policy(uncertain, unmentioned)
+    labels = np.asarray(labels)
+    out = np.where(labels == POSITIVE, 1.0, 0.0).astype(np.float32)
+    out[labels == UNCERTAIN] = UNCERTAIN_POLICIES[uncertain]
+    out[labels == UNMENTIONED] = UNMENTIONED_POLICIES[unmentioned]
     return out
 
 

@@ -11,7 +11,12 @@ featcache/heads/ that registers its class (imported by the package's
 
 Shared here: :class:`FeatureNorm` (normalization with train statistics),
 :class:`LinearHead` (normalize, one affine map, softmax: what the linear
-kinds export and store) and :func:`class_weight_vector`.
+kinds export and store; a sigmoid per label for multi-label sets),
+:func:`class_weight_vector` and :func:`positive_weight_vector`.
+
+Multi-label targets are (N, L) floats, 1.0 / 0.0 / NaN where the label is
+unknown under the fit's policy (:func:`featcache.data.labels.apply_policy`);
+a kind that trains on them says so with ``takes_multilabel = True``.
 
 This module imports no head kind; the kinds import it.
 """
@@ -39,6 +44,17 @@ def class_weight_vector(y: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
         return np.ones(n_classes)
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     return len(y) / (n_classes * np.maximum(counts, 1.0))
+
+
+def positive_weight_vector(targets: np.ndarray, mode: str) -> np.ndarray:
+    """Per-label weights of positive targets: ones, or ``negatives / positives`` among the known ones
+    (torch's ``pos_weight``), so each label's positives weigh as much as its negatives."""
+    targets = np.asarray(targets, dtype=np.float64)
+    if mode == "none":
+        return np.ones(targets.shape[1])
+    positives = np.nansum(targets, axis=0)
+    negatives = np.sum(targets == 0.0, axis=0)
+    return np.where(positives > 0, negatives / np.maximum(positives, 1.0), 1.0)
 
 
 def _l2_rows(X):
@@ -111,14 +127,15 @@ class Head(ABC):
     kind: ClassVar[str] = ""  # the --heads name; head.pt records it
     help: ClassVar[str] = ""  # its words in --heads help
     uses_device: ClassVar[bool] = False  # trains on --device (else on the CPU)
+    takes_multilabel: ClassVar[bool] = False  # also trains on (N, L) multi-label targets
 
     @abstractmethod
     def fit(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> "Head":
-        """Train on (X, y), labels in ``range(n_classes)``."""
+        """Train on (X, y), labels in ``range(n_classes)``, or (N, n_classes) multi-label targets."""
 
     @abstractmethod
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """(N, n_classes) probabilities."""
+        """(N, n_classes) probabilities (each label's own, for multi-label targets)."""
 
     @abstractmethod
     def state_dict(self) -> dict:
@@ -144,7 +161,8 @@ class Head(ABC):
 
 
 class LinearHead:
-    """Normalize, one affine map, softmax: the fitted form of the linear kinds, whatever trained it.
+    """Normalize, one affine map, softmax (or a sigmoid per label): the fitted form of the linear kinds,
+    whatever trained it.
 
     A linear kind subclasses it with :class:`Head` (``class K(LinearHead, Head)``)
     and adds how to fit; the map, its state dict and its loading are shared.
@@ -154,16 +172,19 @@ class LinearHead:
     kind: ClassVar[str] = "linear"
 
     def __init__(self, norm: FeatureNorm | None = None, weight: np.ndarray | None = None,
-                 bias: np.ndarray | None = None):
+                 bias: np.ndarray | None = None, multilabel: bool = False):
         self.norm = norm
         self.weight = weight  # (D, K)
         self.bias = bias  # (K,)
+        self.multilabel = multilabel  # a sigmoid per column instead of a softmax over them
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         return self.norm.transform(np.asarray(X, dtype=np.float32)) @ self.weight + self.bias
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         z = self.logits(X).astype(np.float64)
+        if self.multilabel:
+            return sigmoid(z)
         z -= z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
@@ -178,8 +199,9 @@ class LinearHead:
         def t(a):
             return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
-        return {"kind": self.kind, "norm": self.norm.kind, "mean": t(self.norm.mean_),
-                "scale": t(self.norm.scale_), "weight": t(self.weight), "bias": t(self.bias)}
+        state = {"kind": self.kind, "norm": self.norm.kind, "mean": t(self.norm.mean_),
+                 "scale": t(self.norm.scale_), "weight": t(self.weight), "bias": t(self.bias)}
+        return {**state, "task": "multilabel"} if self.multilabel else state
 
     @classmethod
     def from_state_dict(cls, state: dict):
@@ -188,8 +210,15 @@ class LinearHead:
         norm.mean_ = state["mean"].double().numpy()
         norm.scale_ = state["scale"].double().numpy()
         head = cls.__new__(cls)
-        LinearHead.__init__(head, norm, state["weight"].numpy(), state["bias"].numpy())
+        LinearHead.__init__(head, norm, state["weight"].numpy(), state["bias"].numpy(),
+                            multilabel=state.get("task") == "multilabel")
         return head
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-z)) without overflow warnings for large |z|."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 HEADS: dict[str, type[Head]] = {}
