@@ -1,15 +1,57 @@
 """Multi-label heads: policies for uncertain and unmentioned labels at fit time, masked training of every label at
-once, and per-label metrics with patient CIs."""
+once, the choice by mean validation AUROC and a threshold per label on validation, per-label metrics with patient
+CIs, labels joined from another source by path, and predict's column per label."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
+
 import numpy as np
 import pytest
+import torch
 
+from featcache.cache.h5 import write_cache
+from featcache.cli import main
 from featcache.data.labels import apply_policy
-from featcache.eval.metrics import COMPETITION_LABELS, evaluate_multilabel, multilabel_summary
+from featcache.data.sources import read_manifest
+from featcache.eval.metrics import COMPETITION_LABELS, choose_threshold, evaluate_multilabel, multilabel_summary
+from featcache.eval.rundir import RunRecord
+from featcache.fit import fit_head
 from featcache.heads import LinearHeadSweep, LogisticHead
 from featcache.heads.sweep import HeadConfig
+from helpers import CHEXPERT_HEADER, flat, make_chexpert, write_csv
+
+NAMES = list(CHEXPERT_HEADER[5:])
+
+
+def chexpert_cache(tmp_path, *, signal: float = 1.5, seed: int = 0):
+    """A CheXpert fixture's manifest (labels, paths, patients, splits as read) over Gaussian features in which
+    each observation's positives, and half as far its uncertain cases, are moved along a dimension of its own."""
+    folder = make_chexpert(tmp_path, n_train_patients=70, n_valid_patients=20, seed=seed)
+    m = read_manifest(folder, format="chexpert")
+    labels = np.asarray(m.labels)
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(len(m), len(NAMES) + 2))
+    X[:, : len(NAMES)] += signal * (labels == 1) + 0.5 * signal * (labels == -1)
+    path = write_cache(tmp_path / "cx.h5", blocks=[X], n_rows=len(m), feature_dim=X.shape[1], labels=labels,
+                       paths=m.paths, splits=m.splits, patients=m.patients,
+                       attrs={"task": "multilabel", "label_names": NAMES, "backbone": "synthetic",
+                              "weights": "none:seed=0", "fingerprint": "0" * 64, "fingerprint_inputs": {}})
+    return path, m
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _one_line_error(argv, capsys) -> str:
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
 
 
 def test_policies_turn_labels_as_read_into_targets():
@@ -107,3 +149,166 @@ def test_logistic_fits_one_regression_per_label_on_its_known_rows():
         np.testing.assert_allclose(head.predict_proba(X)[:, j], ref.predict_proba(Z)[:, 1], atol=1e-4)
     loaded = LogisticHead.from_state_dict(head.export().state_dict())
     np.testing.assert_allclose(loaded.predict_proba(X), head.predict_proba(X), atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", ["logistic", "sweep"])
+def test_fit_head_fits_every_label_and_chooses_on_validation(tmp_path, heads):
+    cache, m = chexpert_cache(tmp_path)
+    run = tmp_path / "run"
+    metrics = fit_head(cache, run, heads=heads, threshold="youden", epochs=5, n_resamples=50)
+    assert metrics["task"] == "multilabel" and metrics["classes"] == NAMES
+    assert metrics["policy"] == {"uncertain": "ignore", "unmentioned": "negative"}
+    best = max(h["val_auroc"] for h in metrics["heads"])
+    chosen = [h for h in metrics["heads"] if h["name"] == metrics["selected"]["name"]][0]
+    assert chosen["val_auroc"] == best and metrics["val"]["auroc"] == pytest.approx(best)
+    head, config = RunRecord(run).read_head()
+    assert config["task"] == "multilabel" and config["thresholds"] == metrics["thresholds"]
+    payload = torch.load(run / "head.pt", weights_only=True)
+    assert payload["head"]["weight"].shape == (len(NAMES) + 2, len(NAMES))
+    with open(run / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    val = [r for r in rows if r["split"] == "val"]
+    probs = np.array([[float(r[f"p_{n}"]) for n in NAMES] for r in val])
+    targets = np.array([[float(r[f"y_{n}"]) if r[f"y_{n}"] else np.nan for n in NAMES] for r in val])
+    for j, name in enumerate(NAMES):  # one threshold per label, by the rule, on validation's known rows
+        known = ~np.isnan(targets[:, j])
+        y = targets[known, j].astype(bool)
+        if y.any() and not y.all():
+            assert metrics["thresholds"][name] == pytest.approx(choose_threshold(y, probs[known, j], "youden"),
+                                                                abs=1e-5)
+    test = metrics["test"]
+    assert test["n"] == m.splits.count("test") and test["competition_auroc"] > 0.7
+    assert set(test["per_label"]["Edema"]) >= {"auroc", "average_precision", "sensitivity", "specificity", "f1",
+                                               "n_positive", "n_negative", "threshold", "ci"}
+    assert (run / "roc_grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_multilabel_test_labels_never_steer_a_choice(tmp_path):
+    import h5py
+
+    cache, _ = chexpert_cache(tmp_path)
+    first = fit_head(cache, tmp_path / "a", heads="sweep", threshold="f1", epochs=3, n_resamples=0)
+    with h5py.File(cache, "r+") as f:
+        rows = np.flatnonzero(f["splits"].asstr()[()] == "test")
+        labels = f["labels"][()]
+        labels[rows] = labels[np.random.default_rng(0).permutation(rows)]
+        f["labels"][...] = labels
+    second = fit_head(cache, tmp_path / "b", heads="sweep", threshold="f1", epochs=3, n_resamples=0)
+    for key in ("selected", "thresholds", "heads"):
+        assert first[key] == second[key]
+    assert first["test"]["per_label"] != second["test"]["per_label"]
+
+
+def test_uncertain_policies_give_different_fits_from_one_cache(tmp_path, capsys):
+    cache, m = chexpert_cache(tmp_path)
+    before = _sha(cache)
+    fits = {}
+    for policy in ("ones", "ignore", "zeros"):
+        out = tmp_path / policy
+        assert main(["fit-head", str(cache), "--out", str(out), "--uncertain", policy, "--bootstrap", "20"]) == 0
+        fits[policy] = json.loads((out / "metrics.json").read_text()), RunRecord(out).read_head()[0]
+    shown = flat(capsys.readouterr().out)
+    assert "competition" in shown and "uncertain: zeros, not mentioned: negative" in shown
+    assert _sha(cache) == before  # every fit read the one cache; nothing was extracted or rewritten
+    labels, splits = np.asarray(m.labels), np.asarray(m.splits)
+    val = labels[splits == "val"]
+    for j, name in enumerate(NAMES):
+        counts = {p: (f[0]["val"]["per_label"][name]["n_positive"], f[0]["val"]["per_label"][name]["n_negative"])
+                  for p, f in fits.items()}
+        pos, neg, unc, blank = (int((val[:, j] == v).sum()) for v in (1, 0, -1, -2))
+        assert counts == {"ones": (pos + unc, neg + blank), "ignore": (pos, neg + blank),
+                          "zeros": (pos, neg + unc + blank)}
+    assert {p: f[0]["policy"]["uncertain"] for p, f in fits.items()} == {p: p for p in fits}
+    assert not np.allclose(fits["ones"][1].weight, fits["ignore"][1].weight)
+    assert not np.allclose(fits["zeros"][1].weight, fits["ignore"][1].weight)
+    ignored = fit_head(cache, tmp_path / "both", unmentioned="ignore", n_resamples=0)
+    edema = NAMES.index("Edema")
+    assert ignored["val"]["per_label"]["Edema"]["n_negative"] == int((val[:, edema] == 0).sum())
+
+
+def test_fit_head_takes_labels_from_another_source_matched_by_path(tmp_path, capsys):
+    cache, m = chexpert_cache(tmp_path)
+    labels = np.asarray(m.labels)
+    kept = [i for i in range(len(m)) if i % 5]  # every fifth image has no label in the new file
+    rows = [[m.paths[i], *("1" if labels[i, j] == 1 else "0" for j in (NAMES.index("Edema"),
+                                                                      NAMES.index("Cardiomegaly")))]
+            for i in kept]
+    rows.append(["CheXpert-v1.0-small/train/patient99999/study1/view1_frontal.jpg", "1", "0"])  # not in the cache
+    new = write_csv(tmp_path / "relabelled.csv", ["path", "Oedema", "Big heart"], rows)
+    before = _sha(cache)
+    out = tmp_path / "run"
+    assert main(["fit-head", str(cache), "--out", str(out), "--labels", str(new), "--format", "csv",
+                 "--label-cols", "Oedema,Big heart", "--root", str(tmp_path), "--bootstrap", "20"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"] == ["Oedema", "Big heart"] and metrics["task"] == "multilabel"
+    assert metrics["labels"]["matched"] == len(kept) and metrics["labels"]["dropped"] == len(m) - len(kept)
+    splits = np.asarray(m.splits)[kept]
+    assert metrics["val"]["n"] == int((splits == "val").sum()) and metrics["test"]["n"] == int((splits == "test").sum())
+    edema = labels[kept, NAMES.index("Edema")][splits == "test"]
+    assert metrics["test"]["per_label"]["Oedema"]["n_positive"] == int((edema == 1).sum())
+    assert metrics["test"]["per_label"]["Oedema"]["auroc"] > 0.7  # the features carry Edema's signal
+    assert _sha(cache) == before
+    capsys.readouterr()
+    # A single-label source relabels a multi-label cache as a two-class set.
+    one = write_csv(tmp_path / "one.csv", ["path", "finding"],
+                    [[m.paths[i], "EDEMA" if labels[i, NAMES.index("Edema")] == 1 else "CLEAR"] for i in kept])
+    assert main(["fit-head", str(cache), "--out", str(tmp_path / "one"), "--labels", str(one), "--format", "csv",
+                 "--label-col", "finding", "--root", str(tmp_path), "--bootstrap", "0"]) == 0
+    two = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert two["classes"] == ["CLEAR", "EDEMA"] and two["positive_class"] == "EDEMA" and two["test"]["auroc"] > 0.7
+
+
+def test_multilabel_flag_mistakes_are_one_line(tmp_path, capsys):
+    cache, m = chexpert_cache(tmp_path)
+    out = tmp_path / "run"
+    cases = [
+        (["--sampler", "balanced"], "a multi-label set takes shuffle"),
+        (["--positive-class", "Edema"], "--positive-class applies to two-class sets"),
+        (["--uncertain", "maybe"], "--uncertain takes ignore|ones|zeros, got 'maybe'"),
+        (["--format", "csv"], "--format says how --labels is read; give --labels SOURCE"),
+    ]
+    for extra, expected in cases:
+        assert expected in _one_line_error(["fit-head", cache, "--out", out, *extra], capsys)
+    elsewhere = write_csv(tmp_path / "elsewhere.csv", ["path", "A"], [[p.split("/", 1)[1], "1"] for p in m.paths])
+    err = _one_line_error(["fit-head", cache, "--out", out, "--labels", elsewhere, "--format", "csv", "--label-cols",
+                           "A", "--root", tmp_path / "CheXpert-v1.0-small"], capsys)
+    assert "has a label in" in err and "paths are matched as the cache stores them" in err
+
+
+def test_single_label_caches_refuse_the_multilabel_policies(tmp_path, capsys):
+    y = np.arange(40) % 2
+    cache = write_cache(tmp_path / "c.h5", blocks=[np.random.default_rng(0).normal(size=(40, 4)) + y[:, None]],
+                        n_rows=40, feature_dim=4, labels=y, paths=[f"{i}.png" for i in range(40)],
+                        splits=["train"] * 20 + ["val"] * 20, patients=[str(i) for i in range(40)],
+                        attrs={"classes": ["A", "B"], "backbone": "synthetic", "weights": "none:seed=0",
+                               "fingerprint": "0" * 64, "fingerprint_inputs": {}})
+    assert main(["fit-head", str(cache), "--out", str(tmp_path / "ok"), "--bootstrap", "0"]) == 0
+    err = _one_line_error(["fit-head", cache, "--out", tmp_path / "r", "--uncertain", "ones"], capsys)
+    assert "--uncertain and --unmentioned apply to multi-label sets" in err
+
+
+def test_predict_writes_a_probability_and_a_decision_per_label(tmp_path, tiny_backbone):
+    folder = make_chexpert(tmp_path, n_train_patients=30, n_valid_patients=8)
+    cache = tmp_path / "cx.h5"
+    assert main(["extract", str(folder), "--format", "chexpert", "--out", str(cache), "--backbone", tiny_backbone,
+                 "--weights", "none", "--workers", "0", "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert main(["fit-head", str(cache), "--out", str(run), "--unmentioned", "ignore", "--threshold", "f1",
+                 "--bootstrap", "0"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    images = sorted((folder / "valid").rglob("*.jpg"))[:3]
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), *map(str, images), "--out", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    with open(run / "predictions.csv") as f:
+        cached = {r["path"]: r for r in csv.DictReader(f)}
+    assert len(rows) == 3
+    for row, image in zip(rows, images):
+        same = cached[image.relative_to(tmp_path).as_posix()]
+        for name in NAMES:
+            p, thr = float(row[f"p_{name}"]), metrics["thresholds"][name]
+            assert p == pytest.approx(float(same[f"p_{name}"]), abs=1e-4)
+            assert row[f"pred_{name}"] == str(int(p >= thr))
+        assert row["prediction"] == "|".join(n for n in NAMES if row[f"pred_{n}"] == "1")
+        assert row["threshold_rule"] == "f1" and not row["error"]

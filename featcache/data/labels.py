@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.errors import UserError
+from featcache.options import HEAD
 
 MULTICLASS = "multiclass"
 MULTILABEL = "multilabel"
@@ -29,8 +30,8 @@ CELL_WORDS = "1, 0, -1 (uncertain) or blank (not mentioned)"
 # CheXpert's U-Ignore, U-Ones and U-Zeros (Irvin et al. 2019), and a blank cell read as negative or as unknown.
 UNCERTAIN_POLICIES = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}
 UNMENTIONED_POLICIES = {"negative": 0.0, "ignore": np.nan}
-DEFAULT_UNCERTAIN = "ignore"
-DEFAULT_UNMENTIONED = "negative"
+DEFAULT_UNCERTAIN = HEAD.uncertain
+DEFAULT_UNMENTIONED = HEAD.unmentioned
 
 
 def tally(labels: np.ndarray, splits, names) -> dict:
@@ -64,7 +65,22 @@ def apply_policy(labels: np.ndarray, uncertain: str = DEFAULT_UNCERTAIN,
 
 
 def single_label_only(task: str, what: str, n_labels: int) -> None:
-    """Refuse a multi-label set where only single-label heads and training exist yet."""
+    """Refuse a multi-label set where only single-label training exists yet (fit-head fits both)."""
     if task == MULTILABEL:
-        raise UserError(f"{what} is a multi-label set ({n_labels} labels); multi-label heads are not available "
-                        "yet, so fit-head and finetune take single-label data only")
+        raise UserError(f"{what} is a multi-label set ({n_labels} labels); fit-head fits multi-label sets, this "
+                        "command takes single-label data only for now")
+
+
+def labels_for_paths(manifest, paths) -> tuple[np.ndarray, np.ndarray]:
+    """The labels ``manifest`` gives each of ``paths`` (a cache's rows), matched by path, and which rows have one.
+
+    Rows without a label get a placeholder (0, or a row of "not mentioned") and ``False`` in the mask.
+    """
+    where = {p.replace("\\", "/"): i for i, p in enumerate(manifest.paths)}
+    found = np.array([where.get(str(p).replace("\\", "/"), -1) for p in paths], dtype=np.int64)
+    keep = found >= 0
+    source = np.asarray(manifest.labels)
+    labels = np.zeros(len(found), dtype=np.int64) if source.ndim == 1 else \
+        np.full((len(found), source.shape[1]), UNMENTIONED, dtype=np.int8)
+    labels[keep] = source[found[keep]]
+    return labels, keep
