@@ -177,6 +177,18 @@ def _add_run_flags(p: argparse.ArgumentParser, nproc_help: str, overwrite_help: 
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_label_policies(p: argparse.ArgumentParser, defaults):
+    """--uncertain and --unmentioned (how multi-label labels as read become targets), in a group returned
+    for the command's other multi-label flags."""
+    g = p.add_argument_group("multi-label sets")
+    g.add_argument("--uncertain", default=defaults.uncertain, metavar="ignore|ones|zeros",
+                   help="uncertain labels (-1): left out of loss and metrics, or taken as positive or negative "
+                        "(CheXpert's U-Ignore, U-Ones, U-Zeros) (default %(default)s)")
+    g.add_argument("--unmentioned", default=defaults.unmentioned, metavar="negative|ignore",
+                   help="labels not mentioned (blank): negative, or left out (default %(default)s)")
+    return g
+
+
 def _add_positive_class(p: argparse.ArgumentParser, default) -> None:
     from featcache.options import DEFAULT_POSITIVE_CLASS
 
@@ -271,12 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default %(default)s)")
     p.add_argument("--seed", type=_count, default=HEAD.seed, help="seeds the sweep's minibatches and the bootstrap")
     _add_positive_class(p, HEAD.positive_class)
-    g = p.add_argument_group("multi-label sets")
-    g.add_argument("--uncertain", default=HEAD.uncertain, metavar="ignore|ones|zeros",
-                   help="uncertain labels (-1): left out of loss and metrics, or taken as positive or negative "
-                        "(CheXpert's U-Ignore, U-Ones, U-Zeros) (default %(default)s)")
-    g.add_argument("--unmentioned", default=HEAD.unmentioned, metavar="negative|ignore",
-                   help="labels not mentioned (blank): negative, or left out (default %(default)s)")
+    g = _add_label_policies(p, HEAD)
     g.add_argument("--labels", default=HEAD.labels, metavar="SOURCE",
                    help="fit on this label source's labels instead of the cache's (read as --format says, "
                         "matched to the cache's rows by path; rows without a label are dropped)")
@@ -322,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p, nproc_help="DDP processes launched with torchrun",
                    overwrite_help="replace a run with other settings in RUN_DIR")
     _add_positive_class(p, FINETUNE.positive_class)
+    _add_label_policies(p, FINETUNE)
     _add_scan_flags(p)
     _add_seed(p)
     p.set_defaults(func=_cmd_finetune)
@@ -599,11 +607,11 @@ def _cmd_finetune(args) -> int:
         from featcache.backbones.registry import get_entry
 
         get_entry(_backbone(args))  # the commonest mistakes fail here, once, before the launch
-        from featcache.data.labels import single_label_only
+        from featcache.data.labels import check_policy
         from featcache.data.sources import read_manifest
 
-        manifest = read_manifest(args.data, **_scan_options(args))
-        single_label_only(manifest.task, args.data, len(manifest.classes))
+        check_policy(args.uncertain, args.unmentioned)
+        read_manifest(args.data, **_scan_options(args))
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
     from featcache.finetune import finetune
 
@@ -615,7 +623,7 @@ def _cmd_finetune(args) -> int:
                        seed=args.seed, threshold=args.threshold, device=args.device, backend=args.backend,
                        workers=args.workers, overwrite=args.overwrite, scan_options=_scan_options(args),
                        n_resamples=args.bootstrap, progress=not args.no_progress,
-                       positive_class=args.positive_class)
+                       positive_class=args.positive_class, uncertain=args.uncertain, unmentioned=args.unmentioned)
     if metrics is not None:
         _print_metrics(metrics, args.out, files="best.pt, history.json, learning_curve.png, metrics.json and plots")
     return 0

@@ -90,6 +90,8 @@ class FinetuneOptions:
     n_resamples: int = DEFAULT_RESAMPLES
     progress: bool = True
     positive_class: str | None = None
+    uncertain: str = "ignore"  # as for fit-head
+    unmentioned: str = "negative"
 
 
 EXTRACT = ExtractOptions()

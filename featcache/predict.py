@@ -128,10 +128,13 @@ def _finetuned_scorer(record: RunRecord, device: str):
     load_torchvision_state_dict(model, payload["model"], entry)
     model, layout = place(model, device)
     model.eval()
-    config = {k: metrics.get(k) for k in ("classes", "positive_class", "threshold", "threshold_rule")}
+    config = {k: metrics.get(k) for k in ("classes", "positive_class", "threshold", "threshold_rule", "task",
+                                          "thresholds")}
+    multilabel = config["task"] == "multilabel"
 
     def score(images):
-        return model(images.contiguous(memory_format=layout)).float().softmax(dim=1).cpu().numpy()
+        logits = model(images.contiguous(memory_format=layout)).float()
+        return (logits.sigmoid() if multilabel else logits.softmax(dim=1)).cpu().numpy()
 
     return score, backbone.spec, "torchvision", config
 

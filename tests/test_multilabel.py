@@ -312,3 +312,44 @@ def test_predict_writes_a_probability_and_a_decision_per_label(tmp_path, tiny_ba
             assert row[f"pred_{name}"] == str(int(p >= thr))
         assert row["prediction"] == "|".join(n for n in NAMES if row[f"pred_{n}"] == "1")
         assert row["threshold_rule"] == "f1" and not row["error"]
+
+
+def test_finetune_trains_every_label_with_the_masked_loss_under_each_policy(tmp_path, tiny_backbone, monkeypatch):
+    from dataclasses import replace
+
+    from featcache.backbones import registry
+    from featcache.finetune import finetune
+
+    # best.pt stores the new head under the backbone's head name, which the plumbing backbone lacks.
+    monkeypatch.setitem(registry.REGISTRY, tiny_backbone,
+                        replace(registry.REGISTRY[tiny_backbone], head_prefixes=("fc.",)))
+    folder = make_chexpert(tmp_path, n_train_patients=30, n_valid_patients=8)
+    m = read_manifest(folder, format="chexpert")
+    runs = {}
+    for policy in ("ones", "ignore"):
+        runs[policy] = finetune(folder, tmp_path / policy, backbone=tiny_backbone, weights="none", epochs=2,
+                                batch_size=16, amp="off", workers=0, n_resamples=20, progress=False,
+                                scan_options={"format": "chexpert"}, uncertain=policy, threshold="youden")
+    val = np.asarray(m.labels)[np.asarray(m.splits) == "val"]
+    edema = NAMES.index("Edema")
+    for policy, metrics in runs.items():
+        assert metrics["task"] == "multilabel" and metrics["policy"]["uncertain"] == policy
+        assert set(metrics["thresholds"]) == set(NAMES) and "competition_auroc" in metrics["test"]
+        history = json.loads((tmp_path / policy / "history.json").read_text())
+        assert len(history) == 2 and all(0.0 <= h["val_auroc"] <= 1.0 for h in history)
+        best = max(history, key=lambda h: h["val_auroc"])
+        assert metrics["selected"]["epoch"] == best["epoch"]
+        assert metrics["val"]["auroc"] == pytest.approx(best["val_auroc"])
+    positives = {p: r["val"]["per_label"]["Edema"]["n_positive"] for p, r in runs.items()}
+    assert positives == {"ones": int(np.isin(val[:, edema], (1, -1)).sum()), "ignore": int((val[:, edema] == 1).sum())}
+    heads = {p: torch.load(tmp_path / p / "best.pt", weights_only=True)["model"] for p in runs}
+    weight = [k for k in heads["ones"] if k.endswith("weight") and heads["ones"][k].shape[0] == len(NAMES)][0]
+    assert not torch.allclose(heads["ones"][weight], heads["ignore"][weight])
+    images = sorted((folder / "valid").rglob("*.jpg"))[:2]
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(tmp_path / "ones"), *map(str, images), "--out", str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [set(r) >= {f"p_{n}" for n in NAMES} | {f"pred_{n}" for n in NAMES} for r in rows] == [True, True]
+    for row in rows:
+        assert row["prediction"] == "|".join(n for n in NAMES if row[f"pred_{n}"] == "1")

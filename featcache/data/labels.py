@@ -1,4 +1,5 @@
-"""Label values as datasets write them, and the one refusal multi-label sets meet for now.
+"""Label values as datasets write them, the policies that make them targets, and the joins and refusals
+multi-label sets meet.
 
 A multi-label set keeps its labels as read, one int8 per image and label::
 
@@ -65,10 +66,10 @@ def apply_policy(labels: np.ndarray, uncertain: str = DEFAULT_UNCERTAIN,
 
 
 def single_label_only(task: str, what: str, n_labels: int) -> None:
-    """Refuse a multi-label set where only single-label training exists yet (fit-head fits both)."""
+    """Refuse a multi-label set where only single-label code exists yet (fit-head and finetune fit both)."""
     if task == MULTILABEL:
-        raise UserError(f"{what} is a multi-label set ({n_labels} labels); fit-head fits multi-label sets, this "
-                        "command takes single-label data only for now")
+        raise UserError(f"{what} is a multi-label set ({n_labels} labels); fit-head and finetune fit multi-label "
+                        "sets, this command takes single-label data only for now")
 
 
 def labels_for_paths(manifest, paths) -> tuple[np.ndarray, np.ndarray]:
