@@ -36,6 +36,7 @@ NORMALIZATIONS = ("standard", "l2")
 SAMPLERS = ("shuffle", "balanced")
 # A feature that never varies on train (a dead ReLU channel) keeps scale 1.
 MIN_SCALE = 1e-6
+FIT_BLOCK_ROWS = 8192
 
 
 def class_weight_vector(y: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
@@ -69,11 +70,24 @@ class FeatureNorm:
         self.kind = kind
 
     def fit(self, X: np.ndarray) -> "FeatureNorm":
-        X = self._pre(np.asarray(X, dtype=np.float64))
-        self.mean_ = X.mean(axis=0)
-        std = X.std(axis=0)
+        """Mean and standard deviation per feature, in float64 over blocks of rows (two passes, so no
+        cancellation): a float64 copy of a 100,000-row matrix would need twice its memory again."""
+        X = np.asarray(X)
+        n = max(len(X), 1)
+        total = np.zeros(X.shape[1])
+        for block in self._blocks(X):
+            total += block.sum(axis=0)
+        self.mean_ = total / n
+        squares = np.zeros(X.shape[1])
+        for block in self._blocks(X):
+            squares += np.square(block - self.mean_).sum(axis=0)
+        std = np.sqrt(squares / n)
         self.scale_ = np.where(std > MIN_SCALE, std, 1.0)
         return self
+
+    def _blocks(self, X: np.ndarray):
+        for lo in range(0, len(X), FIT_BLOCK_ROWS):
+            yield self._pre(X[lo : lo + FIT_BLOCK_ROWS].astype(np.float64))
 
     def _pre(self, X):
         return _l2_rows(X) if self.kind == "l2" else X
