@@ -42,6 +42,16 @@ def chexpert_cache(tmp_path, *, signal: float = 1.5, seed: int = 0):
     return path, m
 
 
+def single_label_cache(path):
+    """Two classes, 20 train and 20 val images, the class moving every feature."""
+    y = np.arange(40) % 2
+    return write_cache(path, blocks=[np.random.default_rng(0).normal(size=(40, 4)) + y[:, None]], n_rows=40,
+                       feature_dim=4, labels=y, paths=[f"{i}.png" for i in range(40)],
+                       splits=["train"] * 20 + ["val"] * 20, patients=[str(i) for i in range(40)],
+                       attrs={"classes": ["A", "B"], "backbone": "synthetic", "weights": "none:seed=0",
+                              "fingerprint": "0" * 64, "fingerprint_inputs": {}})
+
+
 def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -276,12 +286,7 @@ def test_multilabel_flag_mistakes_are_one_line(tmp_path, capsys):
 
 
 def test_single_label_caches_refuse_the_multilabel_policies(tmp_path, capsys):
-    y = np.arange(40) % 2
-    cache = write_cache(tmp_path / "c.h5", blocks=[np.random.default_rng(0).normal(size=(40, 4)) + y[:, None]],
-                        n_rows=40, feature_dim=4, labels=y, paths=[f"{i}.png" for i in range(40)],
-                        splits=["train"] * 20 + ["val"] * 20, patients=[str(i) for i in range(40)],
-                        attrs={"classes": ["A", "B"], "backbone": "synthetic", "weights": "none:seed=0",
-                               "fingerprint": "0" * 64, "fingerprint_inputs": {}})
+    cache = single_label_cache(tmp_path / "c.h5")
     assert main(["fit-head", str(cache), "--out", str(tmp_path / "ok"), "--bootstrap", "0"]) == 0
     err = _one_line_error(["fit-head", cache, "--out", tmp_path / "r", "--uncertain", "ones"], capsys)
     assert "--uncertain and --unmentioned apply to multi-label sets" in err
@@ -353,3 +358,26 @@ def test_finetune_trains_every_label_with_the_masked_loss_under_each_policy(tmp_
     assert [set(r) >= {f"p_{n}" for n in NAMES} | {f"pred_{n}" for n in NAMES} for r in rows] == [True, True]
     for row in rows:
         assert row["prediction"] == "|".join(n for n in NAMES if row[f"pred_{n}"] == "1")
+
+
+def test_report_compares_multilabel_runs_label_by_label(tmp_path, capsys):
+    from featcache.report.document import build_report
+
+    cache, _ = chexpert_cache(tmp_path)
+    runs = {}
+    for policy in ("ignore", "ones"):
+        runs[policy] = fit_head(cache, tmp_path / policy, heads="sweep", epochs=3, uncertain=policy,
+                                n_resamples=20)
+    facts = build_report([str(tmp_path / p) for p in runs], tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    rows = {r["run"]: r for r in facts["multilabel"]}
+    for policy, metrics in runs.items():
+        assert rows[policy]["uncertain"] == policy and rows[policy]["split"] == "test"
+        assert rows[policy]["competition_auroc"] == metrics["test"]["competition_auroc"]
+        assert rows[policy]["per_label"]["Edema"]["auroc"] == metrics["test"]["per_label"]["Edema"]["auroc"]
+        assert (tmp_path / "report" / f"roc_grid_{policy}.png").is_file()
+    assert "AUROC per label" in text and all(f"| {name} |" in text for name in NAMES)
+    assert "not a like-for-like comparison" in text
+    fit_head(single_label_cache(tmp_path / "s.h5"), tmp_path / "single", n_resamples=0)
+    err = _one_line_error(["report", tmp_path / "ones", tmp_path / "single", "--out", tmp_path / "mixed"], capsys)
+    assert "ones: multi-label run; report multi-label runs together" in err
