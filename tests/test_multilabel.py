@@ -381,3 +381,17 @@ def test_report_compares_multilabel_runs_label_by_label(tmp_path, capsys):
     fit_head(single_label_cache(tmp_path / "s.h5"), tmp_path / "single", n_resamples=0)
     err = _one_line_error(["report", tmp_path / "ones", tmp_path / "single", "--out", tmp_path / "mixed"], capsys)
     assert "ones: multi-label run; report multi-label runs together" in err
+
+
+def test_a_run_config_fits_and_reports_a_multilabel_set_under_its_policy(tmp_path, tiny_backbone):
+    from featcache.run import run_config
+
+    folder = make_chexpert(tmp_path, n_train_patients=30, n_valid_patients=8)
+    config = tmp_path / "cx.toml"
+    config.write_text(f'data = "{folder}"\nformat = "chexpert"\nweights = "none"\nout = "{tmp_path / "out"}"\n'
+                      f'uncertain = "zeros"\nunmentioned = "ignore"\nbootstrap = 0\n\n'
+                      f'[[fixed]]\nbackbone = "{tiny_backbone}"\nheads = "logistic"\n')
+    facts = run_config(config)
+    metrics = json.loads((tmp_path / "out" / "runs" / f"{tiny_backbone}-logistic" / "metrics.json").read_text())
+    assert metrics["policy"] == {"uncertain": "zeros", "unmentioned": "ignore"}
+    assert [(r["uncertain"], r["unmentioned"]) for r in facts["multilabel"]] == [("zeros", "ignore")]
