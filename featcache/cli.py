@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: none for logistic, both (a grid axis) for sweep")
     p.add_argument("--threshold", default=HEAD.threshold, metavar="0.5|youden|f1",
                    help="two classes: decision threshold on the positive-class probability, fixed or chosen "
-                        "on val (default %(default)s)")
+                        "on val; multi-label: one per label, by the same rule (default %(default)s)")
     p.add_argument("--target-sensitivity", type=_probability, default=HEAD.target_sensitivity, metavar="S",
                    help="instead: the highest threshold reaching this validation sensitivity, e.g. 0.95")
     p.add_argument("--sampler", default=HEAD.sampler, metavar="shuffle|balanced",

@@ -193,17 +193,18 @@ def test_fit_head_fits_every_label_and_chooses_on_validation(tmp_path, heads):
     assert (run / "roc_grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_multilabel_test_labels_never_steer_a_choice(tmp_path):
+@pytest.mark.parametrize("heads", ["logistic", "sweep"])
+def test_multilabel_test_labels_never_steer_a_choice(tmp_path, heads):
     import h5py
 
     cache, _ = chexpert_cache(tmp_path)
-    first = fit_head(cache, tmp_path / "a", heads="sweep", threshold="f1", epochs=3, n_resamples=0)
+    first = fit_head(cache, tmp_path / "a", heads=heads, threshold="f1", epochs=3, n_resamples=0)
     with h5py.File(cache, "r+") as f:
         rows = np.flatnonzero(f["splits"].asstr()[()] == "test")
         labels = f["labels"][()]
         labels[rows] = labels[np.random.default_rng(0).permutation(rows)]
         f["labels"][...] = labels
-    second = fit_head(cache, tmp_path / "b", heads="sweep", threshold="f1", epochs=3, n_resamples=0)
+    second = fit_head(cache, tmp_path / "b", heads=heads, threshold="f1", epochs=3, n_resamples=0)
     for key in ("selected", "thresholds", "heads"):
         assert first[key] == second[key]
     assert first["test"]["per_label"] != second["test"]["per_label"]
@@ -319,20 +320,26 @@ def test_predict_writes_a_probability_and_a_decision_per_label(tmp_path, tiny_ba
         assert row["threshold_rule"] == "f1" and not row["error"]
 
 
-def test_finetune_trains_every_label_with_the_masked_loss_under_each_policy(tmp_path, tiny_backbone, monkeypatch):
+@pytest.fixture
+def tunable_tiny(tiny_backbone, monkeypatch) -> str:
+    """The plumbing backbone with a head name: best.pt stores a fine-tuned head under it."""
     from dataclasses import replace
 
     from featcache.backbones import registry
-    from featcache.finetune import finetune
 
-    # best.pt stores the new head under the backbone's head name, which the plumbing backbone lacks.
     monkeypatch.setitem(registry.REGISTRY, tiny_backbone,
                         replace(registry.REGISTRY[tiny_backbone], head_prefixes=("fc.",)))
+    return tiny_backbone
+
+
+def test_finetune_trains_every_label_with_the_masked_loss_under_each_policy(tmp_path, tunable_tiny):
+    from featcache.finetune import finetune
+
     folder = make_chexpert(tmp_path, n_train_patients=30, n_valid_patients=8)
     m = read_manifest(folder, format="chexpert")
     runs = {}
     for policy in ("ones", "ignore"):
-        runs[policy] = finetune(folder, tmp_path / policy, backbone=tiny_backbone, weights="none", epochs=2,
+        runs[policy] = finetune(folder, tmp_path / policy, backbone=tunable_tiny, weights="none", epochs=2,
                                 batch_size=16, amp="off", workers=0, n_resamples=20, progress=False,
                                 scan_options={"format": "chexpert"}, uncertain=policy, threshold="youden")
     val = np.asarray(m.labels)[np.asarray(m.splits) == "val"]
@@ -395,3 +402,20 @@ def test_a_run_config_fits_and_reports_a_multilabel_set_under_its_policy(tmp_pat
     metrics = json.loads((tmp_path / "out" / "runs" / f"{tiny_backbone}-logistic" / "metrics.json").read_text())
     assert metrics["policy"] == {"uncertain": "zeros", "unmentioned": "ignore"}
     assert [(r["uncertain"], r["unmentioned"]) for r in facts["multilabel"]] == [("zeros", "ignore")]
+
+
+def test_finetune_multilabel_choices_are_blind_to_the_test_labels(tmp_path, tunable_tiny):
+    from featcache.finetune import finetune
+
+    folder = make_chexpert(tmp_path, n_train_patients=24, n_valid_patients=8)
+    options = dict(backbone=tunable_tiny, weights="none", epochs=2, batch_size=16, amp="off", workers=0,
+                   n_resamples=0, progress=False, scan_options={"format": "chexpert"}, threshold="youden")
+    first = finetune(folder, tmp_path / "a", **options)
+    with open(folder / "valid.csv") as f:  # valid.csv is the test split: its label rows shuffled
+        rows = list(csv.reader(f))
+    order = np.random.default_rng(0).permutation(len(rows) - 1) + 1
+    write_csv(folder / "valid.csv", rows[0], [rows[i][:5] + rows[j][5:] for i, j in zip(range(1, len(rows)), order)])
+    second = finetune(folder, tmp_path / "b", **options)
+    for key in ("selected", "thresholds", "heads"):
+        assert first[key] == second[key]
+    assert first["test"]["per_label"] != second["test"]["per_label"]
