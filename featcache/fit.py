@@ -52,6 +52,8 @@ def _load_splits(cache: FeatureCache, labels: "JoinedLabels | None" = None
             rows = cache.rows(split)
             keep = labels.keep[rows]
             data[split] = X[keep], labels.values[rows][keep], patients[keep]
+        if "test" in data and not len(data["test"][1]):  # no test image has a label there
+            del data["test"]
     return data
 
 

@@ -267,6 +267,13 @@ def test_fit_head_takes_labels_from_another_source_matched_by_path(tmp_path, cap
                  "--label-col", "finding", "--root", str(tmp_path), "--bootstrap", "0"]) == 0
     two = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert two["classes"] == ["CLEAR", "EDEMA"] and two["positive_class"] == "EDEMA" and two["test"]["auroc"] > 0.7
+    # Labels for train and val images only: the run has no test split, rather than an empty one.
+    no_test = write_csv(tmp_path / "no_test.csv", ["path", "Oedema"],
+                        [[m.paths[i], "1" if labels[i, NAMES.index("Edema")] == 1 else "0"]
+                         for i in range(len(m)) if m.splits[i] != "test"])
+    partial = fit_head(cache, tmp_path / "no_test", labels=str(no_test), n_resamples=0,
+                       label_options={"format": "csv", "label_cols": "Oedema", "root": str(tmp_path)})
+    assert "test" not in partial and partial["labels"]["dropped"] == m.splits.count("test")
 
 
 def test_multilabel_flag_mistakes_are_one_line(tmp_path, capsys):
