@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,10 @@ class Settings:
     world: int
     uncertain: str = FINETUNE.uncertain
     unmentioned: str = FINETUNE.unmentioned
+
+
+# Settings added after runs were already being saved, with the value those runs had.
+SETTING_DEFAULTS = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
 
 
 def classifier_class():
@@ -456,6 +460,8 @@ def _prepare_run_dir(record: RunRecord, settings: Settings, overwrite: bool, dis
             current = json.loads(json.dumps(asdict(settings)))
             if saved is None:
                 raise UserError(f"{record.last_path} cannot be read; pass --overwrite to start over")
+            # A run saved before a setting existed ran with its default.
+            saved = {**SETTING_DEFAULTS, **saved}
             if saved != current:
                 diffs = [k for k in saved if saved[k] != current.get(k)]
                 raise UserError(f"{out} holds a run with other settings ({', '.join(diffs)}); "

@@ -17,6 +17,7 @@ from featcache.cli import main
 from featcache.data.labels import apply_policy
 from featcache.data.sources import read_manifest
 from featcache.eval.metrics import COMPETITION_LABELS, choose_threshold, evaluate_multilabel, multilabel_summary
+from featcache.errors import UserError
 from featcache.eval.rundir import RunRecord
 from featcache.fit import fit_head
 from featcache.heads import LinearHeadSweep, LogisticHead
@@ -426,3 +427,19 @@ def test_finetune_multilabel_choices_are_blind_to_the_test_labels(tmp_path, tuna
     for key in ("selected", "thresholds", "heads"):
         assert first[key] == second[key]
     assert first["test"]["per_label"] != second["test"]["per_label"]
+
+
+def test_a_finetune_run_saved_before_the_policies_existed_is_still_recognised(tmp_path, tunable_tiny):
+    from featcache.finetune import finetune
+
+    folder = make_chexpert(tmp_path, n_train_patients=12, n_valid_patients=4)
+    options = dict(backbone=tunable_tiny, weights="none", epochs=1, batch_size=16, amp="off", workers=0,
+                   n_resamples=0, progress=False, scan_options={"format": "chexpert"})
+    first = finetune(folder, tmp_path / "run", **options)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    settings = json.loads(last["settings"])
+    del settings["uncertain"], settings["unmentioned"]  # as a run saved by an earlier featcache
+    torch.save({**last, "settings": json.dumps(settings)}, tmp_path / "run" / "last.pt")
+    assert finetune(folder, tmp_path / "run", **options) == first
+    with pytest.raises(UserError, match=r"other settings \(uncertain\)"):
+        finetune(folder, tmp_path / "run", **options, uncertain="ones")
