@@ -177,6 +177,18 @@ def _add_run_flags(p: argparse.ArgumentParser, nproc_help: str, overwrite_help: 
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_label_policies(p: argparse.ArgumentParser, defaults):
+    """--uncertain and --unmentioned (how multi-label labels as read become targets), in a group returned
+    for the command's other multi-label flags."""
+    g = p.add_argument_group("multi-label sets")
+    g.add_argument("--uncertain", default=defaults.uncertain, metavar="ignore|ones|zeros",
+                   help="uncertain labels (-1): left out of loss and metrics, or taken as positive or negative "
+                        "(CheXpert's U-Ignore, U-Ones, U-Zeros) (default %(default)s)")
+    g.add_argument("--unmentioned", default=defaults.unmentioned, metavar="negative|ignore",
+                   help="labels not mentioned (blank): negative, or left out (default %(default)s)")
+    return g
+
+
 def _add_positive_class(p: argparse.ArgumentParser, default) -> None:
     from featcache.options import DEFAULT_POSITIVE_CLASS
 
@@ -260,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: none for logistic and mlp, both (a grid axis) for sweep and knn")
     p.add_argument("--threshold", default=HEAD.threshold, metavar="0.5|youden|f1",
                    help="two classes: decision threshold on the positive-class probability, fixed or chosen "
-                        "on val (default %(default)s)")
+                        "on val; multi-label: one per label, by the same rule (default %(default)s)")
     p.add_argument("--target-sensitivity", type=_probability, default=HEAD.target_sensitivity, metavar="S",
                    help="instead: the highest threshold reaching this validation sensitivity, e.g. 0.95")
     p.add_argument("--sampler", default=HEAD.sampler, metavar="shuffle|balanced",
@@ -272,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default %(default)s)")
     p.add_argument("--seed", type=_count, default=HEAD.seed, help="seeds the sweep's minibatches and the bootstrap")
     _add_positive_class(p, HEAD.positive_class)
+    g = _add_label_policies(p, HEAD)
+    g.add_argument("--labels", default=HEAD.labels, metavar="SOURCE",
+                   help="fit on this label source's labels instead of the cache's (read as --format says, "
+                        "matched to the cache's rows by path; rows without a label are dropped)")
+    _add_label_source_flags(p)
     p.set_defaults(func=_cmd_fit_head)
 
     p = sub.add_parser("finetune", help="train every weight (or a new head on a frozen backbone) in one AMP loop",
@@ -313,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p, nproc_help="DDP processes launched with torchrun",
                    overwrite_help="replace a run with other settings in RUN_DIR")
     _add_positive_class(p, FINETUNE.positive_class)
+    _add_label_policies(p, FINETUNE)
     _add_scan_flags(p)
     _add_seed(p)
     p.set_defaults(func=_cmd_finetune)
@@ -464,6 +482,20 @@ def _scan_options(args) -> dict:
             "patient_col": args.patient_col, "split_col": args.split_col, "root": args.root, "views": args.views}
 
 
+def _label_source_options(args) -> dict:
+    """fit-head's --format and its flags, which say how --labels is read (and mean nothing without it)."""
+    from featcache.data.sources import DEFAULT_FORMAT, SCAN_DEFAULTS
+
+    options = {"format": args.format, **{k: getattr(args, k) for k in ("path_col", "label_col", "label_cols",
+                                                                      "patient_col", "split_col", "root", "views")}}
+    if args.labels is None:
+        stray = [k for k, v in options.items() if v != (DEFAULT_FORMAT if k == "format" else SCAN_DEFAULTS[k])]
+        if stray:
+            raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in stray)} "
+                            f"{'says' if len(stray) == 1 else 'say'} how --labels is read; give --labels SOURCE")
+    return options
+
+
 def _print_manifest(manifest) -> None:
     from featcache.runtime.console import get_console
     from featcache.runtime.tables import print_manifest
@@ -530,7 +562,8 @@ def _cmd_fit_head(args) -> int:
     options = dict(heads=args.heads, C=args.C, class_weight=args.class_weight, threshold=args.threshold,
                    target_sensitivity=args.target_sensitivity, sampler=args.sampler, epochs=args.epochs,
                    device=args.device, n_resamples=args.bootstrap, seed=args.seed,
-                   positive_class=args.positive_class)
+                   positive_class=args.positive_class, uncertain=args.uncertain, unmentioned=args.unmentioned,
+                   labels=args.labels, label_options=_label_source_options(args))
     if len(caches) == 1:
         _print_metrics(fit_head(caches[0], args.out, **options), args.out)
     else:
@@ -545,8 +578,14 @@ def _print_metrics(metrics: dict, out, files: str = "metrics.json, head.pt and p
 
     sel = metrics["selected"]
     console = get_console()
-    decision = (f"threshold {metrics['threshold']:.3f} ({metrics['threshold_rule']}), positive class "
-                f"{metrics['positive_class']}" if metrics["threshold"] is not None else "argmax decision")
+    if metrics.get("task") == "multilabel":
+        policy = metrics["policy"]
+        decision = (f"a threshold per label ({metrics['threshold_rule']}); uncertain: {policy['uncertain']}, "
+                    f"not mentioned: {policy['unmentioned']}")
+        files = files.replace("roc, pr, reliability, confusion_matrix", "roc_grid")
+    else:
+        decision = (f"threshold {metrics['threshold']:.3f} ({metrics['threshold_rule']}), positive class "
+                    f"{metrics['positive_class']}" if metrics["threshold"] is not None else "argmax decision")
     console.print(f"[bold]{metrics['backbone']}[/] ({metrics['weights']}): best of {metrics['n_heads']} "
                   f"{sel['head']} head{'s' if metrics['n_heads'] > 1 else ''} by val AUROC: [bold]{sel['name']}[/]; "
                   f"{decision}")
@@ -574,11 +613,11 @@ def _cmd_finetune(args) -> int:
         from featcache.backbones.registry import get_entry
 
         get_entry(_backbone(args))  # the commonest mistakes fail here, once, before the launch
-        from featcache.data.labels import single_label_only
+        from featcache.data.labels import check_policy
         from featcache.data.sources import read_manifest
 
-        manifest = read_manifest(args.data, **_scan_options(args))
-        single_label_only(manifest.task, args.data, len(manifest.classes))
+        check_policy(args.uncertain, args.unmentioned)
+        read_manifest(args.data, **_scan_options(args))
         return distributed.launch(args.nproc, distributed.strip_nproc(args.argv))
     from featcache.finetune import finetune
 
@@ -590,7 +629,7 @@ def _cmd_finetune(args) -> int:
                        seed=args.seed, threshold=args.threshold, device=args.device, backend=args.backend,
                        workers=args.workers, overwrite=args.overwrite, scan_options=_scan_options(args),
                        n_resamples=args.bootstrap, progress=not args.no_progress,
-                       positive_class=args.positive_class)
+                       positive_class=args.positive_class, uncertain=args.uncertain, unmentioned=args.unmentioned)
     if metrics is not None:
         _print_metrics(metrics, args.out, files="best.pt, history.json, learning_curve.png, metrics.json and plots")
     return 0

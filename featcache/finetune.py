@@ -7,6 +7,11 @@ compare key for key. The frozen mode is the classic transfer-learning
 tutorial's "fixed feature extractor": its backbone runs forward on every
 image every epoch, which is the cost featcache's cache removes.
 
+A multi-label set trains a sigmoid per label with binary cross-entropy
+masked where a label is unknown under ``--uncertain`` / ``--unmentioned``,
+as fit-head's heads do; the best epoch is the one with the best mean
+validation AUROC over labels.
+
 Mixed precision has one code path: ``featcache.runtime.amp.autocast`` and
 ``GradScaler(enabled=fp16)``, bf16 on CPU and GPU where supported, fp16 with
 loss scaling on CUDA.
@@ -18,7 +23,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +71,12 @@ class Settings:
     seed: int
     threshold: str
     world: int
+    uncertain: str = FINETUNE.uncertain
+    unmentioned: str = FINETUNE.unmentioned
+
+
+# Settings added after runs were already being saved, with the value those runs had.
+SETTING_DEFAULTS = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
 
 
 def classifier_class():
@@ -145,6 +156,8 @@ def finetune(
     n_resamples: int = FINETUNE.n_resamples,
     progress: bool = FINETUNE.progress,
     positive_class: str | None = FINETUNE.positive_class,
+    uncertain: str = FINETUNE.uncertain,
+    unmentioned: str = FINETUNE.unmentioned,
     dist=None,
 ) -> dict:
     """Train, keep the best epoch by validation AUROC, report val and test into ``out``."""
@@ -155,7 +168,7 @@ def finetune(
     from featcache.runtime.console import get_console, quiet_console
     from featcache.decode import resolve_backend
     from featcache.runtime.device import resolve_device
-    from featcache.data.labels import single_label_only
+    from featcache.data.labels import MULTILABEL, apply_policy, check_policy
     from featcache.data.sources import read_manifest
     from featcache.runtime.amp import resolve_amp
     from featcache.eval.metrics import parse_threshold
@@ -180,6 +193,7 @@ def finetune(
     if lr is not None and lr <= 0:
         raise UserError(f"--lr must be positive, got {lr}")
     rule = parse_threshold(threshold)
+    check_policy(uncertain, unmentioned)
     from featcache.decode.augment import augment_params
 
     aug = augment_params(augment, hflip)
@@ -194,21 +208,25 @@ def finetune(
     decode = resolve_backend(backend, device)  # DALI (augmenting on the GPU) on a GPU, PIL workers on a CPU
 
     manifest = read_manifest(data, **(scan_options or {})).limit(max_images, seed, subsample_all=subsample_all)
-    single_label_only(manifest.task, str(data), len(manifest.classes))
+    multilabel = manifest.task == MULTILABEL
+    _check_task_options(multilabel, positive_class, uncertain, unmentioned)
+    # Multi-label: float targets under the policy, NaN where unknown; else class indices.
+    targets = apply_policy(manifest.labels, uncertain, unmentioned) if multilabel else np.asarray(manifest.labels)
     if "train" not in manifest.splits or "val" not in manifest.splits:
         raise UserError(f"{data} has no train split to train and validate on")
     split_rows = {s: manifest.indices(s) for s in ("train", "val", "test")}
     from featcache.eval.metrics import positive_class_index
 
     # Checked before the run folder is touched: a misspelt class never clears a run it would replace.
-    positive = positive_class_index(manifest.classes, positive_class) if len(manifest.classes) == 2 else None
+    positive = positive_class_index(manifest.classes, positive_class) \
+        if len(manifest.classes) == 2 and not multilabel else None
     bb = create_backbone(backbone, weights, seed=seed)
     lr = lr if lr is not None else (TUTORIAL["lr"] if tutorial else DEFAULT_LR_FROZEN if freeze_backbone
                                     else DEFAULT_LR_FULL)
     settings = Settings(str(manifest.root), manifest.digest(), backbone, bb.weights, epochs, lr, batch_size, amp,
                         freeze_backbone, augment, hflip, class_weight, early_stop, recipe, max_images, subsample_all,
                         compile, seed,
-                        str(threshold), dist.world)
+                        str(threshold), dist.world, uncertain, unmentioned)
     out = Path(out)
     run_dir = RunRecord(out)
     state = _prepare_run_dir(run_dir, settings, overwrite, dist, console)
@@ -217,7 +235,7 @@ def finetune(
         return run_dir.metrics
 
     classes = list(manifest.classes)
-    training = build(bb, len(classes), labels_train=np.asarray(manifest.labels)[split_rows["train"]],
+    training = build(bb, len(classes), labels_train=targets[split_rows["train"]],
                      freeze_backbone=freeze_backbone, tutorial=tutorial, lr=lr, epochs=epochs,
                      steps_per_epoch=math.ceil(len(split_rows["train"]) / (batch_size * dist.world)),
                      class_weight=class_weight, use_scaler=use_scaler, device=device, compile=compile, dist=dist,
@@ -244,13 +262,13 @@ def finetune(
     workers = default_workers() if workers is None else workers
     wall_start = time.perf_counter()
     device_type = device.split(":")[0]
-    from featcache.fit import selection_score
+    from featcache.fit import multilabel_score, selection_score
 
     for epoch in range(start_epoch, epochs):
         if early_stop and history and (epoch - 1) - best["epoch"] >= early_stop:
             break  # a resumed run that had already stopped early
         t0 = time.perf_counter()
-        train = _train_epoch(train_model, model, manifest, split_rows["train"], bb.spec, decode.name, aug,
+        train = _train_epoch(train_model, model, manifest, targets, split_rows["train"], bb.spec, decode.name, aug,
                              optimizer, None if tutorial else scheduler, scaler, criterion, epoch=epoch, seed=seed,
                              batch_size=batch_size, workers=workers, device=device, device_type=device_type,
                              amp_dtype=amp_dtype,
@@ -260,9 +278,9 @@ def finetune(
             scheduler.step()
         dist.sync_buffers(model)
         val_probs, val_loss = predict_rows(model, manifest, split_rows["val"], bb.spec, decode.name, batch_size,
-                                           workers, device, device_type, amp_dtype, criterion)
-        y_val = np.asarray(manifest.labels)[split_rows["val"]]
-        val_auroc = selection_score(y_val, val_probs, positive)
+                                           workers, device, device_type, amp_dtype, criterion, targets=targets)
+        y_val = targets[split_rows["val"]]
+        val_auroc = multilabel_score(y_val, val_probs) if multilabel else selection_score(y_val, val_probs, positive)
         # Every rank saw 1/world of the training images in the same wall time: throughput is their sum.
         shares = dist.gather((train["images"], train_seconds))
         images, slowest = sum(n for n, _ in shares), max(s for _, s in shares)
@@ -272,7 +290,7 @@ def finetune(
             "train_accuracy": train["accuracy"],
             "val_loss": val_loss,
             "val_auroc": val_auroc,
-            "val_accuracy": float(np.mean(val_probs.argmax(axis=1) == y_val)),
+            "val_accuracy": accuracy(y_val, val_probs),
             "images_per_second": float(images / slowest) if slowest else 0.0,
             "epoch_seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
@@ -309,13 +327,45 @@ def finetune(
     rank_facts = dist.gather({"epochs_run": len(history), "weights_sha256": _weights_digest(model)})
     metrics = None
     if dist.is_main:
-        metrics = _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule, history, best,
+        metrics = _finish(out, model, manifest, targets, split_rows, bb, entry, settings, classes, rule, history, best,
                           decode.name, batch_size, workers, device, device_type, amp_dtype, criterion,
                           n_resamples, seed, fit_seconds=sum(h["epoch_seconds"] for h in history),
                           wall=time.perf_counter() - wall_start, amp_words=amp_words, rank_facts=rank_facts,
                           positive_class=positive_class)
     dist.barrier()
     return metrics
+
+
+def _check_task_options(multilabel: bool, positive_class, uncertain: str, unmentioned: str) -> None:
+    if multilabel and positive_class is not None:
+        raise UserError("--positive-class applies to two-class sets; a multi-label set scores every label")
+    if not multilabel and (uncertain, unmentioned) != (FINETUNE.uncertain, FINETUNE.unmentioned):
+        raise UserError("--uncertain and --unmentioned apply to multi-label sets; this one is single-label")
+
+
+def accuracy(y: np.ndarray, probs: np.ndarray) -> float:
+    """Argmax accuracy; multi-label: the share of known (image, label) entries right at 0.5."""
+    if y.ndim == 1:
+        return float(np.mean(probs.argmax(axis=1) == y))
+    known = ~np.isnan(y)
+    return float(np.mean((probs[known] >= 0.5) == (y[known] == 1))) if known.any() else 0.0
+
+
+def masked_bce(pos_weight):
+    """Binary cross-entropy over the known entries of (B, L) targets (NaN unknown), positives of each label
+    weighted by ``pos_weight`` (L,): the multi-label loss, as fit-head's sweep trains it."""
+    import torch.nn.functional as F
+
+    def loss(logits, targets):
+        import torch
+
+        known = ~torch.isnan(targets)
+        t = torch.nan_to_num(targets, nan=0.0)
+        weights = known * (1.0 + t * (pos_weight - 1.0))
+        per_entry = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+        return (per_entry * weights).sum() / weights.sum().clamp_min(1e-12)
+
+    return loss
 
 
 @dataclass
@@ -359,10 +409,16 @@ def build(bb, n_classes: int, *, labels_train, freeze_backbone: bool, tutorial: 
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=use_scaler)
     weight = None
-    if class_weight == "balanced":
-        counts = np.bincount(labels_train, minlength=n_classes).clip(min=1)
-        weight = torch.tensor(len(labels_train) / (n_classes * counts), dtype=torch.float32, device=device)
-    criterion = torch.nn.CrossEntropyLoss(weight=weight)
+    if labels_train.ndim == 2:
+        from featcache.heads.base import positive_weight_vector
+
+        criterion = masked_bce(torch.tensor(positive_weight_vector(labels_train, class_weight), dtype=torch.float32,
+                                            device=device))
+    else:
+        if class_weight == "balanced":
+            counts = np.bincount(labels_train, minlength=n_classes).clip(min=1)
+            weight = torch.tensor(len(labels_train) / (n_classes * counts), dtype=torch.float32, device=device)
+        criterion = torch.nn.CrossEntropyLoss(weight=weight)
     train_model = torch.compile(model) if compile else model
     if dist.active:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -404,6 +460,8 @@ def _prepare_run_dir(record: RunRecord, settings: Settings, overwrite: bool, dis
             current = json.loads(json.dumps(asdict(settings)))
             if saved is None:
                 raise UserError(f"{record.last_path} cannot be read; pass --overwrite to start over")
+            # A run saved before a setting existed ran with its default.
+            saved = {**SETTING_DEFAULTS, **saved}
             if saved != current:
                 diffs = [k for k in saved if saved[k] != current.get(k)]
                 raise UserError(f"{out} holds a run with other settings ({', '.join(diffs)}); "
@@ -433,7 +491,8 @@ def train_step(model, images, labels, optimizer, scaler, criterion, *, device_ty
     return loss, logits
 
 
-def _train_epoch(train_model, model, manifest, rows, spec, backend, aug, optimizer, scheduler, scaler, criterion, *,
+def _train_epoch(train_model, model, manifest, targets, rows, spec, backend, aug, optimizer, scheduler, scaler,
+                 criterion, *,
                  epoch, seed, batch_size, workers, device, device_type, amp_dtype, dist, progress, epochs) -> dict:
     import torch
 
@@ -450,10 +509,10 @@ def _train_epoch(train_model, model, manifest, rows, spec, backend, aug, optimiz
         order = np.resize(order, share * dist.world)[dist.rank :: dist.world]
     loader = make_loader(manifest, spec, backend=backend, batch_size=batch_size, workers=workers, rows=order,
                          pin_memory=device_type == "cuda", device=device, augment=aug, seed=epoch_seed)
-    labels_of = np.asarray(manifest.labels)
+    labels_of = targets
     model.train()
     layout = memory_format(model, device)
-    total_loss, correct, seen, failed = 0.0, 0, 0, 0
+    total_loss, correct, seen, entries_seen, failed = 0.0, 0, 0, 0, 0
     with image_progress(len(order), f"epoch {epoch + 1}/{epochs}", enabled=progress) as advance:
         for batch in loader:
             failed += len(batch.failed)
@@ -468,25 +527,40 @@ def _train_epoch(train_model, model, manifest, rows, spec, backend, aug, optimiz
                 scheduler.step()
             n = len(labels)
             total_loss += float(loss.detach()) * n
-            correct += int((logits.argmax(dim=1) == labels).sum())
+            right, entries = _hits(logits.detach(), labels)
+            correct += right
+            entries_seen += entries
             seen += n
             advance(n + len(batch.failed))
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen, "failed": failed}
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(entries_seen, 1), "images": seen,
+            "failed": failed}
+
+
+def _hits(logits, labels) -> tuple[int, int]:
+    """Right decisions and decisions made: argmax per image, or at 0.5 per known (image, label) entry."""
+    import torch
+
+    if labels.ndim == 1:
+        return int((logits.argmax(dim=1) == labels).sum()), len(labels)
+    known = ~torch.isnan(labels)
+    return int(((logits >= 0) == (labels == 1))[known].sum()), int(known.sum())
 
 
 def predict_rows(model, manifest, rows, spec, backend, batch_size, workers, device, device_type, amp_dtype,
-                 criterion=None):
-    """(N, K) probabilities of ``rows`` (undecodable ones get uniform scores) and the mean loss."""
+                 criterion=None, targets=None):
+    """(N, K) probabilities of ``rows`` (undecodable ones get uniform scores) and the mean loss against
+    ``targets`` (default: the manifest's labels). A multi-label model gives each label's sigmoid."""
     import torch
 
     from featcache.decode import make_loader
 
     model.eval()
     K = model.n_classes
-    probs = np.full((len(rows), K), 1.0 / K)
+    labels = np.asarray(manifest.labels) if targets is None else targets
+    multilabel = labels.ndim == 2
+    probs = np.full((len(rows), K), 0.5 if multilabel else 1.0 / K)
     position = {int(r): i for i, r in enumerate(rows)}
     loss_sum, n = 0.0, 0
-    labels = np.asarray(manifest.labels)
     layout = memory_format(model, device)
     with torch.inference_mode():
         for batch in make_loader(manifest, spec, backend=backend, batch_size=batch_size, workers=workers,
@@ -500,12 +574,13 @@ def predict_rows(model, manifest, rows, spec, backend, batch_size, workers, devi
                 y = torch.as_tensor(labels[batch.indices], device=device)
                 loss_sum += float(criterion(logits, y)) * len(y)
                 n += len(y)
-            for row, p in zip(batch.indices.tolist(), logits.softmax(dim=1).cpu().numpy()):
+            scores = logits.sigmoid() if multilabel else logits.softmax(dim=1)
+            for row, p in zip(batch.indices.tolist(), scores.cpu().numpy()):
                 probs[position[row]] = p
     return probs, loss_sum / max(n, 1)
 
 
-def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule, history, best, backend,
+def _finish(out, model, manifest, targets, split_rows, bb, entry, settings, classes, rule, history, best, backend,
             batch_size, workers, device, device_type, amp_dtype, criterion, n_resamples, seed, *, fit_seconds,
             wall, amp_words, rank_facts, positive_class=None) -> dict:
     """Best epoch's weights -> val and test metrics, plots, learning curve, run.json."""
@@ -515,7 +590,7 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
     best_ckpt = record.read_best(map_location=device)
     state = best_ckpt["model"]
     load_torchvision_state_dict(model, state, entry)
-    labels = np.asarray(manifest.labels)
+    labels = targets
     patients = np.asarray(manifest.patients, dtype=object)
     splits, inference = {}, {}
     for split in ("val", "test"):
@@ -523,7 +598,7 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
         if len(rows):
             t0 = time.perf_counter()
             probs, _ = predict_rows(model, manifest, rows, bb.spec, backend, batch_size, workers, device, device_type,
-                                    amp_dtype)
+                                    amp_dtype, targets=targets)
             inference = {"ms_per_image": 1000 * (time.perf_counter() - t0) / len(rows), "batch_size": batch_size,
                          "split": split}  # decode + forward, as a user's predict pays it; the last split wins
             splits[split] = (labels[rows], probs, patients[rows])
@@ -541,6 +616,7 @@ def _finish(out, model, manifest, split_rows, bb, entry, settings, classes, rule
         source={"cache": None, "backbone": bb.name, "weights": bb.weights, "fingerprint": None},
         n_train=len(split_rows["train"]), splits=splits, n_resamples=n_resamples, seed=seed,
         positive_class=positive_class,
+        policy={"uncertain": settings.uncertain, "unmentioned": settings.unmentioned} if targets.ndim == 2 else None,
     )
     record.write_metrics(metrics)
     paths = np.asarray(manifest.paths, dtype=object)

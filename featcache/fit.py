@@ -1,7 +1,11 @@
 """fit-head: cache -> heads -> selection on validation -> metrics, plots and head.pt.
 
 The test split is read only after the head and its threshold are fixed; no
-number computed from it feeds back into any choice.
+number computed from it feeds back into any choice. Multi-label sets train
+every label at once on the targets of the chosen policy for uncertain and
+unmentioned labels, choose the head by mean validation AUROC over labels and
+one threshold per label on validation; ``labels`` (any label source, matched
+to the cache's rows by path) replaces the cache's own labels.
 """
 
 from __future__ import annotations
@@ -15,21 +19,26 @@ import numpy as np
 
 from featcache import __version__
 from featcache.cache.h5 import FeatureCache
+from featcache.data.labels import MULTILABEL, apply_policy, check_policy
 from featcache.errors import UserError
 from featcache.options import HEAD
 from featcache.runtime.device import peak_host_mb
 from featcache.eval.rundir import RunRecord
-from featcache.heads import HeadSettings, resolve_head_options
+from featcache.heads import HEADS, HeadSettings, resolve_head_options
 from featcache.eval.metrics import (
     auroc,
     choose_threshold,
     evaluate,
+    evaluate_multilabel,
+    label_thresholds,
     parse_threshold,
     positive_class_index,
 )
 
 
-def _load_splits(cache: FeatureCache) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _load_splits(cache: FeatureCache, labels: "JoinedLabels | None" = None
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """features, labels and patients per split; with ``labels`` joined, its labels, rows without one dropped."""
     present = cache.split_names()
     for needed in ("train", "val"):
         if needed not in present:
@@ -38,10 +47,44 @@ def _load_splits(cache: FeatureCache) -> dict[str, tuple[np.ndarray, np.ndarray,
                 "fit-head needs train and val, from DATA/train (val is carved from it) and optionally DATA/test"
             )
     data = {s: cache.arrays(s) for s in ("train", "val", "test") if s in present}
-    for split in ("train", "val"):
-        if len(np.unique(data[split][1])) < 2:
-            raise UserError(f"the {split} split of {cache.path} holds a single class; a head cannot be fitted or chosen")
+    if labels is not None:
+        for split, (X, _, patients) in data.items():
+            rows = cache.rows(split)
+            keep = labels.keep[rows]
+            data[split] = X[keep], labels.values[rows][keep], patients[keep]
+        if "test" in data and not len(data["test"][1]):  # no test image has a label there
+            del data["test"]
     return data
+
+
+def _check_two_values(data: dict, where, multilabel: bool) -> None:
+    for split in ("train", "val"):
+        y = data[split][1]
+        if multilabel:
+            varied = [(np.nansum(c) > 0) and (np.nansum(1 - c) > 0) for c in y.T]
+            if not any(varied):
+                raise UserError(f"no label of the {split} split of {where} has both positives and negatives known "
+                                "under this policy; a head cannot be fitted or chosen")
+        elif len(np.unique(y)) < 2:
+            raise UserError(f"the {split} split of {where} holds a single class; a head cannot be fitted or chosen")
+
+
+class JoinedLabels:
+    """Labels from a label source matched to a cache's rows by path (``fit-head --labels``)."""
+
+    def __init__(self, cache: FeatureCache, source: str, options: dict):
+        from featcache.data.labels import labels_for_paths
+        from featcache.data.sources import read_manifest
+
+        manifest = read_manifest(source, **options)
+        self.task, self.names = manifest.task, list(manifest.classes)
+        self.values, self.keep = labels_for_paths(manifest, cache.read("paths")["paths"])
+        if not self.keep.any():
+            raise UserError(f"no image of {cache.path} has a label in {source} (paths are matched as the cache "
+                            f"stores them, e.g. {cache.read('paths')['paths'][0]!r}, against {manifest.paths[0]!r})"
+                            if len(manifest) else f"{source} lists no image")
+        self.facts = {"source": str(source), "format": options.get("format") or "folder", "task": self.task,
+                      "matched": int(self.keep.sum()), "dropped": int((~self.keep).sum())}
 
 
 def selection_score(y: np.ndarray, probs: np.ndarray, positive: int | None) -> float:
@@ -51,6 +94,17 @@ def selection_score(y: np.ndarray, probs: np.ndarray, positive: int | None) -> f
         return -1.0 if value is None else value
     values = [auroc(y == k, probs[:, k]) for k in range(probs.shape[1])]
     values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else -1.0
+
+
+def multilabel_score(targets: np.ndarray, probs: np.ndarray) -> float:
+    """Mean validation AUROC over the labels that have both values known."""
+    values = []
+    for j in range(targets.shape[1]):
+        known = ~np.isnan(targets[:, j])
+        value = auroc(targets[known, j], probs[known, j])
+        if value is not None:
+            values.append(value)
     return float(np.mean(values)) if values else -1.0
 
 
@@ -83,29 +137,43 @@ def fit_head(
     n_resamples: int = HEAD.n_resamples,
     seed: int = HEAD.seed,
     positive_class: str | None = HEAD.positive_class,
+    uncertain: str = HEAD.uncertain,
+    unmentioned: str = HEAD.unmentioned,
+    labels: str | None = HEAD.labels,
+    label_options: dict | None = None,
 ) -> dict:
     """Fit ``heads`` on ``cache_path``, choose on val, report val and test into ``out_dir``.
 
     ``heads`` names a kind of :data:`featcache.heads.HEADS`. ``class_weight``
     None means: ``none`` for logistic and mlp, both settings as a grid axis
     for the sweep and knn; ``lrs``, ``weight_decays`` and ``norms`` None mean
-    the kind's own grid. Returns the metrics written to ``metrics.json``.
+    the kind's own grid. ``uncertain`` and ``unmentioned`` are the multi-label
+    policies; ``labels`` a label source (read with ``label_options``:
+    ``format`` and its flags) whose labels replace the cache's. Returns the
+    metrics written to ``metrics.json``.
     """
     kind = resolve_head_options(heads, class_weight, sampler)
     if C is not None and C <= 0:
         raise UserError(f"--C must be positive, got {C}")
     if epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {epochs}")
+    check_policy(uncertain, unmentioned)
     rule = parse_threshold(threshold, target_sensitivity)
     from featcache.runtime.outputs import output_folder
 
     output_folder(out_dir)  # before the fit, not after it
     cache = FeatureCache.open(cache_path)
-    classes = cache.classes  # a multi-label cache is refused here, before its features are read
+    joined = JoinedLabels(cache, labels, label_options or {}) if labels is not None else None
+    task, classes = (joined.task, joined.names) if joined else (cache.task, cache.label_names)
+    multilabel = task == MULTILABEL
+    _check_task_options(kind, multilabel, sampler, positive_class, uncertain, unmentioned)
     cache.verify()  # NaN, Inf or altered bytes end here, naming the dataset, not inside a solver
     K = len(classes)
-    positive = positive_class_index(classes, positive_class) if K == 2 else None
-    data = _load_splits(cache)
+    positive = positive_class_index(classes, positive_class) if K == 2 and not multilabel else None
+    data = _load_splits(cache, joined)
+    if multilabel:
+        data = {s: (X, apply_policy(y, uncertain, unmentioned), p) for s, (X, y, p) in data.items()}
+    _check_two_values(data, labels or cache.path, multilabel)
     if kind.uses_device:
         device = _resolve_device(device)  # imports torch outside the timed fit
     settings = HeadSettings(C=C, class_weight=class_weight, sampler=sampler, epochs=epochs, lrs=lrs,
@@ -113,8 +181,8 @@ def fit_head(
                             cache=str(cache.path))
 
     start = time.perf_counter()
-    candidates = kind.candidates(data["train"][:2], data["val"][:2], K,
-                                 lambda y, probs: selection_score(y, probs, positive), settings)
+    score = multilabel_score if multilabel else (lambda y, probs: selection_score(y, probs, positive))
+    candidates = kind.candidates(data["train"][:2], data["val"][:2], K, score, settings)
     best = select(candidates)
     head = best["export"]()
     fit_seconds = time.perf_counter() - start
@@ -130,7 +198,10 @@ def fit_head(
         n_train=len(data["train"][1]),
         splits={split: (data[split][1], p, data[split][2]) for split, p in probs.items()},
         n_resamples=n_resamples, seed=seed, positive_class=positive_class,
+        policy={"uncertain": uncertain, "unmentioned": unmentioned} if multilabel else None,
     )
+    if joined is not None:
+        metrics["labels"] = joined.facts
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +209,7 @@ def fit_head(
     record.write_head(head, _head_config(metrics, cache))
     record.write_metrics(metrics)
     paths = cache.read("paths")["paths"]
-    record.write_predictions(classes, {s: (paths[cache.rows(s)], data[s][1], p, data[s][2])
+    record.write_predictions(classes, {s: (_split_paths(cache, s, paths, joined), data[s][1], p, data[s][2])
                                        for s, p in probs.items()})
     extract_facts = json.loads(cache.attrs.get("extract", "{}"))
     run = {
@@ -171,11 +242,42 @@ def fit_head(
                    "fit": device if kind.uses_device else "cpu"},
         "validation": _json_attr(cache.attrs.get("validation")),
         "layout": cache.attrs.get("layout"),
-        "counts": {s: {c: int((data[s][1] == k).sum()) for k, c in enumerate(classes)} for s in data},
+        "counts": {s: _counts(data[s][1], classes) for s in data},
     }
     record.write_run(run)
     record.write_plots(metrics, {s: (data[s][1], p) for s, p in probs.items()})
     return metrics
+
+
+def _check_task_options(kind, multilabel: bool, sampler: str, positive_class, uncertain: str,
+                        unmentioned: str) -> None:
+    """Refuse the flags that do not apply to this task, rather than ignore them."""
+    from featcache.data.labels import DEFAULT_UNCERTAIN, DEFAULT_UNMENTIONED
+
+    if multilabel:
+        if not kind.takes_multilabel:
+            raise UserError(f"--heads {kind.kind} fits single-label sets only; for a multi-label set choose one "
+                            f"of: {', '.join(k for k, c in HEADS.items() if c.takes_multilabel)}")
+        if sampler != "shuffle":
+            raise UserError("--sampler balanced draws by class; a multi-label set takes shuffle "
+                            "(--class-weight balanced weights each label's positives instead)")
+        if positive_class is not None:
+            raise UserError("--positive-class applies to two-class sets; a multi-label set scores every label")
+    elif (uncertain, unmentioned) != (DEFAULT_UNCERTAIN, DEFAULT_UNMENTIONED):
+        raise UserError("--uncertain and --unmentioned apply to multi-label sets; this one is single-label")
+
+
+def _split_paths(cache: FeatureCache, split: str, paths: np.ndarray, joined: "JoinedLabels | None") -> np.ndarray:
+    rows = cache.rows(split)
+    return paths[rows] if joined is None else paths[rows][joined.keep[rows]]
+
+
+def _counts(y: np.ndarray, classes) -> dict:
+    """Images per class; per label, positives, negatives and those unknown under the policy."""
+    if y.ndim == 1:
+        return {c: int((y == k).sum()) for k, c in enumerate(classes)}
+    return {c: {"positive": int((y[:, j] == 1).sum()), "negative": int((y[:, j] == 0).sum()),
+                "unknown": int(np.isnan(y[:, j]).sum())} for j, c in enumerate(classes)}
 
 
 def _parameters(cache: FeatureCache, head) -> dict:
@@ -196,12 +298,18 @@ def _json_attr(value):
 
 
 def run_metrics(classes, rule, *, selected: dict, heads: list[dict], fit_seconds: float, source: dict, n_train: int,
-                splits: dict, n_resamples: int, seed: int, positive_class: str | None = None) -> dict:
+                splits: dict, n_resamples: int, seed: int, positive_class: str | None = None,
+                policy: dict | None = None) -> dict:
     """The metrics.json of a run, fit-head or finetune alike (the same keys, the same code).
 
     ``splits`` maps val (required) and test (optional) to (labels, (N, K)
     probabilities, patients). The threshold is chosen on val by ``rule``.
+    With ``policy`` (uncertain, unmentioned) the labels are (N, L) multi-label
+    targets, NaN unknown: one threshold per label, per-label metrics.
     """
+    if policy is not None:
+        return _multilabel_metrics(classes, rule, policy, splits, n_resamples, seed, selected=selected,
+                                   heads=heads, fit_seconds=fit_seconds, source=source, n_train=n_train)
     K = len(classes)
     positive = positive_class_index(classes, positive_class) if K == 2 else None
     y_val, val_probs, _ = splits["val"]
@@ -211,6 +319,16 @@ def run_metrics(classes, rule, *, selected: dict, heads: list[dict], fit_seconds
         "positive_class": classes[positive] if positive is not None else None,
         "threshold": thr,
         "threshold_rule": (rule if isinstance(rule, str) else "fixed") if positive is not None else "argmax",
+        **_run_facts(selected, heads, fit_seconds, source, n_train),
+    }
+    for split, (y, p, patients) in splits.items():
+        metrics[split] = evaluate(y, p, classes=classes, threshold=thr, positive=positive, patients=patients,
+                                  n_resamples=n_resamples, seed=seed)
+    return metrics
+
+
+def _run_facts(selected: dict, heads: list[dict], fit_seconds: float, source: dict, n_train: int) -> dict:
+    return {
         "selected": selected,
         "n_heads": len(heads),
         "heads": heads,
@@ -221,9 +339,26 @@ def run_metrics(classes, rule, *, selected: dict, heads: list[dict], fit_seconds
         "fingerprint": source.get("fingerprint"),
         "n_train": int(n_train),
     }
+
+
+def _multilabel_metrics(names, rule, policy: dict, splits: dict, n_resamples: int, seed: int, **facts) -> dict:
+    """metrics.json of a multi-label run: each label's threshold chosen on val by ``rule``, then every split
+    judged on the labels known under ``policy``."""
+    y_val, val_probs, _ = splits["val"]
+    thresholds = label_thresholds(y_val, val_probs, rule)
+    metrics = {
+        "task": MULTILABEL,
+        "classes": list(names),
+        "positive_class": None,
+        "threshold": None,
+        "thresholds": dict(zip(names, thresholds)),
+        "threshold_rule": rule if isinstance(rule, str) else "fixed",
+        "policy": policy,
+        **_run_facts(**facts),
+    }
     for split, (y, p, patients) in splits.items():
-        metrics[split] = evaluate(y, p, classes=classes, threshold=thr, positive=positive, patients=patients,
-                                  n_resamples=n_resamples, seed=seed)
+        metrics[split] = evaluate_multilabel(y, p, names=names, thresholds=thresholds, patients=patients,
+                                             n_resamples=n_resamples, seed=seed)
     return metrics
 
 
@@ -231,6 +366,7 @@ def _head_config(metrics: dict, cache: FeatureCache) -> dict:
     """What predict needs beside the head: classes, threshold, and the backbone and preprocessing to rebuild."""
     config = {k: metrics[k] for k in ("classes", "positive_class", "threshold", "threshold_rule", "selected",
                                       "backbone", "weights", "fingerprint")}
+    config.update({k: metrics[k] for k in ("task", "thresholds", "policy") if k in metrics})
     config.update(
         weights_source=cache.attrs.get("weights_source"),
         seed=cache.attrs.get("seed"),

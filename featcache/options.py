@@ -57,6 +57,9 @@ class HeadOptions:
     n_resamples: int = DEFAULT_RESAMPLES
     seed: int = 0
     positive_class: str | None = None  # None: DEFAULT_POSITIVE_CLASS when present, else the last class
+    uncertain: str = "ignore"  # multi-label: uncertain labels left out (CheXpert's U-Ignore), ones or zeros
+    unmentioned: str = "negative"  # multi-label: a blank cell is a negative, or left out (ignore)
+    labels: str | None = None  # a label source whose labels replace the cache's, matched by path
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ class FinetuneOptions:
     n_resamples: int = DEFAULT_RESAMPLES
     progress: bool = True
     positive_class: str | None = None
+    uncertain: str = "ignore"  # as for fit-head
+    unmentioned: str = "negative"
 
 
 EXTRACT = ExtractOptions()

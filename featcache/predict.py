@@ -3,7 +3,8 @@
 A fit-head run is its cache's backbone plus ``head.pt``; a finetune run is its
 ``best.pt`` (backbone and head together). Either way each image gets every
 class's probability and the label at the run's own threshold, which is
-written beside it with the rule that chose it.
+written beside it with the rule that chose it; in a multi-label run, each
+label's probability and its decision at that label's threshold.
 """
 
 from __future__ import annotations
@@ -127,10 +128,13 @@ def _finetuned_scorer(record: RunRecord, device: str):
     load_torchvision_state_dict(model, payload["model"], entry)
     model, layout = place(model, device)
     model.eval()
-    config = {k: metrics.get(k) for k in ("classes", "positive_class", "threshold", "threshold_rule")}
+    config = {k: metrics.get(k) for k in ("classes", "positive_class", "threshold", "threshold_rule", "task",
+                                          "thresholds")}
+    multilabel = config["task"] == "multilabel"
 
     def score(images):
-        return model(images.contiguous(memory_format=layout)).float().softmax(dim=1).cpu().numpy()
+        logits = model(images.contiguous(memory_format=layout)).float()
+        return (logits.sigmoid() if multilabel else logits.softmax(dim=1)).cpu().numpy()
 
     return score, backbone.spec, "torchvision", config
 
@@ -176,11 +180,7 @@ def predict(run_dir: str | os.PathLike, inputs: list[str], *, out_csv: str | os.
     else:
         score, spec, backend, config = _head_scorer(run_dir, weights, device)
     files = collect_images(inputs)
-    classes, threshold = config["classes"], config["threshold"]
-    positive = classes.index(config["positive_class"]) if config.get("positive_class") else None
-    rule = config.get("threshold_rule") or ("argmax" if positive is None else "fixed")
-    decision = {"threshold": "" if threshold is None else f"{threshold:.6f}", "threshold_rule": rule}
-
+    decide, fields = _decision(config)
     rows: dict[int, dict] = {}
     loader = make_loader(_Files("", tuple(os.path.abspath(f) for f in files)), spec,
                          backend=backend, batch_size=batch_size, workers=workers, device=device)
@@ -191,19 +191,47 @@ def predict(run_dir: str | os.PathLike, inputs: list[str], *, out_csv: str | os.
             if len(batch.indices):
                 probs = score(batch.images.to(device))
                 for i, p in zip(batch.indices.tolist(), probs):
-                    label = (classes[positive] if p[positive] >= threshold else classes[1 - positive]) \
-                        if positive is not None else classes[int(np.argmax(p))]
-                    rows[i] = {"path": printable_path(files[i]), **{f"p_{c}": float(v) for c, v in zip(classes, p)},
-                               "prediction": label, **decision, "error": ""}
+                    rows[i] = {"path": printable_path(files[i]), **decide(p), "error": ""}
     result = [rows[i] for i in range(len(files))]
     if out_csv:
-        _write_csv(Path(out_csv), result, classes)
+        _write_csv(Path(out_csv), result, fields)
     return result
 
 
-def _write_csv(path: Path, rows: list[dict], classes: list[str]) -> None:
+def _decision(config: dict):
+    """(decide(probabilities) -> CSV fields, the CSV's columns) at the run's own threshold(s).
+
+    A multi-label run gives each label's probability and its decision at that label's threshold
+    (``pred_LABEL``, 1 or 0), and ``prediction`` lists the labels found, joined by ``|``.
+    """
+    classes, threshold = config["classes"], config["threshold"]
+    probabilities = [f"p_{c}" for c in classes]
+    if config.get("task") == "multilabel":
+        thresholds = [config["thresholds"][c] for c in classes]
+        decisions = [f"pred_{c}" for c in classes]
+
+        def decide(p):
+            found = [bool(v >= t) for v, t in zip(p, thresholds)]
+            return {**{f"p_{c}": float(v) for c, v in zip(classes, p)},
+                    **{f"pred_{c}": int(f) for c, f in zip(classes, found)},
+                    "prediction": "|".join(c for c, f in zip(classes, found) if f),
+                    "threshold_rule": config["threshold_rule"]}
+
+        return decide, ["path", *probabilities, *decisions, "prediction", "threshold_rule", "error"]
+    positive = classes.index(config["positive_class"]) if config.get("positive_class") else None
+    rule = config.get("threshold_rule") or ("argmax" if positive is None else "fixed")
+    shown = {"threshold": "" if threshold is None else f"{threshold:.6f}", "threshold_rule": rule}
+
+    def decide(p):
+        label = (classes[positive] if p[positive] >= threshold else classes[1 - positive]) \
+            if positive is not None else classes[int(np.argmax(p))]
+        return {**{f"p_{c}": float(v) for c, v in zip(classes, p)}, "prediction": label, **shown}
+
+    return decide, ["path", *probabilities, "prediction", "threshold", "threshold_rule", "error"]
+
+
+def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["path", *(f"p_{c}" for c in classes), "prediction", "threshold", "threshold_rule", "error"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()

@@ -13,6 +13,7 @@ A config names the data, lists runs of two kinds, and may add a zoo::
     split_seed = 0               # seeds the carved validation split (seed seeds init and shuffles)
     seeds = [0, 1, 2]            # optional: repeat every run once per seed; the report shows mean and sd
     positive_class = "PNEUMONIA" # optional: the class scored as positive (two classes)
+    uncertain = "ignore"         # optional, multi-label sets: ignore, ones or zeros; unmentioned = "negative"
 
     [zoo]                        # Task A: rank backbones on this data (featcache zoo), into OUT/zoo
     backbones = ["resnet18", "tv:efficientnet_b0", "timm:resnet18"]
@@ -49,7 +50,8 @@ from featcache.options import EXTRACT, FINETUNE, HEAD
 
 TOP_KEYS = {"title": str, "data": str, "out": str, "weights": str, "max_images": int, "subsample_all": bool,
             "seed": int, "seeds": list, "split_seed": int, "backend": str, "device": str, "batch_size": int,
-            "bootstrap": int, "label_from_name": list, "positive_class": str}
+            "bootstrap": int, "label_from_name": list, "positive_class": str, "uncertain": str,
+            "unmentioned": str}
 # The label source (see featcache.data.sources): data is then a CSV file or a dataset folder.
 SOURCE_KEYS = {"format": str, "path_col": str, "label_col": str, "label_cols": str, "patient_col": str,
                "split_col": str, "root": str, "views": str}
@@ -156,6 +158,9 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
     repeated = len(seeds) > 1
     scan_options = {"label_from_name": config.get("label_from_name"), "split_seed": config.get("split_seed", 0),
                     **{key: config[key] for key in SOURCE_KEYS if key in config}}
+    # Multi-label sets: how uncertain and unmentioned labels become targets, for every run of the config.
+    policy = {"uncertain": config.get("uncertain", HEAD.uncertain),
+              "unmentioned": config.get("unmentioned", HEAD.unmentioned)}
     run_dirs = []
     if config["zoo"]:
         console.rule(f"[bold]zoo: {len(zoo_table['backbones'])} backbones")
@@ -189,7 +194,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
                                epochs=fixed.get("epochs", HEAD.epochs),
                                sampler=fixed.get("sampler", HEAD.sampler), device=config.get("device", HEAD.device),
                                n_resamples=config.get("bootstrap", HEAD.n_resamples), seed=seed,
-                               positive_class=config.get("positive_class"))
+                               positive_class=config.get("positive_class"), **policy)
             console.print(f"{run_dir.name}: val AUROC {metrics['val']['auroc']:.3f}, test AUROC "
                           f"{metrics.get('test', {}).get('auroc') or float('nan'):.3f}")
             run_dirs.append(run_dir)
@@ -208,7 +213,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
                      device=config.get("device", FINETUNE.device),
                      n_resamples=config.get("bootstrap", FINETUNE.n_resamples),
                      positive_class=config.get("positive_class"), scan_options=scan_options, overwrite=overwrite,
-                     **options, **common)
+                     **options, **common, **policy)
             run_dirs.append(run_dir)
     console.rule("[bold]report")
     facts = build_report([str(d) for d in run_dirs], out / "report",

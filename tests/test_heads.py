@@ -333,3 +333,21 @@ def test_every_head_kind_is_registered_and_head_pt_records_its_kind(tmp_path):
         legacy, _ = load_run(run)
         assert isinstance(legacy, HEADS[kind])
         assert np.allclose(legacy.predict_proba(X), head.predict_proba(X))
+
+
+@pytest.mark.parametrize("kind", ["standard", "l2"])
+def test_feature_statistics_are_computed_without_a_copy_of_the_features(kind):
+    import tracemalloc
+
+    from featcache.heads.base import FeatureNorm
+
+    X = np.random.default_rng(0).normal(2.0, 3.0, size=(100_000, 32)).astype(np.float32)
+    tracemalloc.start()
+    norm = FeatureNorm(kind).fit(X)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < X.nbytes  # a 100,000-row set is not copied (in float64, twice its size) to be summarized
+    Z = X.astype(np.float64)
+    Z = Z / np.linalg.norm(Z, axis=1, keepdims=True) if kind == "l2" else Z
+    np.testing.assert_allclose(norm.mean_, Z.mean(axis=0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(norm.scale_, Z.std(axis=0), rtol=1e-10)

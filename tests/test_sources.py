@@ -227,10 +227,6 @@ def test_multilabel_cache_stores_labels_as_read(tmp_path, tiny_backbone, capsys)
     assert main(["inspect", str(out)]) == 0
     shown = flat(capsys.readouterr().out)
     assert "labels as read" in shown and "Support Devices" in shown
-    for argv in (["fit-head", str(out), "--out", str(tmp_path / "run")],
-                 ["finetune", str(folder), "--format", "chexpert", "--out", str(tmp_path / "ft"), "--weights", "none"]):
-        err = _one_line_error(argv, capsys)
-        assert "multi-label set (14 labels); multi-label heads are not available yet" in err
     assert FeatureCache.open(out).label_names == list(CHEXPERT_HEADER[5:])
     with h5py.File(out, "r+") as f:
         f["labels"][0, 3] = 2

@@ -216,7 +216,7 @@ class FeatureCache:
 
     @property
     def classes(self) -> list[str]:
-        """The class names; a multi-label cache is refused here, for the single-label heads."""
+        """The class names; a multi-label cache is refused here, for code that handles single-label sets only."""
         names = self.label_names
         single_label_only(self.task, str(self.path), len(names))
         return names

@@ -332,3 +332,112 @@ def evaluate(y_true, probs, *, classes, threshold: float | None = None, positive
     if patients is not None and n_resamples:
         metrics["ci"] = bootstrap_ci(y_true, probs, patients, score=score, n_resamples=n_resamples, seed=seed)
     return metrics
+
+
+# Multi-label sets: targets (N, L) of 1.0 / 0.0 / NaN (unknown under the fit's policy); every metric of a
+# label uses only the rows where it is known.
+
+# CheXpert's five competition observations (Irvin et al. 2019): their mean AUROC is the number papers quote.
+COMPETITION_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+LABEL_METRICS = ("auroc", "average_precision", "sensitivity", "specificity", "f1")
+# Rule-chosen thresholds need both values of a label on validation; without them a label is judged at this.
+FALLBACK_THRESHOLD = 0.5
+
+
+def average_precision(y: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the precision-recall curve as scikit-learn's step sum; None without positives."""
+    y = np.asarray(y).astype(bool)
+    if not y.any():
+        return None
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
+    s, hits = np.asarray(scores, dtype=np.float64)[order], y[order]
+    last_of_run = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # tied scores form one point
+    tp = np.cumsum(hits)[last_of_run]
+    precision = tp / (last_of_run + 1)
+    recall_gain = np.diff(np.r_[0, tp]) / tp[-1]
+    return float(np.sum(recall_gain * precision))
+
+
+def label_thresholds(targets: np.ndarray, probs: np.ndarray, rule: str | float) -> list[float]:
+    """One threshold per label, chosen by ``rule`` on the known rows of the data given (validation)."""
+    out = []
+    for j in range(targets.shape[1]):
+        known = ~np.isnan(targets[:, j])
+        y = targets[known, j].astype(bool)
+        if isinstance(rule, str) and (y.all() or not y.any()):
+            out.append(FALLBACK_THRESHOLD)
+        else:
+            out.append(choose_threshold(y, probs[known, j], rule))
+    return out
+
+
+def _label_scores(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    pred = scores >= threshold
+    tp, fn = int(np.sum(y & pred)), int(np.sum(y & ~pred))
+    fp, tn = int(np.sum(~y & pred)), int(np.sum(~y & ~pred))
+    precision, sensitivity = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    return {
+        "auroc": auroc(y, scores),
+        "average_precision": average_precision(y, scores),
+        "sensitivity": sensitivity if tp + fn else None,
+        "specificity": _ratio(tn, tn + fp) if tn + fp else None,
+        "precision": precision,
+        "f1": _ratio(2 * precision * sensitivity, precision + sensitivity),
+    }
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def multilabel_summary(targets: np.ndarray, probs: np.ndarray, *, names, thresholds) -> dict:
+    """Per-label metrics at each label's threshold, their macro means, micro AUROC and, where the five
+    CheXpert competition labels are all present, their mean AUROC."""
+    targets = np.asarray(targets, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    known = ~np.isnan(targets)
+    per_label = {}
+    for j, name in enumerate(names):
+        y = targets[known[:, j], j].astype(bool)
+        per_label[name] = {**_label_scores(y, probs[known[:, j], j], thresholds[j]),
+                           "n_positive": int(y.sum()), "n_negative": int((~y).sum()), "threshold": thresholds[j]}
+    out = {
+        "n": int(len(targets)),
+        "auroc": _mean(m["auroc"] for m in per_label.values()),
+        "micro_auroc": auroc(targets[known].astype(bool), probs[known]),
+        **{key: _mean(m[key] for m in per_label.values())
+           for key in ("average_precision", "sensitivity", "specificity", "f1")},
+    }
+    if all(name in per_label for name in COMPETITION_LABELS):
+        out["competition_auroc"] = _mean(per_label[name]["auroc"] for name in COMPETITION_LABELS)
+    out["per_label"] = per_label
+    return out
+
+
+def _fast_multilabel(names, thresholds):
+    def score(y, probs):
+        m = multilabel_summary(y, probs, names=names, thresholds=thresholds)
+        flat = {key: m.get(key) for key in ("micro_auroc", "competition_auroc", *LABEL_METRICS)}
+        for name, values in m["per_label"].items():
+            flat.update({(name, key): values[key] for key in LABEL_METRICS})
+        return flat
+
+    return score
+
+
+def evaluate_multilabel(targets, probs, *, names, thresholds, patients=None, n_resamples: int = DEFAULT_RESAMPLES,
+                        seed: int = 0) -> dict:
+    """Every metric of one multi-label split, with patient-bootstrap CIs for the means (``ci``) and for each
+    label's metrics (``per_label[name]["ci"]``)."""
+    names = list(names)
+    metrics = multilabel_summary(targets, probs, names=names, thresholds=thresholds)
+    if patients is None or not n_resamples:
+        return metrics
+    ci = bootstrap_ci(np.asarray(targets), np.asarray(probs), patients, score=_fast_multilabel(names, thresholds),
+                      n_resamples=n_resamples, seed=seed)
+    for key in [k for k in ci if isinstance(k, tuple)]:
+        name, metric = key
+        metrics["per_label"][name].setdefault("ci", {})[metric] = ci.pop(key)
+    metrics["ci"] = ci
+    return metrics

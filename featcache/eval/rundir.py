@@ -10,7 +10,7 @@ predict and bench read it through the same class. The files:
 - ``head.pt``: a fit-head run's head (plain tensors, its kind) and the config predict needs;
 - ``best.pt``, ``last.pt``: finetune's best epoch (torchvision keys) and where a rerun resumes;
 - the plots: ``confusion_matrix.png``, ``roc.png``, ``pr.png``, ``reliability.png``
-  and finetune's ``learning_curve.png``.
+  and finetune's ``learning_curve.png``; a multi-label run's ``roc_grid.png``.
 
 JSON is written with indent 2 and a trailing newline; checkpoints are
 written atomically (a crash leaves the previous one whole).
@@ -36,23 +36,30 @@ RUN_FILES = (PREDICTIONS, METRICS, RUN, HISTORY, HEAD, BEST, LAST)
 # What a fresh finetune start removes: the files that say how far a run got.
 PROGRESS_FILES = (LAST, BEST, HISTORY, RUN, METRICS)
 PLOTS = {"confusion_matrix": "confusion_matrix.png", "roc": "roc.png", "pr": "pr.png",
-         "reliability": "reliability.png", "learning_curve": "learning_curve.png"}
+         "reliability": "reliability.png", "learning_curve": "learning_curve.png", "roc_grid": "roc_grid.png"}
 
 
 def write_predictions(path: Path, classes, splits: dict) -> None:
-    """One CSV row per image: split, path, patient, true class, each class's probability.
+    """One CSV row per image: split, path, patient, true class (or each label's target), each class's
+    probability.
 
     ``splits`` maps a split to (paths, labels, (N, K) probabilities, patients); the patient
     column lets two runs be compared by a paired patient bootstrap.
     """
     import csv
 
+    import numpy as np
+
+    multilabel = any(np.ndim(labels) == 2 for _, labels, _, _ in splits.values())
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["split", "path", "patient", "label", *(f"p_{c}" for c in classes)])
+        truth = [f"y_{c}" for c in classes] if multilabel else ["label"]
+        writer.writerow(["split", "path", "patient", *truth, *(f"p_{c}" for c in classes)])
         for split, (paths, labels, probs, patients) in splits.items():
             for p, pt, y, row in zip(paths, patients, labels, probs):
-                writer.writerow([split, p, pt, classes[int(y)], *(f"{v:.6f}" for v in row)])
+                # Multi-label: each label's target under the fit's policy, blank where unknown.
+                known = ["" if np.isnan(v) else str(int(v)) for v in y] if multilabel else [classes[int(y)]]
+                writer.writerow([split, p, pt, *known, *(f"{v:.6f}" for v in row)])
 
 
 def _write_json(path: Path, value) -> None:
@@ -196,9 +203,15 @@ class RunRecord:
 
     def write_plots(self, metrics: dict, curves: dict) -> None:
         """confusion_matrix.png, roc.png, pr.png and reliability.png; ``curves`` maps a split to
-        (labels, (N, K) probabilities)."""
-        from featcache.report.plots import plot_confusion_matrix, plot_pr, plot_reliability, plot_roc
+        (labels, (N, K) probabilities). A multi-label run: roc_grid.png, one ROC per label."""
+        from featcache.report.plots import plot_confusion_matrix, plot_pr, plot_reliability, plot_roc, plot_roc_grid
 
+        if metrics.get("task") == "multilabel":
+            shown = "test" if "test" in curves else "val"
+            plot_roc_grid(*curves[shown], metrics["classes"], list(metrics["thresholds"].values()),
+                          self.plot_path("roc_grid"), title=f"{metrics['backbone']} + {metrics['selected']['name']}, "
+                                                            f"{shown}")
+            return
         classes, positive_name = metrics["classes"], metrics["positive_class"]
         positive = classes.index(positive_name) if positive_name else None
         shown = "test" if "test" in metrics else "val"

@@ -11,7 +11,12 @@ featcache/heads/ that registers its class (imported by the package's
 
 Shared here: :class:`FeatureNorm` (normalization with train statistics),
 :class:`LinearHead` (normalize, one affine map, softmax: what the linear
-kinds export and store) and :func:`class_weight_vector`.
+kinds export and store; a sigmoid per label for multi-label sets),
+:func:`class_weight_vector` and :func:`positive_weight_vector`.
+
+Multi-label targets are (N, L) floats, 1.0 / 0.0 / NaN where the label is
+unknown under the fit's policy (:func:`featcache.data.labels.apply_policy`);
+a kind that trains on them says so with ``takes_multilabel = True``.
 
 This module imports no head kind; the kinds import it.
 """
@@ -31,6 +36,7 @@ NORMALIZATIONS = ("standard", "l2")
 SAMPLERS = ("shuffle", "balanced")
 # A feature that never varies on train (a dead ReLU channel) keeps scale 1.
 MIN_SCALE = 1e-6
+FIT_BLOCK_ROWS = 8192
 
 
 def class_weight_vector(y: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
@@ -39,6 +45,17 @@ def class_weight_vector(y: np.ndarray, n_classes: int, mode: str) -> np.ndarray:
         return np.ones(n_classes)
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     return len(y) / (n_classes * np.maximum(counts, 1.0))
+
+
+def positive_weight_vector(targets: np.ndarray, mode: str) -> np.ndarray:
+    """Per-label weights of positive targets: ones, or ``negatives / positives`` among the known ones
+    (torch's ``pos_weight``), so each label's positives weigh as much as its negatives."""
+    targets = np.asarray(targets, dtype=np.float64)
+    if mode == "none":
+        return np.ones(targets.shape[1])
+    positives = np.nansum(targets, axis=0)
+    negatives = np.sum(targets == 0.0, axis=0)
+    return np.where(positives > 0, negatives / np.maximum(positives, 1.0), 1.0)
 
 
 def _l2_rows(X):
@@ -53,11 +70,24 @@ class FeatureNorm:
         self.kind = kind
 
     def fit(self, X: np.ndarray) -> "FeatureNorm":
-        X = self._pre(np.asarray(X, dtype=np.float64))
-        self.mean_ = X.mean(axis=0)
-        std = X.std(axis=0)
+        """Mean and standard deviation per feature, in float64 over blocks of rows (two passes, so no
+        cancellation): a float64 copy of a 100,000-row matrix would need twice its memory again."""
+        X = np.asarray(X)
+        n = max(len(X), 1)
+        total = np.zeros(X.shape[1])
+        for block in self._blocks(X):
+            total += block.sum(axis=0)
+        self.mean_ = total / n
+        squares = np.zeros(X.shape[1])
+        for block in self._blocks(X):
+            squares += np.square(block - self.mean_).sum(axis=0)
+        std = np.sqrt(squares / n)
         self.scale_ = np.where(std > MIN_SCALE, std, 1.0)
         return self
+
+    def _blocks(self, X: np.ndarray):
+        for lo in range(0, len(X), FIT_BLOCK_ROWS):
+            yield self._pre(X[lo : lo + FIT_BLOCK_ROWS].astype(np.float64))
 
     def _pre(self, X):
         return _l2_rows(X) if self.kind == "l2" else X
@@ -112,14 +142,15 @@ class Head(ABC):
     kind: ClassVar[str] = ""  # the --heads name; head.pt records it
     help: ClassVar[str] = ""  # its words in --heads help
     uses_device: ClassVar[bool] = False  # trains on --device (else on the CPU)
+    takes_multilabel: ClassVar[bool] = False  # also trains on (N, L) multi-label targets
 
     @abstractmethod
     def fit(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> "Head":
-        """Train on (X, y), labels in ``range(n_classes)``."""
+        """Train on (X, y), labels in ``range(n_classes)``, or (N, n_classes) multi-label targets."""
 
     @abstractmethod
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """(N, n_classes) probabilities."""
+        """(N, n_classes) probabilities (each label's own, for multi-label targets)."""
 
     @abstractmethod
     def state_dict(self) -> dict:
@@ -145,7 +176,8 @@ class Head(ABC):
 
 
 class LinearHead:
-    """Normalize, one affine map, softmax: the fitted form of the linear kinds, whatever trained it.
+    """Normalize, one affine map, softmax (or a sigmoid per label): the fitted form of the linear kinds,
+    whatever trained it.
 
     A linear kind subclasses it with :class:`Head` (``class K(LinearHead, Head)``)
     and adds how to fit; the map, its state dict and its loading are shared.
@@ -155,16 +187,19 @@ class LinearHead:
     kind: ClassVar[str] = "linear"
 
     def __init__(self, norm: FeatureNorm | None = None, weight: np.ndarray | None = None,
-                 bias: np.ndarray | None = None):
+                 bias: np.ndarray | None = None, multilabel: bool = False):
         self.norm = norm
         self.weight = weight  # (D, K)
         self.bias = bias  # (K,)
+        self.multilabel = multilabel  # a sigmoid per column instead of a softmax over them
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         return self.norm.transform(np.asarray(X, dtype=np.float32)) @ self.weight + self.bias
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         z = self.logits(X).astype(np.float64)
+        if self.multilabel:
+            return sigmoid(z)
         z -= z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
@@ -179,8 +214,9 @@ class LinearHead:
         def t(a):
             return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
-        return {"kind": self.kind, "norm": self.norm.kind, "mean": t(self.norm.mean_),
-                "scale": t(self.norm.scale_), "weight": t(self.weight), "bias": t(self.bias)}
+        state = {"kind": self.kind, "norm": self.norm.kind, "mean": t(self.norm.mean_),
+                 "scale": t(self.norm.scale_), "weight": t(self.weight), "bias": t(self.bias)}
+        return {**state, "task": "multilabel"} if self.multilabel else state
 
     @classmethod
     def from_state_dict(cls, state: dict):
@@ -189,8 +225,15 @@ class LinearHead:
         norm.mean_ = state["mean"].double().numpy()
         norm.scale_ = state["scale"].double().numpy()
         head = cls.__new__(cls)
-        LinearHead.__init__(head, norm, state["weight"].numpy(), state["bias"].numpy())
+        LinearHead.__init__(head, norm, state["weight"].numpy(), state["bias"].numpy(),
+                            multilabel=state.get("task") == "multilabel")
         return head
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-z)) without overflow warnings for large |z|."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 HEADS: dict[str, type[Head]] = {}

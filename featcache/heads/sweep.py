@@ -3,9 +3,11 @@
 DINOv2's linear evaluation, on a cache: one weight tensor of shape (groups,
 D, heads, C), each minibatch step one batched product for every head, over a
 grid of learning rate x weight decay x class weighting x feature
-normalization. The chosen head is exported as a :class:`SweepHead`, a linear
-map (normalize, then one affine map and a softmax), which is what
-``head.pt`` stores and ``featcache predict`` applies. Also here: how many
+normalization. Multi-label targets train every label at once, (groups, D,
+heads, labels), with binary cross-entropy masked where a label is unknown.
+The chosen head is exported as a :class:`SweepHead`, a linear map
+(normalize, then one affine map and a softmax, or a sigmoid per label),
+which is what ``head.pt`` stores and ``featcache predict`` applies. Also here: how many
 torch threads a fit uses, from its size and the cores free now.
 """
 
@@ -27,7 +29,9 @@ from featcache.heads.base import (
     HeadSettings,
     LinearHead,
     class_weight_vector,
+    positive_weight_vector,
     register,
+    sigmoid,
 )
 from featcache.options import HEAD
 from featcache.runtime.device import cpu_cores
@@ -182,30 +186,26 @@ class LinearHeadSweep:
         A softmax over a last axis of 2 classes is ~25x slower on CPU than
         over the same values with the heads as the contiguous axis; it was the
         costliest op of a step. The result is stored as (G, D, H, K).
+        Multi-label targets ((N, K) floats, NaN unknown) train a sigmoid per
+        label with binary cross-entropy over the known entries only.
         """
         import torch
 
         norms = self._groups()
         self.norms_ = [FeatureNorm(kind).fit(X) for kind in norms]
+        self.multilabel_ = np.ndim(y) == 2
         G, K = len(norms), n_classes
         per_group = [[c for c in self.configs if c.norm == kind] for kind in norms]
         H = len(per_group[0])
         dev = torch.device(self.device)
         Xt = torch.as_tensor(np.asarray(X, dtype=np.float32), device=dev)
-        yt = torch.as_tensor(np.asarray(y, dtype=np.int64), device=dev)
         N, D = Xt.shape
-        # Each group's normalized rows, once: a step then gathers one (G, B, D) batch.
-        Xn = torch.stack([norm.transform(Xt) for norm in self.norms_])
-
-        def per_head(values):  # (G, 1, 1, H) for broadcasting over (G, D, K, H)
-            return torch.tensor(values, dtype=torch.float32, device=dev).view(G, 1, 1, H)
-
-        lr = per_head([[c.lr for c in g] for g in per_group])
-        wd = per_head([[c.weight_decay for c in g] for g in per_group])
-        cw = torch.tensor(np.stack([[class_weight_vector(np.asarray(y), K, c.class_weight) for c in g]
-                                    for g in per_group]), dtype=torch.float32, device=dev)  # (G, H, K)
-        row_weight = cw[:, :, yt].transpose(1, 2).contiguous()  # (G, N, H): each row's loss weight per head
-        target = torch.eye(K, device=dev)[yt]  # (N, K)
+        lr = self._per_head([[c.lr for c in g] for g in per_group], dev)
+        wd = self._per_head([[c.weight_decay for c in g] for g in per_group], dev)
+        if self.multilabel_:
+            inputs, loss_grad = self._bce(Xt, y, per_group, dev)
+        else:
+            inputs, loss_grad = self._cross_entropy(Xt, y, K, per_group, dev)
         W = torch.zeros(G, D, K, H, device=dev)
         b = torch.zeros(G, 1, K, H, device=dev)
         mom_W, mom_b = torch.zeros_like(W), torch.zeros_like(b)
@@ -214,8 +214,9 @@ class LinearHeadSweep:
         total, step = self.epochs * steps_per_epoch, 0
         sample_p = None
         if self.sampler == "balanced":
-            counts = torch.bincount(yt.cpu(), minlength=K).clamp_min(1).float()
-            sample_p = (1.0 / counts)[yt.cpu()]
+            yc = torch.as_tensor(np.asarray(y, dtype=np.int64))
+            counts = torch.bincount(yc, minlength=K).clamp_min(1).float()
+            sample_p = (1.0 / counts)[yc]
         for _ in range(self.epochs):
             if before_epoch is not None:
                 before_epoch()
@@ -223,12 +224,10 @@ class LinearHeadSweep:
                      else torch.randperm(N, generator=gen)).to(dev)
             for start in range(0, N, self.batch_size):
                 idx = order[start : start + self.batch_size]
-                xb = Xn[:, idx]  # (G, B, D)
+                xb = inputs(idx)  # (G, B, D)
                 B = len(idx)
                 logits = torch.baddbmm(b.view(G, 1, K * H), xb, W.view(G, D, K * H)).view(G, B, K, H)
-                grad = logits.softmax(dim=2).sub_(target[idx].view(1, B, K, 1))
-                weights = row_weight[:, idx].unsqueeze(2)  # (G, B, 1, H)
-                grad.mul_(weights / weights.sum(dim=1, keepdim=True))
+                grad = loss_grad(logits, idx)
                 g_W = (xb.transpose(1, 2) @ grad.view(G, B, K * H)).view(G, D, K, H).addcmul_(wd, W)
                 g_b = grad.sum(dim=1, keepdim=True)
                 step_lr = lr * (0.5 * (1.0 + math.cos(math.pi * step / total)))
@@ -243,12 +242,71 @@ class LinearHeadSweep:
         self.b_ = b.transpose(2, 3).contiguous().cpu().numpy()  # (G, 1, H, K)
         return self
 
+    @staticmethod
+    def _per_head(values, dev):
+        """(G, 1, 1, H) for broadcasting over (G, D, K, H)."""
+        import torch
+
+        t = torch.tensor(values, dtype=torch.float32, device=dev)
+        return t.view(t.shape[0], 1, 1, t.shape[1])
+
+    def _cross_entropy(self, Xt, y, K, per_group, dev):
+        """(inputs(idx), loss_grad(logits, idx)) of softmax cross-entropy, each row weighted by its class."""
+        import torch
+
+        yt = torch.as_tensor(np.asarray(y, dtype=np.int64), device=dev)
+        # Each group's normalized rows, once: a step then gathers one (G, B, D) batch.
+        Xn = torch.stack([norm.transform(Xt) for norm in self.norms_])
+        cw = torch.tensor(np.stack([[class_weight_vector(np.asarray(y), K, c.class_weight) for c in g]
+                                    for g in per_group]), dtype=torch.float32, device=dev)  # (G, H, K)
+        row_weight = cw[:, :, yt].transpose(1, 2).contiguous()  # (G, N, H): each row's loss weight per head
+        target = torch.eye(K, device=dev)[yt]  # (N, K)
+
+        def loss_grad(logits, idx):
+            B = len(idx)
+            grad = logits.softmax(dim=2).sub_(target[idx].view(1, B, K, 1))
+            weights = row_weight[:, idx].unsqueeze(2)  # (G, B, 1, H)
+            return grad.mul_(weights / weights.sum(dim=1, keepdim=True))
+
+        return (lambda idx: Xn[:, idx]), loss_grad
+
+    def _bce(self, Xt, y, per_group, dev):
+        """(inputs(idx), loss_grad(logits, idx)) of binary cross-entropy per label over its known targets.
+
+        Each label's loss is the weighted mean over the batch rows where it is
+        known, positives weighted by :func:`positive_weight_vector` under
+        ``balanced``. Rows are normalized per batch: multi-label sets are the
+        large ones, where a normalized copy per group would double the memory.
+        """
+        import torch
+
+        targets = np.asarray(y, dtype=np.float32)
+        known = torch.as_tensor(~np.isnan(targets), dtype=torch.float32, device=dev)  # (N, L)
+        target = torch.as_tensor(np.nan_to_num(targets, nan=0.0), device=dev)  # (N, L)
+        pos_weight = torch.tensor(np.stack([[positive_weight_vector(targets, c.class_weight) for c in g]
+                                            for g in per_group]), dtype=torch.float32, device=dev)  # (G, H, L)
+        extra = (pos_weight - 1.0).transpose(1, 2).unsqueeze(1)  # (G, 1, L, H): a positive's weight above 1
+
+        def inputs(idx):
+            xb = Xt[idx]
+            return torch.stack([norm.transform(xb) for norm in self.norms_])
+
+        def loss_grad(logits, idx):
+            t, m = target[idx].unsqueeze(-1), known[idx].unsqueeze(-1)  # (B, L, 1)
+            weights = m * (1.0 + t * extra)  # (G, B, L, H)
+            return logits.sigmoid_().sub_(t).mul_(weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12))
+
+        return inputs, loss_grad
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """(heads, N, K) probabilities, heads in ``self.order_``."""
         out = []
         for g, norm in enumerate(self.norms_):
             z = np.einsum("nd,dhk->hnk", norm.transform(np.asarray(X, dtype=np.float32)), self.W_[g])
             z = z + self.b_[g][0][:, None, :]
+            if self.multilabel_:
+                out.append(sigmoid(z))
+                continue
             z = z - z.max(axis=-1, keepdims=True)
             e = np.exp(z)
             out.append(e / e.sum(axis=-1, keepdims=True))
@@ -262,6 +320,7 @@ class LinearHeadSweep:
         head = SweepHead(config, epochs=self.epochs, batch_size=self.batch_size, sampler=self.sampler,
                          seed=self.seed, device=self.device)
         head.norm, head.weight, head.bias = self.norms_[g], self.W_[g][:, h, :].copy(), self.b_[g][0, h, :].copy()
+        head.multilabel = self.multilabel_
         return head
 
 
@@ -285,6 +344,7 @@ class SweepHead(LinearHead, Head):
     kind = "sweep"
     help = "dozens of linear heads trained at once (lr x weight decay x class weight x normalization)"
     uses_device = True
+    takes_multilabel = True
     config = None  # a head loaded from head.pt: its config is in head.pt's own config
 
     def __init__(self, config: HeadConfig | None = None, *, epochs: int = DEFAULT_EPOCHS,
@@ -303,7 +363,7 @@ class SweepHead(LinearHead, Head):
         trained = LinearHeadSweep([self.config], epochs=self.epochs, batch_size=self.batch_size,
                                   sampler=self.sampler, seed=self.seed, device=self.device).fit(X, y, n_classes)
         fitted = trained.export(self.config)
-        self.norm, self.weight, self.bias = fitted.norm, fitted.weight, fitted.bias
+        self.norm, self.weight, self.bias, self.multilabel = fitted.norm, fitted.weight, fitted.bias, fitted.multilabel
         return self
 
     @classmethod

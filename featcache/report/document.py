@@ -516,7 +516,13 @@ def _write_report(runs: list[dict], zoo: dict | None, out: Path, title: str, ana
     doc.p(f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by featcache {__version__} from "
           f"{source}; data: {', '.join(roots) or 'not recorded'}. Every number below is measured; "
           "choices were made on the validation split and the test split was touched once per run.")
-    if runs:
+    multilabel = [r["name"] for r in runs if r["metrics"].get("task") == "multilabel"]
+    if multilabel and (len(multilabel) < len(runs) or zoo):
+        raise UserError(f"{', '.join(multilabel)}: multi-label {'run' if len(multilabel) == 1 else 'runs'}; "
+                        "report multi-label runs together, apart from single-label runs and zoos")
+    if multilabel:
+        _multilabel_sections(doc, runs, out, facts)
+    elif runs:
         _runs_sections(doc, runs, zoo, out, facts, analyses)
     elif zoo:
         _zoo_section(doc, zoo, out, facts)
@@ -623,6 +629,70 @@ def _runs_sections(doc: _Doc, runs: list[dict], zoo: dict | None, out: Path, fac
     if facts["recommendations"]:
         doc.h(3, "What to try next")
         doc.table(["finding", "try"], [[r["finding"], r["try"]] for r in facts["recommendations"]])
+
+
+def multilabel_rows(runs: list[dict]) -> list[dict]:
+    """Per multi-label run: how it was fitted and its test (else validation) means over labels, with CIs."""
+    rows = []
+    for r in runs:
+        metrics = r["metrics"]
+        split = "test" if "test" in metrics else "val"
+        m = metrics[split]
+        policy = metrics.get("policy") or {}
+        rows.append({
+            "run": r["name"], "backbone": r["backbone"], "weights": weights_words(metrics.get("weights")),
+            "strategy": r["strategy"], "selected": metrics["selected"]["name"], "split": split, "n": m["n"],
+            "uncertain": policy.get("uncertain"), "unmentioned": policy.get("unmentioned"),
+            "labels_source": (metrics.get("labels") or {}).get("source"),
+            "threshold_rule": metrics.get("threshold_rule"), "val_auroc": metrics["val"]["auroc"],
+            **{key: m.get(key) for key in ("auroc", "micro_auroc", "competition_auroc", "average_precision",
+                                            "sensitivity", "specificity", "f1")},
+            **{f"{key}_text": _ci(m, key) for key in ("auroc", "micro_auroc", "competition_auroc")},
+            "per_label": {name: {"auroc": v["auroc"], "ci": (v.get("ci") or {}).get("auroc"),
+                                 "n_positive": v["n_positive"], "n_negative": v["n_negative"]}
+                          for name, v in m["per_label"].items()},
+        })
+    return rows
+
+
+def _multilabel_sections(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> None:
+    """Multi-label runs: how each was fitted (policy, labels), the means over labels with patient CIs, each
+    label's AUROC side by side, and each run's per-label ROC grid."""
+    rows = multilabel_rows(runs)
+    facts["multilabel"] = rows
+    random_runs = [r["name"] for r in runs if is_random_init(r["metrics"].get("weights"))]
+    if random_runs:
+        doc.p(f"RANDOM INIT: {', '.join(random_runs)} start from randomly initialised weights, not pretrained "
+              "ones. Their numbers show what the pipeline does, not what transfer learning achieves.")
+    doc.h(2, "Multi-label runs")
+    doc.p("Every label is scored on the images where it is known under the run's policy for uncertain and "
+          "unmentioned labels; the head (or epoch) was chosen by mean validation AUROC over labels and each "
+          "label's threshold on validation. Intervals are 95% patient-bootstrap intervals.")
+    doc.table(["run", "backbone", "weights", "strategy", "chosen", "uncertain", "not mentioned", "labels from",
+               "thresholds"],
+              [[r["run"], r["backbone"], r["weights"], r["strategy"], r["selected"], r["uncertain"],
+                r["unmentioned"], r["labels_source"] or "the cache", r["threshold_rule"]] for r in rows])
+    doc.table(["run", "split", "n", "val AUROC", "AUROC, macro [95% CI]", "AUROC, micro", "competition five",
+               "AP, macro", "sensitivity", "specificity", "F1"],
+              [[r["run"], r["split"], r["n"], r["val_auroc"], r["auroc_text"], r["micro_auroc_text"],
+                r["competition_auroc_text"], r["average_precision"], r["sensitivity"], r["specificity"], r["f1"]]
+               for r in rows])
+    if len({(r["uncertain"], r["unmentioned"], r["labels_source"]) for r in rows}) > 1:
+        doc.p("These runs differ in their labels or in the policy that turned them into targets, so each was "
+              "scored on its own targets (see each label's positives and negatives below): their figures are "
+              "not measured on one test set and differences between them are not a like-for-like comparison.")
+    labels = list(dict.fromkeys(name for r in rows for name in r["per_label"]))
+    doc.h(3, "AUROC per label")
+    doc.table(["label", *(f"{r['run']} ({r['split']})" for r in rows)],
+              [[name, *(_with_ci(r["per_label"][name]["auroc"], r["per_label"][name]["ci"])
+                        + f" ({r['per_label'][name]['n_positive']}+/{r['per_label'][name]['n_negative']}-)"
+                        if name in r["per_label"] else "-" for r in rows)] for name in labels])
+    for r in runs:
+        picture = r["record"].plot_path("roc_grid")
+        if picture.is_file():
+            target = out / f"roc_grid_{r['name']}.png"
+            target.write_bytes(picture.read_bytes())
+            doc.img(target, f"{r['name']}: ROC per label, each label's operating point marked")
 
 
 def _zoo_section(doc: _Doc, zoo: dict, out: Path, facts: dict) -> None:

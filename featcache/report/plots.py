@@ -86,6 +86,40 @@ def plot_roc(curves: dict, positive: int | None, path: Path, *, title: str, thre
                  ylabel="sensitivity (true positive rate)", title=title, legend="lower right")
 
 
+def plot_roc_grid(targets, probs, names, thresholds, path: Path, *, title: str) -> None:
+    """One small ROC per label (multi-label runs), on the rows where the label is known, each label's
+    operating point marked."""
+    from featcache.eval.metrics import auroc, roc_curve
+
+    plt = _pyplot()
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows + 0.4), dpi=110, squeeze=False)
+    targets, probs = np.asarray(targets, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    for j, ax in enumerate(axes.flat):
+        if j >= len(names):
+            ax.axis("off")
+            continue
+        known = ~np.isnan(targets[:, j])
+        y, s = targets[known, j].astype(bool), probs[known, j]
+        area = auroc(y, s)
+        if area is not None:
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, lw=1.3)
+            ax.plot([np.mean(s[~y] >= thresholds[j])], [np.mean(s[y] >= thresholds[j])], "o", ms=4, mec="black",
+                    mew=0.5)
+        ax.plot([0, 1], [0, 1], ls="--", lw=0.6, color="grey")
+        ax.set_title(f"{names[j]}\n" + (f"AUROC {area:.3f}" if area is not None else "one class only"),
+                     fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_pr(curves: dict, positive: int | None, path: Path, *, title: str, classes=None) -> None:
     """Precision-recall curves, with each curve's prevalence as its no-skill line."""
     plt = _pyplot()

@@ -18,13 +18,13 @@ METRIC_ROWS = (
 )
 
 
-def _with_ci(metrics: dict, key: str, fmt: str) -> str:
+def _with_ci(metrics: dict, key: str, fmt: str, ci_fmt: str = "{:.3f}") -> str:
     value = metrics.get(key)
     if value is None:
         return "-"
     text = fmt.format(value)
     ci = metrics.get("ci", {}).get(key)
-    return f"{text} [dim][{ci[0]:.3f}, {ci[1]:.3f}][/]" if ci else text
+    return f"{text} [dim][{ci_fmt.format(ci[0])}, {ci_fmt.format(ci[1])}][/]" if ci else text
 
 
 def manifest_tables(manifest) -> list[Table]:
@@ -161,8 +161,47 @@ def confusion_table(matrix, classes, split: str) -> Table:
     return table
 
 
+MULTILABEL_ROWS = (
+    ("n", "images", "{:d}"),
+    ("auroc", "AUROC, macro mean over labels", "{:.3f}"),
+    ("micro_auroc", "AUROC, micro (labels pooled)", "{:.3f}"),
+    ("competition_auroc", "AUROC, CheXpert competition five", "{:.3f}"),
+    ("average_precision", "average precision, macro", "{:.3f}"),
+    ("sensitivity", "sensitivity, macro", "{:.3f}"),
+    ("specificity", "specificity, macro", "{:.3f}"),
+    ("f1", "F1, macro", "{:.3f}"),
+)
+
+
+def per_label_table(metrics: dict, split: str) -> Table:
+    """A multi-label split: each label's counts, threshold and metrics, with their CIs."""
+    table = Table(title=f"{split}, per label (95% CI by patient bootstrap)", title_justify="left")
+    for col in ("label", "n+", "n-", "threshold", "AUROC", "AP", "sensitivity", "specificity", "F1"):
+        table.add_column(col, justify="left" if col == "label" else "right")
+    for name, m in metrics[split]["per_label"].items():
+        table.add_row(name, str(m["n_positive"]), str(m["n_negative"]), f"{m['threshold']:.3f}",
+                      *(_with_ci(m, k, "{:.3f}", "{:.2f}") for k in ("auroc", "average_precision", "sensitivity",
+                                                                    "specificity", "f1")))
+    return table
+
+
+def multilabel_table(metrics: dict) -> Table:
+    splits = [s for s in ("val", "test") if s in metrics]
+    table = Table(caption="[dim]95% CI by patient bootstrap in brackets[/]")
+    table.add_column("metric")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for key, label, fmt in MULTILABEL_ROWS:
+        if any(key in metrics[s] for s in splits):
+            table.add_row(label, *(_with_ci(metrics[s], key, fmt) for s in splits))
+    return table
+
+
 def metrics_renderables(metrics: dict) -> list:
     from rich.columns import Columns
+
+    if metrics.get("task") == "multilabel":
+        return [multilabel_table(metrics), per_label_table(metrics, "test" if "test" in metrics else "val")]
 
     splits = [s for s in ("val", "test") if s in metrics]
     confusions = [confusion_table(metrics[s]["confusion_matrix"], metrics["classes"], s) for s in splits]
@@ -182,7 +221,11 @@ def predictions_table(rows: list[dict]) -> Table:
         table.add_column(col, justify="left" if col in ("image", "prediction", "decided by") else "right")
     for r in rows:
         cells = [f"{r[c]:.3f}" if c in r else "-" for c in score_cols]
-        rule = ("argmax" if r.get("threshold_rule") == "argmax" else
-                f"p >= {float(r['threshold']):.3f} ({r['threshold_rule']})") if r["prediction"] else ""
-        table.add_row(Path(r["path"]).name, *cells, r["prediction"] or f"[red]{r['error']}[/]", rule)
+        if r["error"]:
+            table.add_row(Path(r["path"]).name, *cells, f"[red]{r['error']}[/]", "")
+            continue
+        rule = ("argmax" if r["threshold_rule"] == "argmax" else
+                f"p >= {float(r['threshold']):.3f} ({r['threshold_rule']})" if "threshold" in r else
+                f"each label's threshold ({r['threshold_rule']})")
+        table.add_row(Path(r["path"]).name, *cells, r["prediction"] or "none found", rule)
     return table
