@@ -326,3 +326,35 @@ def test_every_source_refuses_the_options_it_does_not_take(fmt, tmp_path):
         register(fmt, options=(), expects="")(lambda data: None)
     with pytest.raises(UserError, match="unknown --format 'dicom'"):
         read_manifest(tmp_path, format="dicom")
+
+
+def test_a_list_or_label_file_that_is_not_gzip_or_is_cut_short_is_one_line(tmp_path, capsys):
+    nih = make_nih(tmp_path / "nih", n_patients=10)
+    (nih / "test_list.txt").unlink()
+    (nih / "test_list.txt.gz").write_bytes(b"00000005_000.png\n")  # named .gz, not compressed
+    err = _one_line_error(["scan", nih, "--format", "nih"], capsys)
+    assert "test_list.txt.gz, row 1: not a readable gzip file (BadGzipFile" in err
+    text = "".join(f"{n:08d}_000.png\n" for n in range(1, 3000))
+    (nih / "test_list.txt.gz").write_bytes(gzip.compress(text.encode())[:-20])  # truncated
+    err = _one_line_error(["scan", nih, "--format", "nih"], capsys)
+    assert "test_list.txt.gz, row " in err and "not a readable gzip file (EOFError" in err
+    mimic = make_mimic(tmp_path / "mimic", n_subjects=8)
+    packed = (mimic / "mimic-cxr-2.0.0-split.csv.gz").read_bytes()
+    (mimic / "mimic-cxr-2.0.0-split.csv.gz").write_bytes(packed[:len(packed) // 2])
+    err = _one_line_error(["scan", mimic, "--format", "mimic"], capsys)
+    assert "mimic-cxr-2.0.0-split.csv.gz, row " in err and "not a readable gzip file (EOFError" in err
+
+
+def test_read_errors_name_the_row_a_spreadsheet_shows(labelled, capsys):
+    table = labelled / "latin.csv"
+    table.write_bytes(b"path,label\nimgs/a.png,Caf\xe9\nimgs/b.png,B\n")
+    err = _one_line_error(["scan", table, "--format", "csv"], capsys)
+    assert "latin.csv, row 2: not UTF-8 text (byte 0xe9" in err
+    lines = [b"path,label"] + [b"imgs/a%d.png,A" % i for i in range(2000)]
+    lines[1500] = b"imgs/b.png,Caf\xe9"  # past the first chunks the text layer decodes
+    table.write_bytes(b"\n".join(lines) + b"\n")
+    err = _one_line_error(["scan", table, "--format", "csv"], capsys)
+    assert "latin.csv, row 1501: not UTF-8 text" in err
+    table.write_bytes(b"path,label\nimgs/a.png," + b"A" * (csv.field_size_limit() + 1) + b"\nimgs/b.png,B\n")
+    err = _one_line_error(["scan", table, "--format", "csv"], capsys)
+    assert "latin.csv, row 2: not readable as CSV (field larger than field limit" in err
