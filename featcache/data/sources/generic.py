@@ -69,7 +69,8 @@ def read(data: str | os.PathLike, *, path_col=None, label_col=None, label_cols=N
                        error=lambda message: table.error(row, path_col, message)):
             sources[source] += 1
     options = dict(val_fraction=val_fraction, split_seed=split_seed, min_val=min_val, scope=not patient_col,
-                   patient_sources=dict(sources), files=file.name, val_source=f"val rows of column {split_col}")
+                   patient_sources=dict(sources), files=file.name, val_source=f"val rows of column {split_col}",
+                   patient_column=patient_col)
     if columns:
         return listing.manifest(layout="csv", classes=columns, task=MULTILABEL, **options)
     return _named_labels(listing, options)
