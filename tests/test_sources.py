@@ -391,6 +391,22 @@ def test_nih_chexpert_and_mimic_refuse_a_patient_in_two_splits(tmp_path, capsys)
                                                                       f"{last + 1}" in err
 
 
+def test_csv_refuses_a_class_missing_from_a_split_as_folders_do(tmp_path, capsys):
+    for i in range(5):
+        write_image(tmp_path / "img" / f"p{i}.png", size=(20, 16), seed=i)
+    table = write_csv(tmp_path / "labels.csv", ["path", "label", "split"],
+                      [["img/p0.png", "A", "train"], ["img/p1.png", "B", "train"], ["img/p2.png", "A", "test"],
+                       ["img/p3.png", "B", "test"], ["img/p4.png", "C", "test"]])
+    err = _one_line_error(["scan", table, "--format", "csv", "--split-col", "split"], capsys)
+    assert ("labels.csv, column 'split': classes differ across splits (train lacks C) - found train: A, B; "
+            "test: A, B, C") in err
+    (tmp_path / "folder" / "test" / "C").mkdir(parents=True)
+    for i, (split, cls) in enumerate([("train", "A"), ("train", "B"), ("test", "A"), ("test", "B"), ("test", "C")]):
+        write_image(tmp_path / "folder" / split / cls / f"p{i}.png", size=(20, 16), seed=i)
+    err = _one_line_error(["scan", tmp_path / "folder"], capsys)
+    assert "classes differ across splits (train/ lacks C) - found train/: A, B; test/: A, B, C" in err
+
+
 def test_a_nul_byte_in_a_listed_path_is_refused_naming_file_row_and_column(labelled, tmp_path, capsys):
     table = labelled / "nul.csv"
     table.write_bytes(b'path,label\nimgs/a.png,A\n"imgs/b\x00.png",B\nimgs/c.png,B\n')
