@@ -461,3 +461,15 @@ def test_chexpert_without_valid_csv_and_views_that_leave_nothing_say_so(tmp_path
     err = _one_line_error(["scan", nih, "--format", "nih", "--views", "lateral"], capsys)
     rows = len((nih / "Data_Entry_2017.csv").read_text().splitlines()) - 1
     assert f"no images left: Data_Entry_2017.csv list {rows}, and --views lateral keeps none of them" in err
+
+
+def test_the_report_refuses_a_leaderboard_figure_that_is_not_a_number(tmp_path, capsys):
+    row = {"backbone": "a", "rank": 1, "val_auroc": 0.7, "test_auroc": 0.66, "test_auroc_ci": [0.6, 0.7],
+           "difference_to_first": None, "difference_to_first_ci": None, "sensitivity": 0.5, "specificity": 0.5}
+    for key, value in (("test_auroc", "0.66"), ("test_auroc_ci", [0.6]), ("sensitivity", True), ("gmacs", "1.8")):
+        zoo = tmp_path / f"zoo-{key}"
+        zoo.mkdir()
+        (zoo / "leaderboard.json").write_text(json.dumps({"ranked_by": "val_auroc", "rows": [{**row, key: value}]}))
+        err = _one_line_error(["report", zoo, "--out", tmp_path / "r"], capsys)
+        assert f"leaderboard.json, row 1 of rows (a), field '{key}': {value!r} is not " in err
+        assert not (tmp_path / "r").exists()
