@@ -82,14 +82,14 @@ def test_csv_label_columns_and_joined_names(tmp_path):
         write_image(tmp_path / "img" / f"pt{i // 2}-{i}.png", size=(20, 16), seed=i)
     cols = write_csv(tmp_path / "cols.csv", ["file", "Edema", "Mass", "who", "part"],
                      [[f"img/pt{i // 2}-{i}.png", v, w, f"p{i // 2}", s] for i, (v, w, s) in
-                      enumerate([("1", "0", "train"), ("0.0", "", "train"), ("-1", "1.0", "train"),
+                      enumerate([("1", "0", "train"), ("0.0", "", "train"), ("-1", "1.0", "valid"),
                                  ("", "-1.0", "valid"), ("1.0", "0", "test"), ("0", "1", "test")])])
     m = read_manifest(cols, format="csv", path_col="file", label_cols="Edema,Mass", patient_col="who",
                       split_col="part", min_val=0)
     assert m.task == "multilabel" and m.classes == ("Edema", "Mass")
     assert m.labels.dtype == np.int8 and m.labels.tolist() == [[1, 0], [0, -2], [-1, 1], [-2, -1], [1, 0], [0, 1]]
-    assert m.splits == ("train", "train", "train", "val", "test", "test")
-    assert m.validation == {"source": "val rows of column part", "images": 1}
+    assert m.splits == ("train", "train", "val", "val", "test", "test")
+    assert m.validation == {"source": "val rows of column part", "images": 2}
     assert m.patients == ("p0", "p0", "p1", "p1", "p2", "p2")  # a patient column is read as is, not scoped
     joined = write_csv(tmp_path / "joined.csv", ["path", "label"],
                        [[f"img/pt{i // 2}-{i}.png", n] for i, n in
@@ -322,3 +322,150 @@ def test_every_source_refuses_the_options_it_does_not_take(fmt, tmp_path):
         register(fmt, options=(), expects="")(lambda data: None)
     with pytest.raises(UserError, match="unknown --format 'dicom'"):
         read_manifest(tmp_path, format="dicom")
+
+
+@pytest.mark.parametrize("sides, patients", [
+    (("train", "test"), ["P0", "P1", "P2", "P3", "P0", "P4"]),
+    (("train", "val"), ["P0", "P1", "P0", "P3", "P4", "P5"]),
+    (("val", "test"), ["P0", "P1", "P2", "P3", "P2", "P5"]),
+])
+def test_csv_refuses_a_patient_in_two_given_splits(tmp_path, capsys, sides, patients):
+    for i in range(6):
+        write_image(tmp_path / "img" / f"p{i}.png", size=(20, 16), seed=i)
+    splits = ["train", "train", "val", "val", "test", "test"]
+    table = write_csv(tmp_path / "leak.csv", ["path", "label", "split", "pid"],
+                      [[f"img/p{i}.png", "AB"[i % 2], s, p] for i, (s, p) in enumerate(zip(splits, patients))])
+    err = _one_line_error(["scan", table, "--format", "csv", "--split-col", "split", "--patient-col", "pid",
+                           "--min-val", "1"], capsys)
+    first = patients.index(next(p for p in patients if patients.count(p) > 1))
+    second = patients.index(patients[first], first + 1)
+    assert (f"leak.csv row {first + 2}, column 'pid': patient {patients[first]} is in {sides[0]} here and in "
+            f"{sides[1]} at leak.csv row {second + 2}; 1 patient is in more than one of train, val and test") in err
+
+
+def test_csv_counts_the_patients_in_two_splits_and_keeps_scoped_file_name_ids_apart(tmp_path, capsys):
+    for i in range(6):
+        write_image(tmp_path / "img" / f"person{i % 3}_{i}.png", size=(20, 16), seed=i)
+    rows = [[f"img/person{i % 3}_{i}.png", "AB"[i % 2], ["train", "train", "test"][i // 2], f"P{i % 3}"]
+            for i in range(6)]
+    table = write_csv(tmp_path / "leak.csv", ["path", "label", "split", "pid"], rows)
+    err = _one_line_error(["scan", table, "--format", "csv", "--split-col", "split", "--patient-col", "pid"], capsys)
+    assert "patient P1 is in train here and in test at leak.csv row 6; 2 patients are in more than one" in err
+    m = read_manifest(table, format="csv", split_col="split", min_val=0)  # ids from file names: scoped by split
+    assert set(m.patients) >= {"train/person1", "test/person1"}
+
+
+def test_nih_chexpert_and_mimic_refuse_a_patient_in_two_splits(tmp_path, capsys):
+    nih = make_nih(tmp_path / "nih", n_patients=10)
+    train_val = (nih / "train_val_list.txt").read_text().split()
+    moved = next(n for n in train_val if sum(m[:8] == n[:8] for m in train_val) > 1)  # one image of two or more
+    (nih / "train_val_list.txt").write_text("".join(n + "\n" for n in train_val if n != moved))
+    with (nih / "test_list.txt").open("a") as f:
+        f.write(moved + "\n")
+    err = _one_line_error(["scan", nih, "--format", "nih"], capsys)
+    assert f"column 'Patient ID': patient {int(moved[:8])} is in " in err and "1 patient is in more than one" in err
+    assert "is in test here and in train at Data_Entry_2017.csv row" in err or "is in train here and in test" in err
+
+    cx = make_chexpert(tmp_path / "cx", n_train_patients=6, n_valid_patients=2)
+    valid = (cx / "valid.csv").read_text()
+    patient = valid.split("/valid/", 1)[1].split("/", 1)[0]  # a valid patient, also seen in train
+    (cx / "valid" / patient).rename(cx / "valid" / "patient00001")
+    (cx / "valid.csv").write_text(valid.replace(f"/valid/{patient}/", "/valid/patient00001/"))
+    err = _one_line_error(["scan", cx, "--format", "chexpert"], capsys)
+    assert "train.csv row " in err and "column 'Path': patient patient00001 is in " in err
+    assert " and in test at valid.csv row 2; 1 patient is in more than one of train, val and test" in err
+
+    mimic = make_mimic(tmp_path / "mimic", n_subjects=8)
+    with gzip.open(mimic / "mimic-cxr-2.0.0-split.csv.gz", "rt") as f:
+        rows = list(csv.reader(f))
+    subject = next(r[2] for r in rows[1:] if r[3] == "train" and sum(q[2] == r[2] for q in rows) > 1)
+    last = max(i for i, r in enumerate(rows) if r[2] == subject)
+    rows[last][3] = "test"
+    write_csv(mimic / "mimic-cxr-2.0.0-split.csv.gz", rows[0], rows[1:], gz=True)
+    err = _one_line_error(["scan", mimic, "--format", "mimic"], capsys)
+    assert f"column 'subject_id': patient p{subject} is in " in err and f"test at mimic-cxr-2.0.0-split.csv.gz row " \
+                                                                      f"{last + 1}" in err
+
+
+def test_csv_refuses_a_class_missing_from_a_split_as_folders_do(tmp_path, capsys):
+    for i in range(5):
+        write_image(tmp_path / "img" / f"p{i}.png", size=(20, 16), seed=i)
+    table = write_csv(tmp_path / "labels.csv", ["path", "label", "split"],
+                      [["img/p0.png", "A", "train"], ["img/p1.png", "B", "train"], ["img/p2.png", "A", "test"],
+                       ["img/p3.png", "B", "test"], ["img/p4.png", "C", "test"]])
+    err = _one_line_error(["scan", table, "--format", "csv", "--split-col", "split"], capsys)
+    assert ("labels.csv, column 'split': classes differ across splits (train lacks C) - found train: A, B; "
+            "test: A, B, C") in err
+    (tmp_path / "folder" / "test" / "C").mkdir(parents=True)
+    for i, (split, cls) in enumerate([("train", "A"), ("train", "B"), ("test", "A"), ("test", "B"), ("test", "C")]):
+        write_image(tmp_path / "folder" / split / cls / f"p{i}.png", size=(20, 16), seed=i)
+    err = _one_line_error(["scan", tmp_path / "folder"], capsys)
+    assert "classes differ across splits (train/ lacks C) - found train/: A, B; test/: A, B, C" in err
+
+
+def test_a_nul_byte_in_a_listed_path_is_refused_naming_file_row_and_column(labelled, tmp_path, capsys):
+    table = labelled / "nul.csv"
+    table.write_bytes(b'path,label\nimgs/a.png,A\n"imgs/b\x00.png",B\nimgs/c.png,B\n')
+    err = _one_line_error(["scan", table, "--format", "csv"], capsys)
+    assert "nul.csv, row 3, column 'path': path 'imgs/b\\x00.png' holds a NUL byte" in err
+    cx = make_chexpert(tmp_path / "cx", n_train_patients=3, n_valid_patients=1)
+    lines = (cx / "train.csv").read_text().splitlines(keepends=True)
+    lines[2] = lines[2].replace(".jpg", "\0.jpg", 1)
+    (cx / "train.csv").write_text("".join(lines))
+    err = _one_line_error(["scan", cx, "--format", "chexpert"], capsys)
+    assert "train.csv, row 3, column 'Path': path " in err and "holds a NUL byte" in err
+
+
+def test_a_list_or_label_file_that_is_not_gzip_or_is_cut_short_is_one_line(tmp_path, capsys):
+    nih = make_nih(tmp_path / "nih", n_patients=10)
+    (nih / "test_list.txt").unlink()
+    (nih / "test_list.txt.gz").write_bytes(b"00000005_000.png\n")  # named .gz, not compressed
+    err = _one_line_error(["scan", nih, "--format", "nih"], capsys)
+    assert "test_list.txt.gz, row 1: not a readable gzip file (BadGzipFile" in err
+    text = "".join(f"{n:08d}_000.png\n" for n in range(1, 3000))
+    (nih / "test_list.txt.gz").write_bytes(gzip.compress(text.encode())[:-20])  # truncated
+    err = _one_line_error(["scan", nih, "--format", "nih"], capsys)
+    assert "test_list.txt.gz, row " in err and "not a readable gzip file (EOFError" in err
+    mimic = make_mimic(tmp_path / "mimic", n_subjects=8)
+    packed = (mimic / "mimic-cxr-2.0.0-split.csv.gz").read_bytes()
+    (mimic / "mimic-cxr-2.0.0-split.csv.gz").write_bytes(packed[:len(packed) // 2])
+    err = _one_line_error(["scan", mimic, "--format", "mimic"], capsys)
+    assert "mimic-cxr-2.0.0-split.csv.gz, row " in err and "not a readable gzip file (EOFError" in err
+
+
+def test_read_errors_name_the_row_a_spreadsheet_shows(labelled, capsys):
+    table = labelled / "latin.csv"
+    table.write_bytes(b"path,label\nimgs/a.png,Caf\xe9\nimgs/b.png,B\n")
+    err = _one_line_error(["scan", table, "--format", "csv"], capsys)
+    assert "latin.csv, row 2: not UTF-8 text (byte 0xe9" in err
+    lines = [b"path,label"] + [b"imgs/a%d.png,A" % i for i in range(2000)]
+    lines[1500] = b"imgs/b.png,Caf\xe9"  # past the first chunks the text layer decodes
+    table.write_bytes(b"\n".join(lines) + b"\n")
+    err = _one_line_error(["scan", table, "--format", "csv"], capsys)
+    assert "latin.csv, row 1501: not UTF-8 text" in err
+    table.write_bytes(b"path,label\nimgs/a.png," + b"A" * (csv.field_size_limit() + 1) + b"\nimgs/b.png,B\n")
+    err = _one_line_error(["scan", table, "--format", "csv"], capsys)
+    assert "latin.csv, row 2: not readable as CSV (field larger than field limit" in err
+
+
+def test_chexpert_without_valid_csv_and_views_that_leave_nothing_say_so(tmp_path, capsys):
+    cx = make_chexpert(tmp_path / "cx", n_train_patients=3, n_valid_patients=1)
+    (cx / "valid.csv").unlink()
+    err = _one_line_error(["scan", cx, "--format", "chexpert"], capsys)
+    assert "CheXpert label file not found: " in err and "valid.csv (the test split; the download has both" in err
+    nih = make_nih(tmp_path / "nih", n_patients=10)  # frontal views only
+    err = _one_line_error(["scan", nih, "--format", "nih", "--views", "lateral"], capsys)
+    rows = len((nih / "Data_Entry_2017.csv").read_text().splitlines()) - 1
+    assert f"no images left: Data_Entry_2017.csv list {rows}, and --views lateral keeps none of them" in err
+
+
+def test_the_report_refuses_a_leaderboard_figure_that_is_not_a_number(tmp_path, capsys):
+    row = {"backbone": "a", "rank": 1, "val_auroc": 0.7, "test_auroc": 0.66, "test_auroc_ci": [0.6, 0.7],
+           "difference_to_first": None, "difference_to_first_ci": None, "sensitivity": 0.5, "specificity": 0.5}
+    for key, value in (("test_auroc", "0.66"), ("test_auroc_ci", [0.6]), ("sensitivity", True), ("gmacs", "1.8")):
+        zoo = tmp_path / f"zoo-{key}"
+        zoo.mkdir()
+        (zoo / "leaderboard.json").write_text(json.dumps({"ranked_by": "val_auroc", "rows": [{**row, key: value}]}))
+        err = _one_line_error(["report", zoo, "--out", tmp_path / "r"], capsys)
+        assert f"leaderboard.json, row 1 of rows (a), field '{key}': {value!r} is not " in err
+        assert not (tmp_path / "r").exists()

@@ -396,17 +396,22 @@ def _check_classes(root: Path, split_dirs: dict[str, Path]) -> list[str]:
             where = split_dirs[split].relative_to(root).as_posix() if split != ALL else str(root)
             raise UserError(f"no class folders in {where}/: expected one folder per class, e.g. NORMAL/ and PNEUMONIA/")
     union = sorted(set().union(*per_split.values()))
-    problems = []
-    for split, names in per_split.items():
-        missing = [c for c in union if c not in names]
-        if missing:
-            problems.append(f"{split}/ lacks {', '.join(missing)}")
-    if problems:
-        listing = "; ".join(f"{s}: {', '.join(n)}" for s, n in per_split.items())
-        raise UserError(f"classes differ across splits ({'; '.join(problems)}) - found {listing}")
+    differ = classes_differ({f"{split}/": names for split, names in per_split.items()}, union)
+    if differ:
+        raise UserError(differ)
     if len(union) < 2:
         raise UserError(f"found one class folder ({union[0]}); classification needs at least two")
     return union
+
+
+def classes_differ(per_split: dict[str, list[str]], classes: list[str]) -> str | None:
+    """``classes differ across splits (train/ lacks C) - found ...`` when a split has no image of a class."""
+    problems = [f"{split} lacks {', '.join(missing)}" for split, names in per_split.items()
+                if (missing := [c for c in classes if c not in names])]
+    if not problems:
+        return None
+    listing = "; ".join(f"{s}: {', '.join(n)}" for s, n in per_split.items())
+    return f"classes differ across splits ({'; '.join(problems)}) - found {listing}"
 
 
 def _file_skip_reason(name: str) -> str | None:

@@ -9,6 +9,10 @@ smaller than ``--min-val``) gets one carved out of train, seeded by
 - multi-label sets: :func:`iterative_stratification` (Sechidis, Tsoumakas and
   Vlahavas, 2011) over patients, about ``fraction`` of every label's
   positives and of all images.
+
+Whether given or carved, no patient may have images in two of train, val and
+test: :func:`patients_across_splits` finds one that does, for the sources to
+refuse.
 """
 
 from __future__ import annotations
@@ -56,6 +60,23 @@ def assign_validation(splits: list[str], patients: list[str], labels, *, min_val
     if multilabel:
         validation["stratified"] = "labels (iterative stratification)"
     return splits, patients, validation
+
+
+def patients_across_splits(splits, patients) -> tuple[int, int, int] | None:
+    """When patients have images in more than one of train, val and test: how many do, and two rows of the
+    first such patient by name (its first row, then its first row in another split); else None."""
+    first: dict[str, int] = {}
+    other: dict[str, int] = {}
+    for i, (split, patient) in enumerate(zip(splits, patients)):
+        if split not in ("train", "val", "test"):
+            continue
+        j = first.setdefault(patient, i)
+        if splits[j] != split and patient not in other:
+            other[patient] = i
+    if not other:
+        return None
+    patient = min(other)
+    return len(other), first[patient], other[patient]
 
 
 def check_patients_apart(splits, patients, sides: tuple[str, str]) -> None:

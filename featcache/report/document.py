@@ -41,6 +41,10 @@ def load_run(path: str | os.PathLike) -> dict:
 
 
 LEADERBOARD = "leaderboard.json"
+# The leaderboard fields the report formats as figures: each a number or null (intervals: two numbers or null).
+ZOO_NUMBERS = ("rank", "test_auroc", "difference_to_first", "sensitivity", "specificity", "feature_dim", "params_m",
+               "gmacs", "extract_images_per_second", "cache_mb")
+ZOO_INTERVALS = ("test_auroc_ci", "difference_to_first_ci")
 
 
 def is_zoo_folder(path: str | os.PathLike) -> bool:
@@ -62,6 +66,8 @@ def load_zoo(path: str | os.PathLike) -> dict:
     if not usable:
         raise UserError(f"{folder / LEADERBOARD} is not a featcache zoo leaderboard; rerun featcache zoo into "
                         f"{folder}")
+    for i, r in enumerate(rows, 1):
+        _check_zoo_row(folder / LEADERBOARD, i, r)
     rows = sorted(rows, key=lambda r: r.get("rank") or 0)
     if choose_backbone(rows)["chosen"] != rows[0]["backbone"]:  # its differences to #1 would be to another
         raise UserError(f"{folder / LEADERBOARD} is not ranked by validation AUROC; rerun featcache zoo")
@@ -73,6 +79,22 @@ def load_zoo(path: str | os.PathLike) -> dict:
             "n_train": metrics.get("n_train"), "n_val": (metrics.get("val") or {}).get("n"),
             "n_test": (metrics.get("test") or {}).get("n"), "head": (metrics.get("selected") or {}).get("head"),
             "n_heads": metrics.get("n_heads"), "plot": folder / "leaderboard.png"}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_zoo_row(path: Path, i: int, row: dict) -> None:
+    """Refuse a hand-edited field the report would format as a figure (``"0.66"``, a string, for 0.66)."""
+    for key in ZOO_NUMBERS + ZOO_INTERVALS:
+        value = row.get(key)
+        ok = value is None or (_is_number(value) if key in ZOO_NUMBERS else
+                               isinstance(value, list) and len(value) == 2 and all(map(_is_number, value)))
+        if not ok:
+            expected = "a number" if key in ZOO_NUMBERS else "two numbers [low, high]"
+            raise UserError(f"{path}, row {i} of rows ({row.get('backbone')}), field {key!r}: {value!r} is not "
+                            f"{expected} or null; rerun featcache zoo or correct it")
 
 
 def _fmt(value, digits: int = 3) -> str:

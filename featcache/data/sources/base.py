@@ -20,7 +20,7 @@ import numpy as np
 from featcache.data.labels import MULTICLASS, MULTILABEL
 from featcache.data.manifest import IMAGE_EXTENSIONS, MAX_FILE_BYTES, NOT_IMAGE, NOT_REGULAR, SPLIT_ORDER, TOO_LARGE, \
     Manifest
-from featcache.data.splits import assign_validation
+from featcache.data.splits import assign_validation, patients_across_splits
 from featcache.errors import UserError
 
 MISSING = "listed, but no such file"
@@ -84,8 +84,10 @@ class Listing:
         self.patients: list[str] = []
         self.sizes: list[int] = []
         self.mtimes: list[int] = []
+        self.wheres: list[str] = []
         self.skipped: list[tuple[str, str]] = []
         self.listed = 0
+        self.filtered = 0  # rows left out by --views
         self._seen: dict[str, str] = {}
 
     def add(self, rel: str, label, split: str, patient: str, *, where: str, error: Callable[[str], UserError]) -> bool:
@@ -93,6 +95,8 @@ class Listing:
 
         ``error(message)`` makes the one-line UserError naming the file, row and column.
         """
+        if "\0" in rel:  # no file name holds one: the label file is damaged, not an image missing
+            raise error(f"path {rel!r} holds a NUL byte, which no file name can")
         if rel in self._seen:
             raise error(f"duplicate path {rel} (also listed at {self._seen[rel]})")
         self._seen[rel] = where
@@ -117,12 +121,16 @@ class Listing:
         self.labels.append(label)
         self.splits.append(split)
         self.patients.append(patient)
+        self.wheres.append(where)
         self.sizes.append(st.st_size)
         self.mtimes.append(st.st_mtime_ns)
         return True
 
-    def require_images(self, files: str) -> None:
+    def require_images(self, files: str, views: str = "all") -> None:
         """Refuse a listing none of whose images can be read (the root is wrong, or nothing is downloaded)."""
+        if not self.listed and self.filtered:
+            raise UserError(f"no images left: {files or 'the label files'} list {self.filtered:,}, and --views "
+                            f"{views} keeps none of them")
         if not self.paths:
             example = f" (e.g. {self.skipped[0][0]}: {self.skipped[0][1]})" if self.skipped else ""
             raise UserError(f"no usable images: {files or 'the label files'} list {self.listed:,}, none found "
@@ -130,14 +138,19 @@ class Listing:
 
     def manifest(self, *, layout: str, classes, task: str = MULTICLASS, val_fraction: float, split_seed: int,
                  min_val: int = 0, scope: bool = False, val_source: str = "split column",
-                 patient_sources: dict | None = None, files: str = "") -> Manifest:
-        """The Manifest of the usable rows: validation carved where there is none, rows in scan's order."""
-        self.require_images(files)
+                 patient_sources: dict | None = None, files: str = "", views: str = "all",
+                 patient_column: str | None = None) -> Manifest:
+        """The Manifest of the usable rows: validation carved where there is none, rows in scan's order.
+
+        ``patient_column`` names where patient ids are read, for the refusal of a patient in two splits.
+        """
+        self.require_images(files, views)
         multilabel = task == MULTILABEL
         labels = np.asarray(self.labels, dtype=np.int8).reshape(len(self.paths), -1) if multilabel else self.labels
         splits, patients, validation = assign_validation(
             self.splits, self.patients, labels, min_val=min_val, fraction=val_fraction, seed=split_seed,
             scope=scope, source=val_source)
+        self._check_patients_apart(splits, patients, patient_column)
         order = sorted(range(len(self.paths)), key=(
             (lambda i: (SPLIT_ORDER[splits[i]], self.paths[i])) if multilabel else
             (lambda i: (SPLIT_ORDER[splits[i]], labels[i], self.paths[i]))))
@@ -156,3 +169,14 @@ class Listing:
             patient_sources=patient_sources or {},
             task=task,
         )
+
+    def _check_patients_apart(self, splits: list[str], patients: list[str], column: str | None) -> None:
+        """Refuse a patient with images in two of train, val and test: scores on the later ones would leak."""
+        crossing = patients_across_splits(splits, patients)
+        if crossing is None:
+            return
+        n, i, j = crossing
+        where = f"{self.wheres[i]}, column '{column}'" if column else self.wheres[i]
+        raise UserError(f"{where}: patient {patients[i]} is in {splits[i]} here and in {splits[j]} at "
+                        f"{self.wheres[j]}; {n:,} patient{'s are' if n > 1 else ' is'} in more than one of train, "
+                        "val and test, and a patient's images must all be in one split")

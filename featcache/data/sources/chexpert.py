@@ -33,19 +33,18 @@ PATIENT = re.compile(r"^patient\d+$")
 def read(data: str | os.PathLike, *, views, val_fraction, split_seed):
     folder = dataset_folder(data, "chexpert", "CheXpert-v1.0-small/ with train.csv and valid.csv")
     keep = view_filter(views)
-    if not (folder / "train.csv").is_file():
-        raise UserError(f"CheXpert label file not found: {folder / 'train.csv'}")
+    for name, split in FILES:  # both come in the download; without valid.csv there would be no test split
+        if not (folder / name).is_file():
+            raise UserError(f"CheXpert label file not found: {folder / name} (the {split} split; the download "
+                            f"has both {' and '.join(f for f, _ in FILES)})")
     listing = Listing(folder.parent)
-    read_files = []
     for name, split in FILES:
-        if (folder / name).is_file():
-            _read_table(CsvTable(folder / name, ["Path", "Frontal/Lateral", "AP/PA", *OBSERVATIONS]), split, folder,
-                        keep, listing)
-            read_files.append(name)
+        _read_table(CsvTable(folder / name, ["Path", "Frontal/Lateral", "AP/PA", *OBSERVATIONS]), split, folder,
+                    keep, listing)
     return listing.manifest(layout=f"chexpert, views {views}", classes=OBSERVATIONS, task=MULTILABEL,
                             val_fraction=val_fraction, split_seed=split_seed,
                             patient_sources={"patientNNNNN path part": len(listing.paths)},
-                            files=" and ".join(read_files))
+                            files=" and ".join(f for f, _ in FILES), views=views, patient_column="Path")
 
 
 def _read_table(table: CsvTable, split: str, folder, keep, listing: Listing) -> None:
@@ -59,6 +58,7 @@ def _read_table(table: CsvTable, split: str, folder, keep, listing: Listing) -> 
             raise table.error(row, "Path", f"{rel} has no patientNNNNN folder")
         labels = table.label_values(row, cells, OBSERVATIONS)
         if not keep(cells["Frontal/Lateral"].lower(), cells["AP/PA"]):
+            listing.filtered += 1
             continue
         listing.add(rel, labels, split, patient, where=f"{table.path.name} row {row}",
                     error=lambda message: table.error(row, "Path", message))

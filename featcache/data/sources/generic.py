@@ -13,7 +13,8 @@ Columns (names given by flags):
   for folders (Kermany names, ``--patient-regex``, else the stem), scoped by split;
 - ``--split-col``: train / val / test (also valid, validate, validation);
   without it every row is in split ``all``. A val split smaller than
-  ``--min-val`` is folded into train and carved, as for folders.
+  ``--min-val`` is folded into train and carved, as for folders; a
+  single-label set needs every class in every split, as folders do.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from featcache.data.labels import MULTICLASS, MULTILABEL
-from featcache.data.manifest import _compile_patient_regex, _patient_id
+from featcache.data.manifest import SPLIT_ORDER, _compile_patient_regex, _patient_id, classes_differ
 from featcache.data.sources.base import Listing, register
 from featcache.data.sources.table import CsvTable, relative_path
 from featcache.errors import UserError
@@ -69,10 +70,11 @@ def read(data: str | os.PathLike, *, path_col=None, label_col=None, label_cols=N
                        error=lambda message: table.error(row, path_col, message)):
             sources[source] += 1
     options = dict(val_fraction=val_fraction, split_seed=split_seed, min_val=min_val, scope=not patient_col,
-                   patient_sources=dict(sources), files=file.name, val_source=f"val rows of column {split_col}")
+                   patient_sources=dict(sources), files=file.name, val_source=f"val rows of column {split_col}",
+                   patient_column=patient_col)
     if columns:
         return listing.manifest(layout="csv", classes=columns, task=MULTILABEL, **options)
-    return _named_labels(listing, options)
+    return _named_labels(listing, options, table, split_col)
 
 
 def _column_list(label_cols) -> tuple[str, ...]:
@@ -100,7 +102,7 @@ def _name(cells, column, table, row) -> str:
     return value
 
 
-def _named_labels(listing: Listing, options: dict):
+def _named_labels(listing: Listing, options: dict, table: CsvTable, split_col: str | None):
     """Class names per row: one each is single-label; any ``|``-joined row makes the set multi-label."""
     listing.require_images(options["files"])
     if any(MULTI_SEPARATOR in name for name in listing.labels):
@@ -111,6 +113,12 @@ def _named_labels(listing: Listing, options: dict):
     classes = sorted(set(listing.labels))
     if len(classes) < 2:
         raise UserError(f"{options['files']} gives one class ({classes[0]}); classification needs at least two")
+    per_split: dict[str, set] = {}
+    for split, name in zip(listing.splits, listing.labels):
+        per_split.setdefault(split, set()).add(name)
+    differ = classes_differ({s: sorted(per_split[s]) for s in sorted(per_split, key=SPLIT_ORDER.get)}, classes)
+    if differ:  # as for folders: a class with no training (or no test) image cannot be fitted or scored
+        raise UserError(f"{table.path}, column '{split_col}': {differ}")
     index = {c: i for i, c in enumerate(classes)}
     listing.labels = [index[name] for name in listing.labels]
     return listing.manifest(layout="csv", classes=classes, task=MULTICLASS, **options)

@@ -49,13 +49,15 @@ def read(data: str | os.PathLike, *, views, val_fraction, split_seed):
         if positions is not None:
             position = positions.get(dicom, "")
             if not keep(view_kind(position), position):
+                listing.filtered += 1
                 continue
         rel = f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"
         listing.add(rel, labels.get((subject, study), unlabelled), SPLITS[cells["split"]], f"p{subject}",
                     where=f"{splits.path.name} row {row}", error=lambda message: splits.error(row, "dicom_id", message))
     return listing.manifest(layout=f"mimic, views {views}", classes=OBSERVATIONS, task=MULTILABEL,
                             val_fraction=val_fraction, split_seed=split_seed, val_source="official validate split",
-                            patient_sources={"column subject_id": len(listing.paths)}, files=splits.path.name)
+                            patient_sources={"column subject_id": len(listing.paths)}, files=splits.path.name,
+                            views=views, patient_column="subject_id")
 
 
 def _study_labels(table: CsvTable) -> dict[tuple[str, str], tuple[int, ...]]:

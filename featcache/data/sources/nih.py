@@ -47,6 +47,7 @@ def read(data: str | os.PathLike, *, views, val_fraction, split_seed):
             raise entries.error(row, COLUMNS["patient"], "no patient id (blank)")
         position = cells[COLUMNS["view"]]
         if not keep(view_kind(position), position):
+            listing.filtered += 1
             continue
         rel = images.get(name, f"images/{name}")
         listing.add(rel, labels, split_of[name][0], patient, where=f"{entries.path.name} row {row}",
@@ -56,7 +57,8 @@ def read(data: str | os.PathLike, *, views, val_fraction, split_seed):
             raise UserError(f"{folder / file}, row {line}: {name} is not an image of {entries.path.name}")
     return listing.manifest(layout=f"nih, views {views}", classes=FINDINGS, task=MULTILABEL,
                             val_fraction=val_fraction, split_seed=split_seed,
-                            patient_sources={"column Patient ID": len(listing.paths)}, files=entries.path.name)
+                            patient_sources={"column Patient ID": len(listing.paths)}, files=entries.path.name,
+                            views=views, patient_column=COLUMNS["patient"])
 
 
 def _official_split(folder) -> dict[str, tuple[str, str, int]]:

@@ -5,23 +5,63 @@ Rows are numbered as a spreadsheet shows them: the header is row 1.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import os
+import zlib
 from pathlib import Path
 
 from featcache.data.labels import CELL_VALUES, CELL_WORDS
 from featcache.errors import UserError
 
 
-def open_text(path: Path):
-    """A text file, gzip-compressed when its name ends in ``.gz``; BOMs are dropped."""
+# What reading a (gzip) text file can raise: bad UTF-8, a file that is not gzip or is truncated or corrupt.
+READ_ERRORS = (UnicodeDecodeError, EOFError, OSError, zlib.error)
+
+
+def _open_raw(path: Path):
     try:
-        raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+        return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
     except OSError as exc:
         raise UserError(f"cannot read {path} ({exc.strerror or exc.__class__.__name__})") from None
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+
+
+def open_text(path: Path):
+    """A text file, gzip-compressed when its name ends in ``.gz``; BOMs are dropped."""
+    return io.TextIOWrapper(_open_raw(path), encoding="utf-8-sig", newline="")
+
+
+def unreadable(path: Path, exc: Exception, fallback_row: int) -> UserError:
+    """The one-line error for a file that stopped reading with ``exc``, at the line where its bytes fail.
+
+    The text layer decodes (and gunzips) ahead of the rows handed out, so the row is found again in the raw
+    bytes, line by line; ``fallback_row`` is used when they read cleanly this time.
+    """
+    row = _failing_line(path) or fallback_row
+    if isinstance(exc, UnicodeDecodeError):
+        what = f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x}: {exc.reason}); save it as UTF-8"
+    elif path.name.endswith(".gz"):
+        what = f"not a readable gzip file ({exc.__class__.__name__}: {exc})"
+    else:
+        what = f"not readable ({exc.__class__.__name__}: {exc})"
+    return UserError(f"{path}, row {row}: {what}")
+
+
+def _failing_line(path: Path) -> int | None:
+    """The number of the first line of ``path`` that cannot be read or decoded as UTF-8, or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    try:
+        with _open_raw(path) as raw:
+            while piece := raw.readline(1 << 20):  # bounded: a file without newlines is read in pieces
+                decoder.decode(piece)
+                line += piece.endswith(b"\n")
+            decoder.decode(b"", final=True)
+    except READ_ERRORS:
+        return line
+    return None
 
 
 def find_file(folder: Path, names: tuple[str, ...], what: str) -> Path:
@@ -49,8 +89,12 @@ class CsvTable:
         self._reader = csv.reader(self._file)
         try:
             header = next(self._reader, None)
-        except (UnicodeDecodeError, csv.Error, EOFError, OSError) as exc:
-            raise UserError(f"{path}, row 1: not a readable CSV file ({exc.__class__.__name__})") from None
+        except READ_ERRORS as exc:
+            self._file.close()
+            raise unreadable(path, exc, 1) from None
+        except csv.Error as exc:
+            self._file.close()
+            raise UserError(f"{path}, row {self._reader.line_num or 1}: not readable as CSV ({exc})") from None
         if header is None:
             raise UserError(f"{path} is empty: expected a header row with the columns {', '.join(required)}")
         self.columns = {name.strip(): i for i, name in reversed(list(enumerate(header)))}
@@ -69,9 +113,10 @@ class CsvTable:
                 if not fields or (len(fields) == 1 and not fields[0].strip()):
                     continue
                 yield self._reader.line_num, _Row(fields, self.columns)
-        except (UnicodeDecodeError, csv.Error, EOFError, OSError) as exc:
-            raise UserError(f"{self.path}, row {self._reader.line_num + 1}: not readable as CSV "
-                            f"({exc.__class__.__name__}: {exc})") from None
+        except READ_ERRORS as exc:
+            raise unreadable(self.path, exc, self._reader.line_num + 1) from None
+        except csv.Error as exc:  # e.g. a field over the size limit: csv has read the row it is in
+            raise UserError(f"{self.path}, row {self._reader.line_num}: not readable as CSV ({exc})") from None
         finally:
             self._file.close()
 
@@ -113,8 +158,8 @@ def read_list(path: Path) -> list[tuple[int, str]]:
     with open_text(path) as f:
         try:
             return [(i, line.strip()) for i, line in enumerate(f, 1) if line.strip()]
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text") from None
+        except READ_ERRORS as exc:
+            raise unreadable(path, exc, 1) from None
 
 
 def relative_path(text: str, root: Path) -> str | None:
