@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.featcache-installed
+# pytest processes; each test file runs whole in one of them (session fixtures are built once per process).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench clean browser
 
@@ -24,7 +26,7 @@ browser:
 	  echo "chromium could not be installed: the HTML rendering test will be skipped"
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/extract_vs_forward.py

@@ -13,6 +13,20 @@ SHARED_SKIP = "NEEDS THE SHARED KERMANY SET"
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _share_the_cores_between_test_processes():
+    # Under pytest-xdist (make test runs two processes) each process takes its share of the cores for the
+    # work it runs in-process, so two processes never run four torch threads on two cores.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        from featcache.runtime.device import cpu_cores
+
+        torch.set_num_threads(max(1, cpu_cores() // workers))
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _offline_torch_home_for_the_session(tmp_path_factory):
     # Session fixtures build backbones before any test's own TORCH_HOME is set: they get an empty one too.
     before = os.environ.get("TORCH_HOME")
