@@ -93,6 +93,8 @@ def zoo(data, out, *, backbones: list[str], weights: str = EXTRACT.weights, head
     from featcache.backbones.costs import counted_facts
     from featcache.backbones.registry import file_word, get_entry
     from featcache.backbones.weights import WeightsRef
+    from featcache.data.labels import single_label_only
+    from featcache.data.sources import read_manifest
     from featcache.extract import extract
     from featcache.fit import fit_head
     from featcache.heads import HEADS
@@ -103,6 +105,9 @@ def zoo(data, out, *, backbones: list[str], weights: str = EXTRACT.weights, head
     if heads not in HEADS:
         raise UserError(f"--heads takes {', '.join(HEADS)}, got {heads!r}")
     names = list(dict.fromkeys(get_entry(b).name for b in backbones))  # every name checked before any work
+    manifest = read_manifest(data, **(scan_options or {}))  # read once for every backbone
+    # The leaderboard ranks single-label heads; a multi-label set stops here, not after hours of extraction.
+    single_label_only(manifest.task, str(data), len(manifest.classes))
     console = get_console()
     out = Path(out)
     # Other weights (or another random init), other caches and runs: a rerun with them never meets a mismatch.
@@ -114,7 +119,7 @@ def zoo(data, out, *, backbones: list[str], weights: str = EXTRACT.weights, head
         cache = out / "caches" / f"{file_word(name)}-{tag}.h5"
         extract(data, cache, backbone=name, weights=weights, seed=seed, max_images=max_images,
                 subsample_all=subsample_all, batch_size=batch_size, backend=backend, device=device, workers=workers,
-                scan_options=scan_options, progress=progress, overwrite=overwrite)
+                manifest=manifest, progress=progress, overwrite=overwrite)
         runs[name] = out / "runs" / f"{file_word(name)}-{tag}"
         fit_head(cache, runs[name], heads=heads, seed=seed, n_resamples=n_resamples, device=device,
                  positive_class=positive_class)

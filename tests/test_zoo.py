@@ -320,3 +320,13 @@ def test_a_zoo_rerun_with_other_weights_makes_its_own_caches(tmp_path, tiny_back
     assert main([*args, "--overwrite"]) == 0
     with h5py.File(tmp_path / "z" / "caches" / "tiny-none.h5") as f:
         assert len(f["paths"]) <= 30
+
+
+def test_zoo_refuses_a_multi_label_set_before_extracting_anything(tmp_path, tiny_backbone, capsys):
+    from helpers import make_chexpert
+
+    folder = make_chexpert(tmp_path, n_train_patients=6, n_valid_patients=2)
+    assert main(["zoo", str(folder), "--format", "chexpert", "--backbones", tiny_backbone, "--weights", "none",
+                 "--out", str(tmp_path / "z"), "--no-progress"]) == 2
+    assert "multi-label set (14 labels)" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
