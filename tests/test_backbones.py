@@ -345,6 +345,30 @@ def test_hf_mean_pool_leaves_register_tokens_out(tmp_path):
             assert not torch.allclose(bb.model(images), expected(hidden, 1), atol=1e-5)  # registers do count
 
 
+def test_hf_encoders_without_a_cls_token_give_their_pooled_output_not_a_corner_patch(tmp_path):
+    """SigLIP's vision tower has only patch tokens (196 at 224/16) and an attention-pool head: --pool cls (the
+    default) gives its pooled output, mean averages all 196 tokens, cls+mean has no CLS to take."""
+    from transformers import BitImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(23)
+    model = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=224, patch_size=16)).eval()
+    model.save_pretrained(tmp_path)
+    BitImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+                      image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(tmp_path)
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        out = model(pixel_values=(images.float() / 255 - 0.5) / 0.5)
+        assert out.last_hidden_state.shape[1] == 196  # no CLS token
+        cls = create_backbone(f"hf:{tmp_path}", "imagenet").model(images)
+        assert torch.allclose(cls, out.pooler_output, atol=1e-5)
+        assert not torch.allclose(cls, out.last_hidden_state[:, 0], atol=1e-3)
+        mean = create_backbone(f"hf:{tmp_path}#pool=mean", "imagenet").model(images)
+        assert torch.allclose(mean, out.last_hidden_state.mean(dim=1), atol=1e-5)
+    with pytest.raises(UserError, match="no CLS token before a patch grid"):
+        create_backbone(f"hf:{tmp_path}#pool=cls+mean", "imagenet")
+
+
 @pytest.fixture(scope="module")
 def tiny_hf_resnet(tmp_path_factory):
     """A Hugging Face ResNet folder (random weights): a convolutional encoder, no token sequence."""

@@ -84,14 +84,14 @@ def _pooled_module():
         """An AutoModel whose forward returns one vector per image: the CLS token (else the pooled output),
         the mean of the patch tokens (the last ``patches`` of the sequence), or both."""
 
-        def __init__(self, model, pool: str = "cls", patches: int = 0):
+        def __init__(self, model, pool: str = "cls", patches: int = 0, pooler: bool = False):
             super().__init__()
-            self.model, self.pool, self.patches = model, pool, patches
+            self.model, self.pool, self.patches, self.pooler = model, pool, patches, pooler
 
         def forward(self, x):
             out = self.model(pixel_values=x)
             hidden = getattr(out, "last_hidden_state", None)
-            if self.pool == "cls" and (hidden is None or hidden.ndim != 3):
+            if self.pool == "cls" and (self.pooler or hidden is None or hidden.ndim != 3):
                 return out.pooler_output.flatten(1)
             cls = hidden[:, 0]
             if self.pool == "cls":
@@ -110,15 +110,18 @@ def entry(source: str, pool: str = "cls") -> BackboneEntry:
     config = _config(transformers, source, local)
     spec = _spec(transformers, source, local)
     Pooled = _pooled_module()
+    pooler = False
     if pool == "cls":
         patches = 0
-        feature_dim = int(getattr(config, "hidden_size", 0) or 0) or _probe_dim(transformers, config, spec, Pooled)
+        pooler = not _has_cls_token(transformers, config, spec, source)
+        feature_dim = (0 if pooler else int(getattr(config, "hidden_size", 0) or 0)) or \
+            _probe_dim(transformers, config, spec, lambda model: Pooled(model, pool, 0, pooler))
     else:
         patches, width = _patch_tokens(transformers, config, spec, source, pool)
         feature_dim = width * (2 if pool == "cls+mean" else 1)
 
     def build(weights=None):
-        return Pooled(transformers.AutoModel.from_config(config), pool, patches)
+        return Pooled(transformers.AutoModel.from_config(config), pool, patches, pooler)
 
     def load_pretrained(model) -> tuple[str, str]:
         from huggingface_hub.constants import HF_HUB_CACHE
@@ -146,12 +149,35 @@ def entry(source: str, pool: str = "cls") -> BackboneEntry:
                          (HEAD_PREFIX,), make_spec=lambda: spec, load_pretrained=load_pretrained, state_prefix="model.")
 
 
-def _probe_dim(transformers, config, spec: PreprocessSpec, Pooled) -> int:
+def _probe_dim(transformers, config, spec: PreprocessSpec, wrap) -> int:
+    """The feature width of ``wrap(model)``, from a forward on the meta device."""
     import torch
 
     with torch.device("meta"):
-        model = Pooled(transformers.AutoModel.from_config(config))
+        model = wrap(transformers.AutoModel.from_config(config))
         return int(model(torch.empty(1, 3, spec.crop, spec.crop)).shape[-1])
+
+
+def _has_cls_token(transformers, config, spec: PreprocessSpec, source: str) -> bool:
+    """Whether the last hidden state starts with a CLS token before the patch grid. Encoders without one
+    (SigLIP's vision tower, Swin) have only patch tokens there, and their pooled output is the image vector:
+    taking token 0 would take one corner patch. Conv nets (no token sequence) use the pooled output too."""
+    import torch
+
+    with torch.device("meta"):
+        out = transformers.AutoModel.from_config(config)(pixel_values=torch.empty(1, 3, spec.crop, spec.crop))
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None or hidden.ndim != 3:
+        return False
+    side = getattr(config, "patch_size", None)
+    side = side[0] if isinstance(side, (tuple, list)) else side
+    patches = (spec.crop // side) ** 2 if isinstance(side, int) and side > 0 else 0
+    if patches and hidden.shape[1] - patches >= 1:
+        return True
+    if getattr(out, "pooler_output", None) is None:
+        raise UserError(f"hf:{source}: its last hidden state has no CLS token before the patch grid and the model "
+                        "has no pooled output; use --pool mean")
+    return False
 
 
 def _patch_tokens(transformers, config, spec: PreprocessSpec, source: str, pool: str) -> tuple[int, int]:
@@ -170,7 +196,8 @@ def _patch_tokens(transformers, config, spec: PreprocessSpec, source: str, pool:
     side = getattr(config, "patch_size", None)
     side = side[0] if isinstance(side, (tuple, list)) else side
     patches = (spec.crop // side) ** 2 if isinstance(side, int) and side > 0 else 0
-    if not patches or shape[1] - patches < 1:
+    prefix = shape[1] - patches  # CLS, register and distillation tokens; mean alone needs none
+    if not patches or prefix < (0 if pool == "mean" else 1):
         raise UserError(f"hf:{source}: --pool {pool} cannot tell its patch tokens from the others ({shape[1]} "
                         f"tokens, patch size {side}, crop {spec.crop}: no CLS token before a patch grid); "
                         "use --pool cls")
