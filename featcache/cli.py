@@ -291,6 +291,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label_source_flags(p)
     p.set_defaults(func=_cmd_fit_head)
 
+    p = sub.add_parser("curve", help="label-efficiency curves: test AUROC against training images, from caches",
+                       description="For each fraction (or images per class) and repeat: a seeded subset of the "
+                                   "training patients, the head sweep fitted on it and chosen on the whole "
+                                   "validation split, test AUROC with its patient-bootstrap CI. Resumable: each "
+                                   "point is saved to curve.json as it finishes. Single-label caches.")
+    p.add_argument("cache", metavar="CACHE.h5", nargs="*", help="one or more caches written by featcache extract")
+    p.add_argument("--out", metavar="DIR", help="curve.json, curve.csv and curve.png go here (required)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fractions", type=_positive_float, nargs="+", default=None, metavar="F",
+                   help="fractions of each class's training images, whole patients "
+                        "(default 0.01 0.02 0.05 0.1 0.25 0.5 1)")
+    g.add_argument("--per-class-shots", type=_positive_int, nargs="+", default=None, metavar="N",
+                   help="instead: N training images per class, from distinct patients where possible")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="subsets drawn per point (default %(default)s)")
+    p.add_argument("--heads", default="sweep", metavar="|".join(kinds),
+                   help="head kind fitted at each point (default %(default)s)")
+    p.add_argument("--epochs", type=_positive_int, default=HEAD.epochs, help="sweep epochs (default %(default)s)")
+    _add_device(p, HEAD.device, help="where the sweep and mlp train")
+    _add_bootstrap(p, 200, "patient-bootstrap resamples for each point's test CI; 0 turns them off "
+                           "(default %(default)s)")
+    p.add_argument("--seed", type=_count, default=HEAD.seed,
+                   help="repeat r draws its subsets with seed + r; also seeds the sweep and the bootstrap")
+    _add_positive_class(p, HEAD.positive_class)
+    p.add_argument("--overwrite", action="store_true", help="replace a curve.json in DIR made with other settings")
+    p.set_defaults(func=_cmd_curve)
+
     p = sub.add_parser("finetune", help="train every weight (or a new head on a frozen backbone) in one AMP loop",
                        description="Fine-tune a backbone on DATA (same manifest and validation split as extract); "
                                    "keep the best epoch by validation AUROC; report val and test like fit-head.")
@@ -601,6 +627,26 @@ def _print_comparison(rows: list[dict], out) -> None:
     console = get_console()
     console.print(comparison_table(rows))
     console.print(f"one run folder per cache and comparison.json in {out}")
+
+
+def _cmd_curve(args) -> int:
+    from featcache.curve import curve, table
+    from featcache.runtime.console import get_console
+
+    _require(args, "out")
+    console = get_console()
+
+    def shown(point):
+        test = "-" if point["test_auroc"] is None else f"{point['test_auroc']:.3f}"
+        console.print(f"{point['cache']} {point['mode']} {point['value']:g} repeat {point['repeat']}: "
+                      f"{point['train_images']} images, val AUROC {point['val_auroc']:.3f}, test AUROC {test}")
+
+    record = curve(args.cache, args.out, fractions=args.fractions, shots=args.per_class_shots, repeats=args.repeats,
+                   heads=args.heads, epochs=args.epochs, device=args.device, n_resamples=args.bootstrap,
+                   seed=args.seed, positive_class=args.positive_class, overwrite=args.overwrite, progress=shown)
+    console.print(table(record["summary"]))
+    console.print(f"curve.json, curve.csv and curve.png written to {args.out}")
+    return 0
 
 
 def _cmd_finetune(args) -> int:

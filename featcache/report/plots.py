@@ -271,3 +271,29 @@ def plot_leaderboard(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_curve(summary: list[dict], path: Path, *, mode: str = "fraction") -> None:
+    """Test AUROC (mean over repeats, shaded ± one sd) against training images (log scale), a line per cache."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name in dict.fromkeys(r["cache"] for r in summary):
+        rows = [r for r in summary if r["cache"] == name and r["test_auroc"] is not None]
+        if not rows:
+            continue
+        x = np.array([r["train_images"] for r in rows])
+        y = np.array([r["test_auroc"] for r in rows])
+        sd = np.array([r["test_auroc_sd"] for r in rows])
+        ax.plot(x, y, "o-", label=name)
+        ax.fill_between(x, y - sd, y + sd, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images (log scale)")
+    ax.set_ylabel("test AUROC (mean ± sd over repeats)")
+    ax.set_title(f"label efficiency ({'fractions of train' if mode == 'fraction' else 'images per class'}); "
+                 "heads chosen on validation", fontsize=8)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
