@@ -35,7 +35,7 @@ COLUMNS = ("cache", "mode", "value", "repeat", "train_images", "train_patients",
 
 
 def fraction_subset(patients: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Rows of whole training patients, about ``fraction`` of each class's images, at least one patient per class.
+    """Rows of whole training patients, about ``fraction`` of each class's images, at least one image of each class.
 
     A patient counts towards its most frequent label. Patients are taken in
     one seeded order per class, so a larger fraction with the same seed takes
@@ -60,6 +60,10 @@ def fraction_subset(patients: np.ndarray, labels: np.ndarray, fraction: float, s
                 break
             chosen.add(patient)
             taken += sum(per_patient[patient].values())
+    for label in sorted({int(v) for v in labels}):  # a class that is no patient's commonest still gets one
+        if not any(per_patient[p][label] for p in chosen):
+            holders = sorted(p for p in per_patient if per_patient[p][label])
+            chosen.add(holders[rng.integers(len(holders))])
     return np.isin(patients, list(chosen))
 
 

@@ -38,6 +38,14 @@ def test_fraction_subsets_take_whole_patients_every_class_and_grow_nested(demo_c
     assert not np.array_equal(small, fraction_subset(patients, y, 0.25, seed=4))
 
 
+def test_a_class_that_is_no_patients_commonest_still_gets_a_patient():
+    y = np.array([0, 0, 1, 0, 0, 0, 0])
+    patients = np.array(["a", "a", "a", "b", "c", "d", "e"])
+    for seed in range(5):
+        keep = fraction_subset(patients, y, 0.1, seed=seed)
+        assert set(y[keep]) == {0, 1} and keep[patients == "a"].all()
+
+
 def test_shots_take_that_many_images_per_class_from_distinct_patients_first():
     y = np.array([0] * 6 + [1] * 3)
     patients = np.array(["a", "a", "a", "b", "b", "c", "d", "d", "e"])
