@@ -23,7 +23,7 @@ from featcache.cache.h5 import FeatureCache
 from featcache.data.labels import MULTILABEL
 from featcache.errors import UserError
 from featcache.eval.metrics import evaluate, positive_class_index
-from featcache.fit import _check_two_values, _load_splits, _resolve_device, _run_names, select, selection_score
+from featcache.fit import check_two_values, load_splits, resolve_fit_device, run_names, select, selection_score
 from featcache.heads import HeadSettings, resolve_head_options
 from featcache.options import HEAD
 
@@ -109,8 +109,8 @@ def _open(path) -> tuple[FeatureCache, dict, list]:
     if cache.task == MULTILABEL:
         raise UserError(f"{cache.path} is multi-label; curve takes single-label caches for now")
     cache.verify()
-    data = _load_splits(cache)
-    _check_two_values(data, cache.path, False)
+    data = load_splits(cache)
+    check_two_values(data, cache.path, False)
     return cache, data, list(cache.label_names)
 
 
@@ -152,7 +152,7 @@ def curve(caches: list[str], out, *, fractions=None, shots=None, repeats: int = 
     try:
         for c in caches:  # every refusal before the first fit
             opened.append(_open(c))
-        return _run(opened, _run_names(caches), out, kind, mode, values, repeats=repeats, heads=heads,
+        return _run(opened, run_names(caches), out, kind, mode, values, repeats=repeats, heads=heads,
                     epochs=epochs, device=device, n_resamples=n_resamples, seed=seed, positive_class=positive_class,
                     overwrite=overwrite, progress=progress)
     finally:
@@ -179,7 +179,7 @@ def _run(opened: list, names: list[str], out: Path, kind, mode: str, values: lis
         record = previous
     done = {(p["cache"], p["value"], p["repeat"]) for p in record["points"]}
     if kind.uses_device:
-        device = _resolve_device(device)
+        device = resolve_fit_device(device)
     for name, (cache, data, classes) in zip(names, opened):
         positive = positive_class_index(classes, positive_class) if len(classes) == 2 else None
         settings = HeadSettings(epochs=epochs, device=device, seed=seed, cache=str(cache.path))

@@ -36,7 +36,7 @@ from featcache.eval.metrics import (
 )
 
 
-def _load_splits(cache: FeatureCache, labels: "JoinedLabels | None" = None
+def load_splits(cache: FeatureCache, labels: "JoinedLabels | None" = None
                  ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """features, labels and patients per split; with ``labels`` joined, its labels, rows without one dropped."""
     present = cache.split_names()
@@ -57,7 +57,8 @@ def _load_splits(cache: FeatureCache, labels: "JoinedLabels | None" = None
     return data
 
 
-def _check_two_values(data: dict, where, multilabel: bool) -> None:
+def check_two_values(data: dict, where, multilabel: bool) -> None:
+    """Refuse train or val splits a head cannot be fitted or chosen on (one class only), in one line."""
     for split in ("train", "val"):
         y = data[split][1]
         if multilabel:
@@ -113,7 +114,8 @@ def select(candidates: list[dict]) -> dict:
     return max(candidates, key=lambda c: (round(c["val_auroc"], 12), c["rank"]))
 
 
-def _resolve_device(device: str) -> str:
+def resolve_fit_device(device: str) -> str:
+    """``--device`` for a head that trains in torch, torch imported outside the timed fit."""
     from featcache.runtime.device import resolve_device
 
     return resolve_device(device)
@@ -170,12 +172,12 @@ def fit_head(
     cache.verify()  # NaN, Inf or altered bytes end here, naming the dataset, not inside a solver
     K = len(classes)
     positive = positive_class_index(classes, positive_class) if K == 2 and not multilabel else None
-    data = _load_splits(cache, joined)
+    data = load_splits(cache, joined)
     if multilabel:
         data = {s: (X, apply_policy(y, uncertain, unmentioned), p) for s, (X, y, p) in data.items()}
-    _check_two_values(data, labels or cache.path, multilabel)
+    check_two_values(data, labels or cache.path, multilabel)
     if kind.uses_device:
-        device = _resolve_device(device)  # imports torch outside the timed fit
+        device = resolve_fit_device(device)  # imports torch outside the timed fit
     settings = HeadSettings(C=C, class_weight=class_weight, sampler=sampler, epochs=epochs, lrs=lrs,
                             weight_decays=weight_decays, norms=norms, device=device, seed=seed,
                             cache=str(cache.path))
@@ -381,7 +383,7 @@ def fit_heads(caches: list[str], out_dir: str | os.PathLike, **options) -> list[
     from featcache.runtime.outputs import output_folder
 
     out_dir = output_folder(out_dir)
-    names = _run_names(caches)
+    names = run_names(caches)
     results = []
     for cache, name in zip(caches, names):
         metrics = fit_head(cache, out_dir / name, **options)
@@ -391,7 +393,8 @@ def fit_heads(caches: list[str], out_dir: str | os.PathLike, **options) -> list[
     return results
 
 
-def _run_names(caches: list[str]) -> list[str]:
+def run_names(caches: list[str]) -> list[str]:
+    """A short name per cache for tables and runs: its file stem, numbered where two stems are the same."""
     names = [Path(c).stem for c in caches]
     if len(set(names)) < len(names):  # caches with one file name from different folders
         names = [f"{i + 1}-{n}" for i, n in enumerate(names)]
