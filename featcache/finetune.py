@@ -168,7 +168,7 @@ def finetune(
     from featcache.runtime.console import get_console, quiet_console
     from featcache.decode import resolve_backend
     from featcache.runtime.device import resolve_device
-    from featcache.data.labels import MULTILABEL, apply_policy, check_policy
+    from featcache.data.labels import MULTILABEL, apply_policy, check_policy, check_task_flags
     from featcache.data.sources import read_manifest
     from featcache.runtime.amp import resolve_amp
     from featcache.eval.metrics import parse_threshold
@@ -209,7 +209,7 @@ def finetune(
 
     manifest = read_manifest(data, **(scan_options or {})).limit(max_images, seed, subsample_all=subsample_all)
     multilabel = manifest.task == MULTILABEL
-    _check_task_options(multilabel, positive_class, uncertain, unmentioned)
+    check_task_flags(multilabel, positive_class, uncertain, unmentioned)
     # Multi-label: float targets under the policy, NaN where unknown; else class indices.
     targets = apply_policy(manifest.labels, uncertain, unmentioned) if multilabel else np.asarray(manifest.labels)
     if "train" not in manifest.splits or "val" not in manifest.splits:
@@ -334,13 +334,6 @@ def finetune(
                           positive_class=positive_class)
     dist.barrier()
     return metrics
-
-
-def _check_task_options(multilabel: bool, positive_class, uncertain: str, unmentioned: str) -> None:
-    if multilabel and positive_class is not None:
-        raise UserError("--positive-class applies to two-class sets; a multi-label set scores every label")
-    if not multilabel and (uncertain, unmentioned) != (FINETUNE.uncertain, FINETUNE.unmentioned):
-        raise UserError("--uncertain and --unmentioned apply to multi-label sets; this one is single-label")
 
 
 def accuracy(y: np.ndarray, probs: np.ndarray) -> float:

@@ -254,7 +254,7 @@ def fit_head(
 def _check_task_options(kind, multilabel: bool, sampler: str, positive_class, uncertain: str,
                         unmentioned: str) -> None:
     """Refuse the flags that do not apply to this task, rather than ignore them."""
-    from featcache.data.labels import DEFAULT_UNCERTAIN, DEFAULT_UNMENTIONED
+    from featcache.data.labels import check_task_flags
 
     if multilabel:
         if not kind.takes_multilabel:
@@ -263,10 +263,7 @@ def _check_task_options(kind, multilabel: bool, sampler: str, positive_class, un
         if sampler != "shuffle":
             raise UserError("--sampler balanced draws by class; a multi-label set takes shuffle "
                             "(--class-weight balanced weights each label's positives instead)")
-        if positive_class is not None:
-            raise UserError("--positive-class applies to two-class sets; a multi-label set scores every label")
-    elif (uncertain, unmentioned) != (DEFAULT_UNCERTAIN, DEFAULT_UNMENTIONED):
-        raise UserError("--uncertain and --unmentioned apply to multi-label sets; this one is single-label")
+    check_task_flags(multilabel, positive_class, uncertain, unmentioned)
 
 
 def _split_paths(cache: FeatureCache, split: str, paths: np.ndarray, joined: "JoinedLabels | None") -> np.ndarray:

@@ -54,6 +54,14 @@ def check_policy(uncertain: str, unmentioned: str) -> None:
         raise UserError(f"--unmentioned takes {'|'.join(UNMENTIONED_POLICIES)}, got {unmentioned!r}")
 
 
+def check_task_flags(multilabel: bool, positive_class, uncertain: str, unmentioned: str) -> None:
+    """Refuse the label flags that do not apply to this task (fit-head and finetune), rather than ignore them."""
+    if multilabel and positive_class is not None:
+        raise UserError("--positive-class applies to two-class sets; a multi-label set scores every label")
+    if not multilabel and (uncertain, unmentioned) != (DEFAULT_UNCERTAIN, DEFAULT_UNMENTIONED):
+        raise UserError("--uncertain and --unmentioned apply to multi-label sets; this one is single-label")
+
+
 def apply_policy(labels: np.ndarray, uncertain: str = DEFAULT_UNCERTAIN,
                  unmentioned: str = DEFAULT_UNMENTIONED) -> np.ndarray:
     """(N, L) float32 targets from labels as read: 1.0, 0.0, or NaN where unknown under the policy."""
