@@ -478,12 +478,20 @@ def _walk_class(root: Path, class_dir: Path, skipped: list):
             except OSError:  # a dangling symlink, a file removed mid-walk
                 skipped.append((rel, UNREADABLE))
                 continue
-            if not stat.S_ISREG(st.st_mode):  # a FIFO would hang the decoder, /dev/zero never ends
-                skipped.append((rel, NOT_REGULAR))
-            elif st.st_size > MAX_FILE_BYTES:
-                skipped.append((rel, f"{TOO_LARGE} ({st.st_size / 2**20:,.0f} MB > {MAX_FILE_BYTES // 2**20} MB)"))
+            reason = stat_skip_reason(st)
+            if reason:
+                skipped.append((rel, reason))
             else:
                 yield rel, st.st_size, st.st_mtime_ns
+
+
+def stat_skip_reason(st: os.stat_result) -> str | None:
+    """Why a file with this stat is no image to decode (not a regular file, over the size cap), else None."""
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would hang the decoder, /dev/zero never ends
+        return NOT_REGULAR
+    if st.st_size > MAX_FILE_BYTES:
+        return f"{TOO_LARGE} ({st.st_size / 2**20:,.0f} MB > {MAX_FILE_BYTES // 2**20} MB)"
+    return None
 
 
 def _patient_id(stem: str, pattern: re.Pattern | None) -> tuple[str, str]:

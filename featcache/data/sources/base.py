@@ -10,7 +10,6 @@ does.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,8 +17,7 @@ from typing import Callable
 import numpy as np
 
 from featcache.data.labels import MULTICLASS, MULTILABEL
-from featcache.data.manifest import IMAGE_EXTENSIONS, MAX_FILE_BYTES, NOT_IMAGE, NOT_REGULAR, SPLIT_ORDER, TOO_LARGE, \
-    Manifest
+from featcache.data.manifest import IMAGE_EXTENSIONS, NOT_IMAGE, SPLIT_ORDER, Manifest, stat_skip_reason
 from featcache.data.splits import assign_validation, patients_across_splits
 from featcache.errors import UserError
 
@@ -110,10 +108,7 @@ class Listing:
             except OSError:
                 reason = f"{MISSING} ({where})"
             else:
-                if not stat.S_ISREG(st.st_mode):
-                    reason = NOT_REGULAR
-                elif st.st_size > MAX_FILE_BYTES:
-                    reason = f"{TOO_LARGE} ({st.st_size / 2**20:,.0f} MB > {MAX_FILE_BYTES // 2**20} MB)"
+                reason = stat_skip_reason(st)
         if reason:
             self.skipped.append((rel, reason))
             return False
