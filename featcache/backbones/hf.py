@@ -158,44 +158,45 @@ def _probe_dim(transformers, config, spec: PreprocessSpec, wrap) -> int:
         return int(model(torch.empty(1, 3, spec.crop, spec.crop)).shape[-1])
 
 
-def _has_cls_token(transformers, config, spec: PreprocessSpec, source: str) -> bool:
-    """Whether the last hidden state starts with a CLS token before the patch grid. Encoders without one
-    (SigLIP's vision tower, Swin) have only patch tokens there, and their pooled output is the image vector:
-    taking token 0 would take one corner patch. Conv nets (no token sequence) use the pooled output too."""
+def _token_layout(transformers, config, spec: PreprocessSpec):
+    """What the last hidden state holds, from a forward on the meta device (no memory, no arithmetic):
+    (its shape, or None; the patch size; the patch tokens, (crop / patch size)^2, 0 when unknown; whether
+    the model has a pooled output)."""
     import torch
 
     with torch.device("meta"):
         out = transformers.AutoModel.from_config(config)(pixel_values=torch.empty(1, 3, spec.crop, spec.crop))
     hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None or hidden.ndim != 3:
-        return False
     side = getattr(config, "patch_size", None)
     side = side[0] if isinstance(side, (tuple, list)) else side
     patches = (spec.crop // side) ** 2 if isinstance(side, int) and side > 0 else 0
-    if patches and hidden.shape[1] - patches >= 1:
+    return (tuple(hidden.shape) if hidden is not None else None), side, patches, \
+        getattr(out, "pooler_output", None) is not None
+
+
+def _has_cls_token(transformers, config, spec: PreprocessSpec, source: str) -> bool:
+    """Whether the last hidden state starts with a CLS token before the patch grid. Encoders without one
+    (SigLIP's vision tower, Swin) have only patch tokens there, and their pooled output is the image vector:
+    taking token 0 would take one corner patch. Conv nets (no token sequence) use the pooled output too."""
+    shape, _, patches, has_pooler = _token_layout(transformers, config, spec)
+    if shape is None or len(shape) != 3:
+        return False
+    if patches and shape[1] - patches >= 1:
         return True
-    if getattr(out, "pooler_output", None) is None:
+    if not has_pooler:
         raise UserError(f"hf:{source}: its last hidden state has no CLS token before the patch grid and the model "
                         "has no pooled output; use --pool mean")
     return False
 
 
 def _patch_tokens(transformers, config, spec: PreprocessSpec, source: str, pool: str) -> tuple[int, int]:
-    """(patch tokens, token width) of the last hidden state, from a forward on the meta device (no memory,
-    no arithmetic): the patch tokens are the sequence's last (crop / patch size)^2, after the CLS token and
-    any register or distillation tokens. A model without such a sequence cannot be pooled: a user error."""
-    import torch
-
-    with torch.device("meta"):
-        out = transformers.AutoModel.from_config(config)(pixel_values=torch.empty(1, 3, spec.crop, spec.crop))
-    hidden = getattr(out, "last_hidden_state", None)
-    shape = tuple(hidden.shape) if hidden is not None else None
+    """(patch tokens, token width) of the last hidden state: the patch tokens are the sequence's last
+    (crop / patch size)^2, after the CLS token and any register or distillation tokens. A model without
+    such a sequence cannot be pooled: a user error."""
+    shape, side, patches, _ = _token_layout(transformers, config, spec)
     if shape is None or len(shape) != 3:
         raise UserError(f"hf:{source}: --pool {pool} averages a vision transformer's patch tokens, but its last "
                         f"hidden state is no token sequence (shape {shape}); use --pool cls (its pooled output)")
-    side = getattr(config, "patch_size", None)
-    side = side[0] if isinstance(side, (tuple, list)) else side
-    patches = (spec.crop // side) ** 2 if isinstance(side, int) and side > 0 else 0
     prefix = shape[1] - patches  # CLS, register and distillation tokens; mean alone needs none
     if not patches or prefix < (0 if pool == "mean" else 1):
         raise UserError(f"hf:{source}: --pool {pool} cannot tell its patch tokens from the others ({shape[1]} "
