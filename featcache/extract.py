@@ -346,7 +346,7 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
     pending = [c for c in mine if c not in done]
     resumed = sum(store.chunk_range(c)[1] - store.chunk_range(c)[0] for c in mine if c in done)
     rows = np.concatenate([np.arange(*store.chunk_range(c)) for c in pending]) if pending else np.empty(0, np.int64)
-    model, layout = place(bb.model, device)
+    model, layout = place(bb.model.for_inference(), device)
     loader = make_loader(manifest, bb.spec, backend=decode.name, batch_size=batch_size, workers=workers,
                          pin_memory=device.startswith("cuda"), rows=rows, device=device,
                          hw_decoder_load=hw_decoder_load)

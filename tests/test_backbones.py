@@ -568,3 +568,35 @@ def test_every_family_is_listed_with_examples_that_resolve():
         assert first.startswith(family + ":")
         if family != "hf":  # a hub repo id needs the network or a filled cache
             assert get_entry(first).name == first
+
+
+def test_batchnorm_folded_for_frozen_forward_passes_keeps_the_features():
+    """extract runs each backbone with its BatchNorms folded into the convolutions before them."""
+    bb = create_backbone("resnet18", weights="none:seed=3")
+    x = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        before = bb.model(x)
+        folded = bb.model.for_inference()
+        after = folded(x)
+    count = lambda m: sum(isinstance(q, torch.nn.BatchNorm2d) for q in m.modules())  # noqa: E731
+    assert count(bb.model) == 20 and count(folded) == 0  # every conv -> bn pair folded ...
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-5 * before.abs().max().item())  # ... same features
+    with torch.inference_mode():
+        assert torch.equal(bb.model(x), before)  # the extractor it came from is untouched
+
+
+def test_a_network_torch_fx_cannot_trace_runs_unfolded():
+    from featcache.backbones.extractor import fold_batchnorm
+
+    class Branchy(torch.nn.Module):  # data-dependent control flow: symbolic tracing fails
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    net = Branchy().eval()
+    assert fold_batchnorm(net) is net
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4).train())
+    assert fold_batchnorm(plain) is plain  # a BatchNorm in train mode uses batch statistics: not foldable
