@@ -54,7 +54,7 @@ def forward_only(backbone, manifest, *, n_images: int, batch_size: int, device: 
     rows = range(min(n_images, len(manifest)))
     images = torch.stack([load_torchvision(os.path.join(manifest.root, manifest.paths[i]), backbone.spec)
                           for i in rows]).to(device)
-    model, layout = place(backbone.model, device)  # the layout extract runs it in
+    model, layout = place(backbone.model.for_inference(), device)  # the network and layout extract runs
     batches = [images[i : i + batch_size].contiguous(memory_format=layout)
                for i in range(0, len(images), batch_size)]
     sync = synchronizer(device)
@@ -96,7 +96,7 @@ def resolve_weights(backbone: str, weights: str, seed: int = 0) -> tuple[str, st
 
 def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None = 600, epochs: int = 25,
               batch_size: int = 32, stages=STAGES, seed: int = 0, keep: str | None = None,
-              subsample_all: bool = False, weights: str = "auto", n_resamples: int = 1000) -> dict:
+              subsample_all: bool = False, weights: str = "auto", n_resamples: int = 1000, amp: str = "auto") -> dict:
     """Measure ``stages`` on ``data``, ``--max-images`` train images (every split with ``subsample_all``);
     returns every figure."""
     import torch
@@ -148,7 +148,7 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
             facts["weights"] = {"weights": weights, "why": why}
             facts["compare"] = _compare(data, work, backbone=backbone, max_images=max_images,
                                         subsample_all=subsample_all, epochs=epochs, batch_size=batch_size,
-                                        seed=seed, weights=weights, n_resamples=n_resamples)
+                                        seed=seed, weights=weights, n_resamples=n_resamples, amp=amp)
     finally:
         if not keep:  # caches and runs of a benchmark are scratch unless asked for
             shutil.rmtree(work, ignore_errors=True)
@@ -212,34 +212,30 @@ def forward_work(n: dict, epochs: int) -> dict:
 
 
 def _compare(data, work: Path, *, backbone, max_images, subsample_all, epochs, batch_size, seed, weights,
-             n_resamples) -> dict:
+             n_resamples, amp="auto") -> dict:
     """featcache extract + sweep, the tutorial, featcache fine-tuning and the naive extraction loop on the
-    same images and weights, each a fresh command timed whole (startup included), with its peak RSS."""
+    same images and weights, each a fresh command timed whole (startup included), with its peak RSS.
+
+    The tutorial runs in fp32, as written. featcache's extract + sweep runs in fp32 too, and once more
+    under ``amp`` when that resolves to a reduced precision on this machine (its own row and ratio, beside
+    the fp32 one, so the cache's gain and the precision's gain can be told apart); fine-tuning runs under
+    ``amp``, its default."""
+    from featcache.runtime.amp import resolve_amp
+    from featcache.runtime.device import resolve_device
+
     featcache = [sys.executable, "-m", "featcache"]
+    amp_dtype, _, words = resolve_amp(amp, resolve_device("auto"))
+    ft_words = words.removeprefix("auto: ").removesuffix(" (supported here)")
     subset = ["--max-images", str(max_images), *(["--subsample-all"] if subsample_all else [])] if max_images else []
     same = ["--backbone", backbone, "--weights", weights, "--seed", str(seed)]
     ci = ["--bootstrap", str(n_resamples)]
 
-    def n_of(metrics: dict) -> dict:
-        return {"train": metrics.get("n_train"), **{s: metrics[s]["n"] for s in ("val", "test") if s in metrics}}
-
     rows = {}
-    cache = work / "compare.h5"
-    _, t_extract, m_extract = measured([*featcache, "extract", str(data), "--out", str(cache), "--overwrite",
-                                        *same, "--batch-size", str(batch_size), "--no-progress", *subset])
-    _, t_fit, m_fit = measured([*featcache, "fit-head", str(cache), "--out", str(work / "compare-sweep"),
-                                "--heads", "sweep", "--seed", str(seed), *ci])
-    sweep = RunRecord(work / "compare-sweep").metrics
-    extracted = json.loads(_attr(cache, "extract"))
-    rows["featcache extract + head sweep"] = {
-        "seconds": t_extract + t_fit, "peak_memory_mb": max(m_extract, m_fit),
-        "images_per_second": extracted["images_per_second"],
-        "test_auroc": sweep["test"]["auroc"], "test_auroc_ci": sweep["test"].get("ci", {}).get("auroc"),
-        "n": n_of(sweep),
-        # where featcache's wall time goes: the rest of each command is startup, imports, scan, bootstrap
-        "breakdown": {"extract_command_s": t_extract, "extract_in_process_s": extracted["seconds"],
-                      "fit_head_command_s": t_fit,
-                      "sweep_fit_s": sweep["fit_seconds"]}}
+    for precision in ("off", *([amp] if amp_dtype is not None else [])):
+        name = FEATCACHE_ROW if precision == "off" else FEATCACHE_AMP_ROW
+        rows[name] = _featcache_row(data, work / f"compare-{precision}", [*same, "--amp", precision],
+                                    batch_size=batch_size, seed=seed, subset=subset, ci=ci)
+        rows[name]["precision"] = "fp32" if precision == "off" else ft_words
     out, t_tut, m_tut = measured([sys.executable, "-m", "featcache.baselines", "tutorial", str(data),
                                   "--epochs", str(epochs),
                                   *same, *ci, *subset])
@@ -251,27 +247,62 @@ def _compare(data, work: Path, *, backbone, max_images, subsample_all, epochs, b
                                          "device", "weights", "best_epoch", "best_val_accuracy", "train_seconds")}}
     run = work / "compare-finetune"
     _, t_ft, m_ft = measured([*featcache, "finetune", str(data), "--out", str(run), "--overwrite", "--epochs",
-                              str(epochs), *same, "--batch-size", str(batch_size), "--no-progress", *ci, *subset])
+                              str(epochs), *same, "--amp", amp, "--batch-size", str(batch_size), "--no-progress", *ci, *subset])
     ft = RunRecord(run).metrics
-    rows[f"featcache full finetune, {epochs} epochs"] = {
+    rows[f"featcache full finetune, {epochs} epochs ({ft_words})"] = {
         "seconds": t_ft, "peak_memory_mb": m_ft,
         "images_per_second": RunRecord(run).run["images_per_second"],
-        "test_auroc": ft["test"]["auroc"], "test_auroc_ci": ft["test"].get("ci", {}).get("auroc"), "n": n_of(ft)}
+        "test_auroc": ft["test"]["auroc"], "test_auroc_ci": ft["test"].get("ci", {}).get("auroc"), "n": _n_of(ft)}
     out, t_naive, _ = measured([sys.executable, "-m", "featcache.baselines", "naive", str(data), *same,
                                 "--batch-size", str(batch_size), *subset])
     naive = json.loads(out.strip().splitlines()[-1])
-    featcache_row = rows["featcache extract + head sweep"]
+    featcache_row = rows[FEATCACHE_ROW]
     base = featcache_row["seconds"]
     for row in rows.values():
         row["time_vs_featcache"] = row["seconds"] / base
-    tutorial_auroc = tut["test_auroc"]
     return {"rows": rows, "weights": weights, "bootstrap": n_resamples, "work": forward_work(tut["n"], epochs),
             "naive_extract_images_per_second": naive["images_per_second"],
             "naive": {k: naive[k] for k in ("device", "workers", "batch_size", "grad", "seconds")},
             "featcache_extract_images_per_second": featcache_row["images_per_second"],
             "tutorial_vs_cache_time": t_tut / base, "finetune_vs_cache_time": t_ft / base,
-            "auroc_featcache_minus_tutorial": (None if tutorial_auroc is None or featcache_row["test_auroc"] is None
-                                               else featcache_row["test_auroc"] - tutorial_auroc)}
+            "amp": words, **({"tutorial_vs_cache_time_amp": t_tut / rows[FEATCACHE_AMP_ROW]["seconds"],
+                              "auroc_featcache_amp_minus_tutorial": _gap(rows[FEATCACHE_AMP_ROW], tut)}
+                             if FEATCACHE_AMP_ROW in rows else {}),
+            "auroc_featcache_minus_tutorial": _gap(featcache_row, tut)}
+
+
+def _gap(row: dict, tutorial: dict) -> float | None:
+    """featcache's test AUROC minus the tutorial's (None when either has none)."""
+    if row["test_auroc"] is None or tutorial["test_auroc"] is None:
+        return None
+    return row["test_auroc"] - tutorial["test_auroc"]
+
+
+def _featcache_row(data, work: Path, same: list, *, batch_size, seed, subset, ci) -> dict:
+    """featcache's Task C path as two fresh commands: extract, then fit-head's sweep with its CIs."""
+    featcache = [sys.executable, "-m", "featcache"]
+    cache = work.with_suffix(".h5")
+    _, t_extract, m_extract = measured([*featcache, "extract", str(data), "--out", str(cache), "--overwrite",
+                                        *same, "--batch-size", str(batch_size), "--no-progress", *subset])
+    _, t_fit, m_fit = measured([*featcache, "fit-head", str(cache), "--out", str(work),
+                                "--heads", "sweep", "--seed", str(seed), *ci])
+    sweep = RunRecord(work).metrics
+    extracted = json.loads(_attr(cache, "extract"))
+    return {"seconds": t_extract + t_fit, "peak_memory_mb": max(m_extract, m_fit),
+            "images_per_second": extracted["images_per_second"],
+            "test_auroc": sweep["test"]["auroc"], "test_auroc_ci": sweep["test"].get("ci", {}).get("auroc"),
+            "n": _n_of(sweep),
+            # where featcache's wall time goes: the rest of each command is startup, imports, scan, bootstrap
+            "breakdown": {"extract_command_s": t_extract, "extract_in_process_s": extracted["seconds"],
+                          "fit_head_command_s": t_fit, "sweep_fit_s": sweep["fit_seconds"]}}
+
+
+def _n_of(metrics: dict) -> dict:
+    return {"train": metrics.get("n_train"), **{s: metrics[s]["n"] for s in ("val", "test") if s in metrics}}
+
+
+FEATCACHE_ROW = "featcache extract + head sweep"
+FEATCACHE_AMP_ROW = "featcache extract + head sweep, --amp"
 
 
 def _attr(cache: Path, name: str) -> str:
@@ -325,7 +356,7 @@ def render(facts: dict) -> list:
                        f"({facts['weights']['why']}); test AUROC CIs: patient bootstrap, {c['bootstrap']} resamples")
         from rich import box
 
-        table = Table(title=f"the same images three ways ({facts['epochs']} epochs for the trained ones; "
+        table = Table(title=f"the same images, each way ({facts['epochs']} epochs for the trained ones; "
                             f"each a fresh command, wall time including startup; time ratio: / featcache's)",
                       title_justify="left", box=box.SIMPLE_HEAD)
         for col in ("approach", "wall s", "time ratio", "images/s", "peak MB", "test AUROC (95% CI)"):
@@ -333,19 +364,24 @@ def render(facts: dict) -> list:
         for name, r in c["rows"].items():
             lo_hi = r.get("test_auroc_ci")
             auroc = "-" if r["test_auroc"] is None else f"{r['test_auroc']:.3f}"
-            table.add_row(name, f"{r['seconds']:.1f}", f"{r['time_vs_featcache']:.2f}x", f"{r['images_per_second']:.1f}",
+            table.add_row(name + (f" ({r['precision']})" if "precision" in r else ""), f"{r['seconds']:.1f}", f"{r['time_vs_featcache']:.2f}x", f"{r['images_per_second']:.1f}",
                           f"{r['peak_memory_mb']:.0f}", auroc + (f" ({lo_hi[0]:.3f}-{lo_hi[1]:.3f})" if lo_hi else ""))
         out.append(table)
         gap = c.get("auroc_featcache_minus_tutorial")
         out.append(f"tutorial time / featcache time: [bold]{c['tutorial_vs_cache_time']:.2f}x[/]; fine-tuning time / "
                    f"featcache time: [bold]{c['finetune_vs_cache_time']:.2f}x[/]"
                    + ("" if gap is None else f"; featcache test AUROC - tutorial's: {gap:+.3f}"))
+        if "tutorial_vs_cache_time_amp" in c:
+            gap = c["auroc_featcache_amp_minus_tutorial"]
+            out.append(f"under {c['amp']}: tutorial time / featcache time: [bold]{c['tutorial_vs_cache_time_amp']:.2f}x[/]"
+                       + ("" if gap is None else f"; featcache test AUROC - tutorial's: {gap:+.3f}")
+                       + " (the tutorial runs in fp32, as written)")
         w = c.get("work")
         if w:
             out.append(f"work: the tutorial forwards {w['tutorial_image_forwards']:,} images (train + val every "
                        f"epoch, test once), featcache {w['featcache_image_forwards']:,} (every image once): "
                        f"{w['ratio']:.1f}x, the time ratio at equal speed per image and no startup")
-        b = c["rows"]["featcache extract + head sweep"].get("breakdown")
+        b = c["rows"][FEATCACHE_ROW].get("breakdown")
         if b:
             out.append(f"featcache's wall time: extract command {b['extract_command_s']:.1f} s (decode + forward + "
                        f"cache {b['extract_in_process_s']:.1f} s), fit-head command {b['fit_head_command_s']:.1f} s "

@@ -448,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="patient-bootstrap resamples of every compare side's test CI (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--amp", default=FINETUNE.amp, metavar="auto|bf16|fp16|off",
+                   help="compare: fine-tuning's precision, and a second featcache extract + sweep row in it when "
+                        "it is not fp32 (the fp32 row is always there; the tutorial runs in fp32, as written; "
+                        "default %(default)s)")
     p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                    help="decode forward extract fit-head finetune-step compare (default: all)")
     p.add_argument("--json", default=None, metavar="OUT.json")
@@ -761,7 +765,8 @@ def _cmd_bench(args) -> int:
 
     facts = run_bench(args.data, backbone=_backbone(args), max_images=args.max_images or None, epochs=args.epochs,
                       batch_size=args.batch_size, stages=tuple(args.stages or STAGES), keep=args.keep,
-                      subsample_all=args.subsample_all, weights=args.weights, n_resamples=args.bootstrap)
+                      subsample_all=args.subsample_all, weights=args.weights, n_resamples=args.bootstrap,
+                      amp=args.amp)
     console = get_console()
     for renderable in render(facts):
         console.print(renderable)

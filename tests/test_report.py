@@ -168,7 +168,7 @@ def test_models_metadata_and_one_measurement():
 def test_bench_prints_the_fraction_and_the_ratios(tmp_path, capsys):
     # Every stage, on 40 images in batches of 8: what is checked is that each figure is there and adds up.
     assert main(["bench", str(DEMO_DATA), "--max-images", "40", "--subsample-all", "--epochs", "1",
-                 "--batch-size", "8", "--weights", "none", "--bootstrap", "50",
+                 "--batch-size", "8", "--weights", "none", "--bootstrap", "50", "--amp", "bf16",
                  "--json", str(tmp_path / "bench.json")]) == 0
     shown = flat(capsys.readouterr().out)  # phrases match wherever the console broke the lines
     assert "extract / forward-only" in shown and "tutorial time / featcache time" in shown
@@ -181,7 +181,13 @@ def test_bench_prints_the_fraction_and_the_ratios(tmp_path, capsys):
     assert facts["extract_fraction_of_forward"] > 0
     assert facts["subsampled"] == ["train", "val", "test"] and sum(facts["n"].values()) <= 40
     rows = facts["compare"]["rows"]
-    assert len(rows) == 3 and all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 for r in rows.values())
+    assert len(rows) == 4 and all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 for r in rows.values())
+    # featcache's path in fp32 always, and again under --amp with its own ratio; the tutorial stays fp32
+    fp32, amp = rows["featcache extract + head sweep"], rows["featcache extract + head sweep, --amp"]
+    assert (fp32["precision"], amp["precision"]) == ("fp32", "bf16 autocast")
+    tutorial = next(r for name, r in rows.items() if name.startswith("PyTorch tutorial"))
+    assert facts["compare"]["tutorial_vs_cache_time_amp"] == pytest.approx(tutorial["seconds"] / amp["seconds"])
+    assert "under bf16 autocast: tutorial time / featcache time" in shown
     assert all(len(r["test_auroc_ci"]) == 2 and r["n"]["test"] == facts["n"]["test"] for r in rows.values())
     assert set(facts["extract"]["stages"]) == {"decode_wait", "host_to_device", "forward", "cache_write", "assemble"}
 
