@@ -180,7 +180,7 @@ def fit_head(
         device = resolve_fit_device(device)  # imports torch outside the timed fit
     settings = HeadSettings(C=C, class_weight=class_weight, sampler=sampler, epochs=epochs, lrs=lrs,
                             weight_decays=weight_decays, norms=norms, device=device, seed=seed,
-                            cache=str(cache.path))
+                            cache=str(cache.path), policy=(uncertain, unmentioned) if multilabel else None)
 
     start = time.perf_counter()
     score = multilabel_score if multilabel else (lambda y, probs: selection_score(y, probs, positive))
