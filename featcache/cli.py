@@ -388,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_subset(p, EXTRACT.max_images)
     _add_bootstrap(p, HEAD.n_resamples, "patient-bootstrap resamples for the CIs (default %(default)s)")
     _add_positive_class(p, HEAD.positive_class)
+    _add_label_policies(p, HEAD)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a backbone's cache made from other inputs (data, subset, preprocessing) in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -696,8 +697,9 @@ def _cmd_zoo(args) -> int:
     rows = zoo(args.data, args.out, backbones=_backbones(args), weights=args.weights, heads=args.heads,
                seed=args.seed, max_images=args.max_images, subsample_all=args.subsample_all,
                batch_size=args.batch_size, backend=args.backend, device=args.device, workers=args.workers,
-               n_resamples=args.bootstrap, positive_class=args.positive_class, scan_options=_scan_options(args),
-               progress=not args.no_progress, overwrite=args.overwrite)
+               n_resamples=args.bootstrap, positive_class=args.positive_class, uncertain=args.uncertain,
+               unmentioned=args.unmentioned, scan_options=_scan_options(args), progress=not args.no_progress,
+               overwrite=args.overwrite)
     console = get_console()
     # Twelve columns: wider than 80 when the output is a file or a pipe, so a log keeps the table whole.
     width = console.width
