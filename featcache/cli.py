@@ -295,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="For each fraction (or images per class) and repeat: a seeded subset of the "
                                    "training patients, the head sweep fitted on it and chosen on the whole "
                                    "validation split, test AUROC with its patient-bootstrap CI. Resumable: each "
-                                   "point is saved to curve.json as it finishes. Single-label caches.")
+                                   "point is saved to curve.json as it finishes. Multi-label caches: subsets "
+                                   "stratified over every label, heads chosen by mean validation AUROC, mean test "
+                                   "AUROC over labels.")
     p.add_argument("cache", metavar="CACHE.h5", nargs="*", help="one or more caches written by featcache extract")
     p.add_argument("--out", metavar="DIR", help="curve.json, curve.csv and curve.png go here (required)")
     g = p.add_mutually_exclusive_group()
@@ -303,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fractions of each class's training images, whole patients "
                         "(default 0.01 0.02 0.05 0.1 0.25 0.5 1)")
     g.add_argument("--per-class-shots", type=_positive_int, nargs="+", default=None, metavar="N",
-                   help="instead: N training images per class, from distinct patients where possible")
+                   help="instead: N training images per class, from distinct patients where possible "
+                        "(multi-label: at least N positives of every label, and a negative of each)")
     p.add_argument("--repeats", type=_positive_int, default=5, help="subsets drawn per point (default %(default)s)")
     p.add_argument("--heads", default="sweep", metavar="|".join(kinds),
                    help="head kind fitted at each point (default %(default)s)")
@@ -314,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_count, default=HEAD.seed,
                    help="repeat r draws its subsets with seed + r; also seeds the sweep and the bootstrap")
     _add_positive_class(p, HEAD.positive_class)
+    _add_label_policies(p, HEAD)
     p.add_argument("--overwrite", action="store_true", help="replace a curve.json in DIR made with other settings")
     p.set_defaults(func=_cmd_curve)
 
@@ -384,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_subset(p, EXTRACT.max_images)
     _add_bootstrap(p, HEAD.n_resamples, "patient-bootstrap resamples for the CIs (default %(default)s)")
     _add_positive_class(p, HEAD.positive_class)
+    _add_label_policies(p, HEAD)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a backbone's cache made from other inputs (data, subset, preprocessing) in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -647,8 +652,9 @@ def _cmd_curve(args) -> int:
 
     record = curve(args.cache, args.out, fractions=args.fractions, shots=args.per_class_shots, repeats=args.repeats,
                    heads=args.heads, epochs=args.epochs, device=args.device, n_resamples=args.bootstrap,
-                   seed=args.seed, positive_class=args.positive_class, overwrite=args.overwrite, progress=shown)
-    console.print(table(record["summary"]))
+                   seed=args.seed, positive_class=args.positive_class, uncertain=args.uncertain,
+                   unmentioned=args.unmentioned, overwrite=args.overwrite, progress=shown)
+    console.print(table(record["summary"], multilabel=record["settings"].get("task") == "multilabel"))
     console.print(f"curve.json, curve.csv and curve.png written to {args.out}")
     return 0
 
@@ -695,8 +701,9 @@ def _cmd_zoo(args) -> int:
     rows = zoo(args.data, args.out, backbones=_backbones(args), weights=args.weights, heads=args.heads,
                seed=args.seed, max_images=args.max_images, subsample_all=args.subsample_all,
                batch_size=args.batch_size, backend=args.backend, device=args.device, workers=args.workers,
-               n_resamples=args.bootstrap, positive_class=args.positive_class, scan_options=_scan_options(args),
-               progress=not args.no_progress, overwrite=args.overwrite)
+               n_resamples=args.bootstrap, positive_class=args.positive_class, uncertain=args.uncertain,
+               unmentioned=args.unmentioned, scan_options=_scan_options(args), progress=not args.no_progress,
+               overwrite=args.overwrite)
     console = get_console()
     # Twelve columns: wider than 80 when the output is a file or a pipe, so a log keeps the table whole.
     width = console.width

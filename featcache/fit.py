@@ -57,6 +57,17 @@ def load_splits(cache: FeatureCache, labels: "JoinedLabels | None" = None
     return data
 
 
+def fit_data(cache: FeatureCache, policy: tuple | None, labels: "JoinedLabels | None" = None,
+             where=None) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`load_splits` with multi-label targets made by ``policy`` ((uncertain, unmentioned); None for a
+    single-label set), refused in one line where train or val cannot fit or choose a head."""
+    data = load_splits(cache, labels)
+    if policy is not None:
+        data = {s: (X, apply_policy(y, *policy), p) for s, (X, y, p) in data.items()}
+    check_two_values(data, where or cache.path, policy is not None)
+    return data
+
+
 def check_two_values(data: dict, where, multilabel: bool) -> None:
     """Refuse train or val splits a head cannot be fitted or chosen on (one class only), in one line."""
     for split in ("train", "val"):
@@ -172,15 +183,12 @@ def fit_head(
     cache.verify()  # NaN, Inf or altered bytes end here, naming the dataset, not inside a solver
     K = len(classes)
     positive = positive_class_index(classes, positive_class) if K == 2 and not multilabel else None
-    data = load_splits(cache, joined)
-    if multilabel:
-        data = {s: (X, apply_policy(y, uncertain, unmentioned), p) for s, (X, y, p) in data.items()}
-    check_two_values(data, labels or cache.path, multilabel)
+    data = fit_data(cache, (uncertain, unmentioned) if multilabel else None, joined, where=labels)
     if kind.uses_device:
         device = resolve_fit_device(device)  # imports torch outside the timed fit
     settings = HeadSettings(C=C, class_weight=class_weight, sampler=sampler, epochs=epochs, lrs=lrs,
                             weight_decays=weight_decays, norms=norms, device=device, seed=seed,
-                            cache=str(cache.path))
+                            cache=str(cache.path), policy=(uncertain, unmentioned) if multilabel else None)
 
     start = time.perf_counter()
     score = multilabel_score if multilabel else (lambda y, probs: selection_score(y, probs, positive))

@@ -170,7 +170,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
             subsample_all=config.get("subsample_all", False),
             batch_size=config.get("batch_size", EXTRACT.batch_size), backend=config.get("backend", EXTRACT.backend),
             device=config.get("device", EXTRACT.device), n_resamples=config.get("bootstrap", HEAD.n_resamples),
-            positive_class=config.get("positive_class"), scan_options=scan_options, overwrite=overwrite)
+            positive_class=config.get("positive_class"), **policy, scan_options=scan_options, overwrite=overwrite)
         run_dirs.append(out / "zoo")
     for seed in seeds:
         tag = f"-seed{seed}" if repeated else ""  # the report shows mean and sd over runs named NAME-seedN

@@ -9,6 +9,11 @@ stands the paired patient-bootstrap CI of its test-AUROC difference to the
 backbone ranked first on validation: whether a gap on test is more than
 noise. Written as ``leaderboard.json``, ``leaderboard.csv`` and
 ``leaderboard.png`` (test AUROC with CI against extraction cost).
+
+A multi-label set is fitted under ``--uncertain``/``--unmentioned``; its
+backbones are ranked by mean validation AUROC over labels, and the test
+AUROC beside each, its CI and the paired difference to the first are the
+mean over labels (macro).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+from featcache.data.labels import MULTILABEL
 from featcache.errors import UserError
 from featcache.options import EXTRACT, HEAD
 
@@ -68,6 +74,8 @@ def leaderboard(runs: dict[str, Path], *, n_resamples: int = HEAD.n_resamples, s
             "sensitivity": test.get("sensitivity"), "specificity": test.get("specificity"),
             "threshold": metrics.get("threshold"), "classes": metrics["classes"],
             "positive_class": metrics.get("positive_class"), "run": str(folder)})
+        if metrics.get("task") == MULTILABEL:
+            rows[-1].update(task=MULTILABEL, policy=metrics["policy"])
         predictions[name] = analysis.read_predictions(record.predictions_path) if record.predictions_path else None
     ordered = rank(rows)
     first = ordered[0]
@@ -75,9 +83,13 @@ def leaderboard(runs: dict[str, Path], *, n_resamples: int = HEAD.n_resamples, s
         r["difference_to_first"], r["difference_to_first_ci"] = None, None
         if r is first or predictions[r["backbone"]] is None or predictions[first["backbone"]] is None:
             continue
-        paired = analysis.paired_comparison(predictions[r["backbone"]], predictions[first["backbone"]], r["classes"],
-                                            threshold_a=r["threshold"], threshold_b=first["threshold"],
-                                            n_resamples=n_resamples, seed=seed, positive_class=r["positive_class"])
+        a, b = predictions[r["backbone"]], predictions[first["backbone"]]
+        if r.get("task") == MULTILABEL:
+            paired = analysis.paired_mean_auroc(a, b, r["classes"], n_resamples=n_resamples, seed=seed)
+        else:
+            paired = analysis.paired_comparison(a, b, r["classes"], threshold_a=r["threshold"],
+                                                threshold_b=first["threshold"], n_resamples=n_resamples, seed=seed,
+                                                positive_class=r["positive_class"])
         if paired:
             r["difference_to_first"], r["difference_to_first_ci"] = paired["auroc_difference"], \
                 paired["auroc_difference_ci"]
@@ -88,12 +100,15 @@ def zoo(data, out, *, backbones: list[str], weights: str = EXTRACT.weights, head
         seed: int = 0, max_images: int | None = None, subsample_all: bool = False,
         batch_size: int = EXTRACT.batch_size, backend: str = EXTRACT.backend, device: str = EXTRACT.device,
         workers: int | None = None, n_resamples: int = HEAD.n_resamples, positive_class: str | None = None,
-        scan_options: dict | None = None, progress: bool = True, overwrite: bool = False) -> list[dict]:
-    """Extract and fit every backbone, then rank them on validation; returns the leaderboard rows."""
+        uncertain: str = HEAD.uncertain, unmentioned: str = HEAD.unmentioned, scan_options: dict | None = None,
+        progress: bool = True, overwrite: bool = False) -> list[dict]:
+    """Extract and fit every backbone, then rank them on validation; returns the leaderboard rows.
+
+    ``uncertain`` and ``unmentioned`` make a multi-label set's targets, for every backbone alike."""
     from featcache.backbones.costs import counted_facts
     from featcache.backbones.registry import file_word, get_entry
     from featcache.backbones.weights import WeightsRef
-    from featcache.data.labels import single_label_only
+    from featcache.data.labels import check_policy, check_task_flags
     from featcache.data.sources import read_manifest
     from featcache.extract import extract
     from featcache.fit import fit_head
@@ -105,9 +120,10 @@ def zoo(data, out, *, backbones: list[str], weights: str = EXTRACT.weights, head
     if heads not in HEADS:
         raise UserError(f"--heads takes {', '.join(HEADS)}, got {heads!r}")
     names = list(dict.fromkeys(get_entry(b).name for b in backbones))  # every name checked before any work
+    check_policy(uncertain, unmentioned)
     manifest = read_manifest(data, **(scan_options or {}))  # read once for every backbone
-    # The leaderboard ranks single-label heads; a multi-label set stops here, not after hours of extraction.
-    single_label_only(manifest.task, str(data), len(manifest.classes))
+    # Flags that do not fit the set's task stop here, not after hours of extraction.
+    check_task_flags(manifest.task == MULTILABEL, positive_class, uncertain, unmentioned)
     console = get_console()
     out = Path(out)
     # Other weights (or another random init), other caches and runs: a rerun with them never meets a mismatch.
@@ -122,7 +138,7 @@ def zoo(data, out, *, backbones: list[str], weights: str = EXTRACT.weights, head
                 manifest=manifest, progress=progress, overwrite=overwrite)
         runs[name] = out / "runs" / f"{file_word(name)}-{tag}"
         fit_head(cache, runs[name], heads=heads, seed=seed, n_resamples=n_resamples, device=device,
-                 positive_class=positive_class)
+                 positive_class=positive_class, uncertain=uncertain, unmentioned=unmentioned)
         facts = counted_facts(name)
         costs[name] = {"params_m": facts["params_m"], "gmacs": facts["gflops"]}
     rows = leaderboard(runs, n_resamples=n_resamples, seed=seed, costs=costs)
@@ -135,7 +151,10 @@ def write(rows: list[dict], out: Path) -> None:
     from featcache.report.plots import plot_leaderboard
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "leaderboard.json").write_text(json.dumps({"ranked_by": "val_auroc", "rows": rows}, indent=2) + "\n")
+    board = {"ranked_by": "val_auroc", "rows": rows}
+    if rows and rows[0].get("task") == MULTILABEL:  # val and test AUROCs are means over labels
+        board.update(task=MULTILABEL, policy=rows[0]["policy"])
+    (out / "leaderboard.json").write_text(json.dumps(board, indent=2) + "\n")
     with open(out / "leaderboard.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
@@ -150,10 +169,11 @@ def table(rows: list[dict]):
     from rich import box
     from rich.table import Table
 
-    t = Table(title="backbones ranked by validation AUROC (test reported, never used to rank)", box=box.SIMPLE_HEAD,
-              title_justify="left")
-    for col in ("#", "backbone", "dim", "params M", "GMACs", "extract img/s", "cache MB", "val AUROC",
-                "test AUROC (95% CI)", "sens.", "spec.", "test diff. to #1 (95% CI)"):
+    mean = "mean " if rows and rows[0].get("task") == MULTILABEL else ""  # over labels
+    t = Table(title=f"backbones ranked by {mean}validation AUROC (test reported, never used to rank)",
+              box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("#", "backbone", "dim", "params M", "GMACs", "extract img/s", "cache MB", f"val {mean}AUROC",
+                f"test {mean}AUROC (95% CI)", "sens.", "spec.", "test diff. to #1 (95% CI)"):
         t.add_column(col, justify="left" if col == "backbone" else "right")
 
     def num(v, fmt):

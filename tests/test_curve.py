@@ -9,9 +9,11 @@ import shutil
 import numpy as np
 
 import featcache.curve as curve_module
-from featcache.cache.h5 import FeatureCache, write_cache
+from featcache.cache.h5 import FeatureCache
 from featcache.cli import main
-from featcache.curve import curve, fraction_subset, shot_subset
+from featcache.curve import curve, fraction_subset, label_fraction_subsets, label_shot_subset, shot_subset
+from featcache.data.labels import apply_policy
+from test_multilabel import NAMES, chexpert_cache
 
 
 def _train(cache):
@@ -113,17 +115,85 @@ def test_the_curve_rises_from_a_few_labels_to_all_of_them(demo_cache, tmp_path):
     assert full["test_auroc"] >= small["test_auroc"] - 0.02, (small, full)
 
 
-def test_multilabel_caches_and_bad_points_are_refused_in_one_line(tmp_path, capsys, demo_cache):
-    labels = np.random.default_rng(0).integers(0, 2, size=(20, 2)).astype(float)
-    cache = write_cache(tmp_path / "ml.h5", blocks=[np.zeros((20, 3))], n_rows=20, feature_dim=3, labels=labels,
-                        paths=[f"{i}.png" for i in range(20)], splits=["train"] * 10 + ["val"] * 10,
-                        patients=[str(i) for i in range(20)],
-                        attrs={"task": "multilabel", "label_names": ["A", "B"], "backbone": "synthetic",
-                               "weights": "none:seed=0", "fingerprint": "0" * 64, "fingerprint_inputs": {}})
-    for argv, words in ([[cache], "multi-label"], [[demo_cache, "--fractions", "1.5"], "(0, 1]"],
+def test_mixed_tasks_misplaced_flags_and_bad_points_are_refused_in_one_line(tmp_path, capsys, demo_cache):
+    multilabel, _ = chexpert_cache(tmp_path)
+    for argv, words in ([[multilabel, demo_cache], "one task"],
+                        [[multilabel, "--positive-class", "Edema"], "--positive-class applies to two-class sets"],
+                        [[demo_cache, "--uncertain", "ones"], "--uncertain and --unmentioned apply to multi-label"],
+                        [[demo_cache, "--fractions", "1.5"], "(0, 1]"],
                         [[demo_cache, "--fractions", "1", "--per-class-shots", "2"], "not allowed"]):
         capsys.readouterr()
         assert main(["curve", *map(str, argv), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
-        assert words in err and "Traceback" not in err
+        assert words in err and "Traceback" not in err and err.count("\n") == 1
 
+
+def _multilabel_train(tmp_path, policy=("ignore", "negative")):
+    cache, _ = chexpert_cache(tmp_path)
+    _, labels, patients = FeatureCache.open(cache).arrays("train")
+    return cache, apply_policy(labels, *policy), patients
+
+
+def test_multilabel_fractions_take_whole_patients_stratified_over_every_label_and_nested(tmp_path):
+    _, targets, patients = _multilabel_train(tmp_path)
+    fractions = [0.2, 0.5, 1.0]
+    keeps = label_fraction_subsets(patients, targets, fractions, seed=3)
+    assert keeps[1.0].all()
+    assert set(patients[keeps[0.2]]) < set(patients[keeps[0.5]])  # nested as the fraction grows
+    positives = targets == 1
+    for fraction in (0.2, 0.5):
+        keep = keeps[fraction]
+        assert not set(patients[keep]) & set(patients[~keep])
+        assert abs(keep.mean() - fraction) < 0.12
+        for j in range(targets.shape[1]):  # every label keeps both values, and about its share of positives
+            assert positives[keep, j].any() and (targets[keep, j] == 0).any()
+            if positives[:, j].sum() >= 20:
+                assert abs(positives[keep, j].sum() / positives[:, j].sum() - fraction) < 0.15
+    again = label_fraction_subsets(patients, targets, fractions, seed=3)
+    other = label_fraction_subsets(patients, targets, fractions, seed=4)
+    assert np.array_equal(again[0.2], keeps[0.2]) and not np.array_equal(other[0.2], keeps[0.2])
+
+
+def test_multilabel_shots_take_that_many_positives_of_every_label_and_a_negative(tmp_path):
+    _, targets, patients = _multilabel_train(tmp_path, ("ignore", "ignore"))
+    for shots in (1, 3):
+        keep = label_shot_subset(patients, targets, shots, seed=0)
+        for j in range(targets.shape[1]):
+            assert (targets[keep, j] == 1).sum() >= min(shots, (targets[:, j] == 1).sum())
+            assert (targets[keep, j] == 0).any()
+        assert keep.sum() <= 2 * shots * targets.shape[1]
+    available = (targets == 1).sum(axis=0)
+    keep = label_shot_subset(patients, targets, 30, seed=0)  # more than the rarest labels have: all of theirs
+    assert available.min() < 30
+    np.testing.assert_array_equal((targets[keep] == 1).sum(axis=0)[available < 30], available[available < 30])
+
+
+def test_multilabel_points_are_test_blind_follow_the_policy_and_plot_the_mean_auroc(tmp_path, capsys):
+    import h5py
+
+    cache, _ = chexpert_cache(tmp_path)
+    args = dict(fractions=[0.3, 1], repeats=1, heads="sweep", epochs=3, n_resamples=30, device="cpu")
+    first = curve([cache], tmp_path / "a", **args)
+    keys = ("value", "train_images", "train_patients", "train_per_class", "head", "val_auroc")
+    with h5py.File(cache, "r+") as f:
+        rows = np.flatnonzero(f["splits"].asstr()[()] == "test")
+        labels = f["labels"][()]
+        labels[rows] = labels[np.random.default_rng(0).permutation(rows)]
+        f["labels"][...] = labels
+    second = curve([cache], tmp_path / "b", **args)
+    assert [{k: p[k] for k in keys} for p in first["points"]] == [{k: p[k] for k in keys} for p in second["points"]]
+    assert [p["test_auroc"] for p in first["points"]] != [p["test_auroc"] for p in second["points"]]
+    full = [p for p in first["points"] if p["value"] == 1.0][0]
+    assert full["test_auroc"] > 0.7 and full["test_auroc_ci"][0] <= full["test_auroc"] <= full["test_auroc_ci"][1]
+    assert set(full["train_per_class"]) == set(NAMES)
+    assert first["settings"]["policy"] == {"uncertain": "ignore", "unmentioned": "negative"}
+    assert first["summary"][0]["test_auroc_ci"] is not None
+    assert (tmp_path / "a" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["curve", str(cache), "--out", str(tmp_path / "ones"), "--fractions", "1", "--repeats", "1",
+                 "--epochs", "3", "--bootstrap", "0", "--device", "cpu", "--uncertain", "ones"]) == 0
+    assert "test mean AUROC" in capsys.readouterr().out
+    ones = json.loads((tmp_path / "ones" / "curve.json").read_text())
+    assert ones["settings"]["policy"]["uncertain"] == "ones"
+    assert ones["points"][0]["train_per_class"] != full["train_per_class"]  # uncertain counted as positive
+    assert ones["points"][0]["val_auroc"] != full["val_auroc"]

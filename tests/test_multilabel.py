@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.cache.h5 import write_cache
+from featcache.cache.h5 import FeatureCache, write_cache
 from featcache.cli import main
 from featcache.data.labels import apply_policy
 from featcache.data.sources import read_manifest
 from featcache.eval.metrics import COMPETITION_LABELS, choose_threshold, evaluate_multilabel, multilabel_summary
 from featcache.errors import UserError
 from featcache.eval.rundir import RunRecord
-from featcache.fit import fit_head
-from featcache.heads import LinearHeadSweep, LogisticHead
+from featcache.fit import fit_head, multilabel_score
+from featcache.heads import LinearHeadSweep, LogisticHead, knn
 from featcache.heads.sweep import HeadConfig
 from helpers import CHEXPERT_HEADER, flat, make_chexpert, write_csv
 
@@ -194,8 +194,9 @@ def test_fit_head_fits_every_label_and_chooses_on_validation(tmp_path, heads):
     assert (run / "roc_grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("heads", ["logistic", "sweep"])
+@pytest.mark.parametrize("heads", ["logistic", "sweep", "knn", "mlp"])
 def test_multilabel_test_labels_never_steer_a_choice(tmp_path, heads):
+    """For knn the choice is k and T, for mlp width x wd x lr and the epoch: each by mean validation AUROC."""
     import h5py
 
     cache, _ = chexpert_cache(tmp_path)
@@ -208,7 +209,93 @@ def test_multilabel_test_labels_never_steer_a_choice(tmp_path, heads):
     second = fit_head(cache, tmp_path / "b", heads=heads, threshold="f1", epochs=3, n_resamples=0)
     for key in ("selected", "thresholds", "heads"):
         assert first[key] == second[key]
+    assert first["val"]["auroc"] == second["val"]["auroc"]
     assert first["test"]["per_label"] != second["test"]["per_label"]
+
+
+def test_knn_averages_each_label_over_the_neighbours_that_know_it():
+    sims = np.array([[0.9, 0.8, 0.1]], dtype=np.float32)
+    targets, known = knn.vote_targets(np.array([[1, 0], [np.nan, 1], [0, np.nan]], dtype=np.float32), 2)
+    probs = knn.vote_probabilities(sims, targets[None], [1, 2, 3], 0.1, None, known[None])[:, 0]
+    w = np.exp(np.array([0.9, 0.8, 0.1]) / 0.1)
+    assert np.allclose(probs[0], [1, 0])
+    assert np.allclose(probs[1], [1, w[1] / (w[0] + w[1])])  # neighbour 2 does not know label 0: no vote there
+    assert np.allclose(probs[2], [w[0] / (w[0] + w[2]), w[1] / (w[0] + w[1])])
+    nobody = knn.vote_probabilities(sims[:, :1], targets[None, 1:2], [1], 0.1, None, known[None, 1:2])[0, 0]
+    assert nobody[0] == knn.UNKNOWN_PROBABILITY and nobody[1] == 1.0
+
+    X, Y = _targets(np.random.default_rng(4))
+    head = knn.KnnHead(k=20, temperature=0.1).fit(X[:160], Y[:160], 3)
+    probs = head.predict_proba(X[160:])
+    assert probs.shape == (80, 3) and not np.allclose(probs.sum(axis=1), 1.0)
+    assert multilabel_score(Y[160:], probs) > 0.7  # labels are thresholds of features 0-2: neighbours share them
+    filled = Y[:160].copy()
+    filled[np.isnan(filled[:, 0]), 0] = 1.0  # label 0's unknown entries given a value: only label 0 moves
+    other = knn.KnnHead(k=20, temperature=0.1).fit(X[:160], filled, 3).predict_proba(X[160:])
+    assert np.array_equal(other[:, 1:], probs[:, 1:]) and not np.allclose(other[:, 0], probs[:, 0])
+
+
+def test_mlp_loss_is_masked_per_label_and_weighs_positives_as_the_sweep_does():
+    from featcache.heads.base import positive_weight_vector
+    from featcache.heads.mlp import MlpSweep, training_targets
+
+    _, Y = _targets(np.random.default_rng(5), n=40)
+    logits = torch.randn(2, 40, 3)
+    target, weight, loss_of = training_targets(Y, 3, "balanced", "cpu")
+    pos = positive_weight_vector(Y, "balanced")
+    expected = 0.0
+    for h in range(2):
+        per_label = []
+        for j in range(3):
+            known = ~np.isnan(Y[:, j])
+            y, z = torch.tensor(Y[known, j]), logits[h, known, j]
+            w = torch.where(y == 1, float(pos[j]), 1.0)
+            per_label.append((w * torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")).sum()
+                             / w.sum())
+        expected += torch.stack(per_label).mean()
+    assert float(loss_of(logits, target, weight)) == pytest.approx(float(expected), rel=1e-5)
+    flipped = target.clone()
+    flipped[weight == 0] = 1.0 - flipped[weight == 0]  # what an unknown entry holds never reaches the loss
+    assert float(loss_of(logits, flipped, weight)) == float(loss_of(logits, target, weight))
+
+    X, Y = _targets(np.random.default_rng(6))
+    grid = [{"width": 32, "weight_decay": 1e-4, "lr": 3e-2}]  # 160 rows: one step an epoch
+    sweep = MlpSweep(grid, epochs=30).fit((X[:160], Y[:160]), (X[160:], Y[160:]), 3, multilabel_score)
+    [(_, best, epoch, export)] = list(sweep.results())
+    head = export()
+    assert head.multilabel and best > 0.8 and 1 <= epoch <= 30
+    assert multilabel_score(Y[160:], head.predict_proba(X[160:])) == pytest.approx(best, abs=1e-6)
+    loaded = type(head).from_state_dict(head.state_dict())
+    np.testing.assert_allclose(loaded.predict_proba(X), head.predict_proba(X), atol=1e-6)
+
+
+@pytest.mark.parametrize("heads", ["knn", "mlp"])
+def test_probes_fit_every_label_under_the_policy_and_predict_reloads_them(tmp_path, heads):
+    cache, m = chexpert_cache(tmp_path)
+    runs = {p: fit_head(cache, tmp_path / p, heads=heads, uncertain=p, epochs=10, n_resamples=0)
+            for p in ("ones", "ignore")}
+    saved = {}
+    for policy, metrics in runs.items():
+        assert metrics["task"] == "multilabel" and set(metrics["thresholds"]) == set(NAMES)
+        assert metrics["val"]["auroc"] == pytest.approx(max(h["val_auroc"] for h in metrics["heads"]), abs=1e-6)
+        assert metrics["test"]["auroc"] > 0.7  # each label's positives are moved along a dimension of their own
+        head, config = RunRecord(tmp_path / policy).read_head()  # knn: train rows and labels reread from the cache
+        with open(tmp_path / policy / "predictions.csv") as f:
+            val = [r for r in csv.DictReader(f) if r["split"] == "val"]
+        X = FeatureCache.open(cache).arrays("val")[0]
+        saved[policy] = np.array([[float(r[f"p_{n}"]) for n in NAMES] for r in val])
+        np.testing.assert_allclose(head.predict_proba(X), saved[policy], atol=1e-5)
+    assert not np.allclose(saved["ones"], saved["ignore"], atol=1e-3)  # uncertain as positive: another fit
+    if heads == "knn":
+        assert {h["class_weight"] for h in runs["ones"]["heads"]} == {"none"}
+        assert torch.load(tmp_path / "ones" / "head.pt", weights_only=True)["head"]["uncertain"] == "ones"
+
+
+def test_knn_on_a_multilabel_set_refuses_class_weighting_in_one_line(tmp_path, capsys):
+    cache, _ = chexpert_cache(tmp_path)
+    err = _one_line_error(["fit-head", cache, "--out", tmp_path / "r", "--heads", "knn", "--class-weight",
+                           "balanced"], capsys)
+    assert "--class-weight balanced does not apply to knn on a multi-label set" in err
 
 
 def test_uncertain_policies_give_different_fits_from_one_cache(tmp_path, capsys):

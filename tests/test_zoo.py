@@ -17,6 +17,7 @@ from featcache.cli import main
 from featcache.data.demo import DEMO_DATA
 from featcache.errors import UserError
 from featcache.zoo import leaderboard, rank, write
+from helpers import flat
 
 BACKBONES = ["resnet18", "timm:resnet18"]
 
@@ -322,11 +323,62 @@ def test_a_zoo_rerun_with_other_weights_makes_its_own_caches(tmp_path, tiny_back
         assert len(f["paths"]) <= 30
 
 
-def test_zoo_refuses_a_multi_label_set_before_extracting_anything(tmp_path, tiny_backbone, capsys):
+def test_zoo_fits_a_multi_label_set_under_the_policy_given(tmp_path, tiny_backbone, capsys):
     from helpers import make_chexpert
 
-    folder = make_chexpert(tmp_path, n_train_patients=6, n_valid_patients=2)
-    assert main(["zoo", str(folder), "--format", "chexpert", "--backbones", tiny_backbone, "--weights", "none",
-                 "--out", str(tmp_path / "z"), "--no-progress"]) == 2
-    assert "multi-label set (14 labels)" in capsys.readouterr().err
+    folder = make_chexpert(tmp_path, n_train_patients=16, n_valid_patients=4)
+    args = ["zoo", str(folder), "--format", "chexpert", "--backbones", tiny_backbone, "--weights", "none",
+            "--out", str(tmp_path / "z"), "--no-progress", "--heads", "logistic", "--bootstrap", "20"]
+    assert main([*args, "--positive-class", "Edema"]) == 2  # refused before any extraction
+    assert "--positive-class applies to two-class sets" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
+    assert main([*args, "--uncertain", "ones", "--unmentioned", "ignore"]) == 0
+    assert "mean validation AUROC" in flat(capsys.readouterr().out)
+    board = json.loads((tmp_path / "z" / "leaderboard.json").read_text())
+    assert board["task"] == "multilabel" and board["policy"] == {"uncertain": "ones", "unmentioned": "ignore"}
+    [row] = board["rows"]
+    metrics = json.loads((Path(row["run"]) / "metrics.json").read_text())
+    assert metrics["policy"] == board["policy"] and len(metrics["thresholds"]) == 14
+    assert row["val_auroc"] == metrics["val"]["auroc"]  # the mean over labels
+    assert row["test_auroc"] == metrics["test"]["auroc"] and row["test_auroc_ci"] == metrics["test"]["ci"]["auroc"]
+
+
+@pytest.fixture(scope="module")
+def multilabel_zoos(tmp_path_factory):
+    """Leaderboards of two multi-label "backbones" (features carrying each label strongly, and weakly), then
+    of the same caches with every test label row permuted: (rows, rows with permuted test labels)."""
+    from featcache.fit import fit_head
+    from test_multilabel import chexpert_cache
+
+    root = tmp_path_factory.mktemp("multilabel_zoo")
+    caches = {name: chexpert_cache(root / name, signal=signal)[0] for name, signal in (("strong", 1.5), ("weak", 0.4))}
+    boards = []
+    for permuted in (False, True):
+        runs = {}
+        for name, cache in caches.items():
+            if permuted:
+                _permute_test_labels(cache)
+            runs[name] = root / f"runs{int(permuted)}" / name
+            fit_head(cache, runs[name], heads="sweep", epochs=5, uncertain="ones", n_resamples=100)
+        boards.append(leaderboard(runs, n_resamples=100))
+    return boards
+
+
+def test_a_multi_label_leaderboard_ranks_by_mean_validation_auroc_with_a_paired_test_difference(multilabel_zoos):
+    rows, _ = multilabel_zoos
+    first, second = rows
+    assert [r["backbone"] for r in rows] == ["strong", "weak"] and first["val_auroc"] > second["val_auroc"]
+    assert {r["task"] for r in rows} == {"multilabel"} and rows[0]["policy"]["uncertain"] == "ones"
+    for r in rows:
+        metrics = json.loads((Path(r["run"]) / "metrics.json").read_text())
+        assert r["val_auroc"] == metrics["val"]["auroc"] and r["test_auroc"] == metrics["test"]["auroc"]
+        assert r["test_auroc_ci"][0] <= r["test_auroc"] <= r["test_auroc_ci"][1]
+    assert second["difference_to_first"] == pytest.approx(second["test_auroc"] - first["test_auroc"], abs=1e-9)
+    lo, hi = second["difference_to_first_ci"]
+    assert lo <= second["difference_to_first"] <= hi < 0  # weaker features, lower on test beyond noise
+
+
+def test_a_multi_label_ranking_is_blind_to_the_test_labels(multilabel_zoos):
+    rows, permuted = multilabel_zoos
+    assert [(r["backbone"], r["val_auroc"]) for r in permuted] == [(r["backbone"], r["val_auroc"]) for r in rows]
+    assert [r["test_auroc"] for r in permuted] != [r["test_auroc"] for r in rows]  # test did change

@@ -128,6 +128,7 @@ class HeadSettings:
     device: str = "cpu"
     seed: int = 0
     cache: str | None = None  # the cache train comes from, for kinds that keep train rows by reference (knn)
+    policy: tuple | None = None  # multi-label sets: (uncertain, unmentioned), for kinds that reread labels (knn)
 
 
 class Head(ABC):

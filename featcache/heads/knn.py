@@ -14,9 +14,18 @@ Neighbours are searched once, at the largest k of the grid; every smaller k
 and every temperature is derived from those (a cumulative sum along the
 neighbours), so the whole grid costs one search.
 
+Multi-label targets ((N, L), NaN where a label is unknown under the fit's
+policy) are averaged per label: a query's probability of label j is the
+temperature-weighted mean of its neighbours' targets for j over the
+neighbours where j is known (0.5 when none of them knows it). Class weighting
+does not apply there: scaling a label's positive votes is a monotone map of
+its probability, so it changes no AUROC and no threshold chosen on
+validation.
+
 The fitted head keeps its train rows **by reference**: head.pt records the
-cache's path, fingerprint and feature checksum, and loading it reads the
-train rows back from that cache, refusing one that moved or changed.
+cache's path, fingerprint and feature checksum (and, for multi-label sets,
+the policy that made the targets), and loading it reads the train rows back
+from that cache, refusing one that moved or changed.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.data.labels import apply_policy
 from featcache.errors import UserError
 from featcache.heads.base import CLASS_WEIGHTS, Head, HeadSettings, class_weight_vector, register
 
@@ -34,6 +44,8 @@ K_GRID = (1, 2, 5, 10, 20, 50, 100, 200)
 # DINO's k-NN evaluation uses T = 0.07; cosines of random-init features sit close together, so the grid
 # also reaches down to 0.01, where one neighbour's small lead in similarity still weighs.
 TEMPERATURES = (0.01, 0.02, 0.05, 0.07, 0.1, 0.2, 0.5)
+# A label none of a query's neighbours knows gets this probability (no vote either way).
+UNKNOWN_PROBABILITY = 0.5
 # The largest similarity block (queries x train, float32) a search holds at once. Larger blocks were faster
 # on 100,000 x 768 train rows (2 cores): 128 MiB took 1.28x as long as 1 GiB, 512 MiB 1.05x.
 BLOCK_BYTES = 512 << 20
@@ -79,13 +91,22 @@ def nearest(train, queries, k: int, block_bytes: int | None = None):
 
 
 def one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
-    """(N, K) vote targets of single-label rows. A multi-label cache gives its (N, K) 0/1 rows here instead:
-    the votes below are then neighbour label averages, one probability per label."""
+    """(N, K) vote targets of single-label rows."""
     return np.eye(n_classes, dtype=np.float32)[np.asarray(y, dtype=np.int64)]
 
 
+def vote_targets(y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(targets, known): one-hot rows and None for class indices; for (N, L) multi-label targets (NaN
+    unknown), the targets with unknowns as 0 and the (N, L) 0/1 mask of the known ones."""
+    if np.ndim(y) == 1:
+        return one_hot(y, n_classes), None
+    y = np.asarray(y, dtype=np.float32)
+    known = ~np.isnan(y)
+    return np.where(known, y, 0.0).astype(np.float32), known.astype(np.float32)
+
+
 def vote_probabilities(sims, neighbour_targets: np.ndarray, ks, temperature: float,
-                       class_weight: np.ndarray | None):
+                       class_weight: np.ndarray | None, neighbour_known: np.ndarray | None = None):
     """(len(ks), Q, K) probabilities for each k of ``ks`` from neighbours found once at ``max(ks)``.
 
     ``neighbour_targets`` is (Q, kmax, K): the targets of each query's
@@ -93,13 +114,19 @@ def vote_probabilities(sims, neighbour_targets: np.ndarray, ks, temperature: flo
     temperature). Weights ``exp(sim / T)`` are taken relative to each query's
     nearest neighbour (the ratios, hence the probabilities, are the same,
     and no weight overflows). The cumulative sum along the neighbours holds
-    the votes of every k at once.
+    the votes of every k at once. With ``neighbour_known`` (Q, kmax, L), the
+    multi-label masks, each label's weights are summed over the neighbours
+    that know it: a per-label weighted average of the known targets.
     """
     sims = np.asarray(sims, dtype=np.float32)
     weights = np.exp((sims - sims[:, :1]) / np.float32(temperature))  # (Q, kmax), each in (0, 1]
     votes = np.cumsum(weights[:, :, None] * neighbour_targets, axis=1)  # (Q, kmax, K)
-    total = np.cumsum(weights, axis=1)[:, :, None]
     steps = [min(k, sims.shape[1]) - 1 for k in ks]
+    if neighbour_known is not None:
+        total = np.cumsum(weights[:, :, None] * neighbour_known, axis=1)[:, steps]
+        probs = np.where(total > 0, votes[:, steps] / np.maximum(total, 1e-30), UNKNOWN_PROBABILITY)
+        return probs.transpose(1, 0, 2)
+    total = np.cumsum(weights, axis=1)[:, :, None]
     probs = votes[:, steps] / total[:, steps]  # (Q, len(ks), K)
     if class_weight is not None:
         probs = probs * class_weight.astype(np.float32)
@@ -154,30 +181,40 @@ class KnnHead(Head):
 
     kind = "knn"
     help = "cosine k-nearest-neighbour votes (k x temperature x class weight, exact search)"
+    takes_multilabel = True
 
     def __init__(self, k: int = 20, temperature: float = 0.07, class_weight: str = "none",
-                 source: TrainRows | None = None):
+                 source: TrainRows | None = None, policy: tuple[str, str] | None = None):
         self.k = k
         self.temperature = temperature
         self.class_weight = class_weight
         self.source = source
+        self.policy = policy  # (uncertain, unmentioned) that made multi-label targets from the cache's labels
 
     def fit(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> "KnnHead":
         """Keep the unit train rows and their vote targets (a kNN learns nothing else)."""
         self.train_ = l2_rows(X)
         self.labels_ = np.asarray(y)
-        self.targets_ = one_hot(y, n_classes)
+        self.targets_, self.known_ = vote_targets(y, n_classes)
         self.weights_ = self._class_weights(self.class_weight)
         return self
 
     def _class_weights(self, mode: str) -> np.ndarray | None:
-        """Per-class vote factors of the train labels, None for plain votes."""
-        return None if mode == "none" else class_weight_vector(self.labels_, self.targets_.shape[1], mode)
+        """Per-class vote factors of the train labels, None for plain votes (and for multi-label targets)."""
+        if mode == "none" or self.known_ is not None:
+            return None
+        return class_weight_vector(self.labels_, self.targets_.shape[1], mode)
+
+    def _neighbours(self, X: np.ndarray, k: int):
+        """(similarities, targets, known masks or None) of each row's ``k`` nearest train rows."""
+        sims, index = nearest(self.train_, l2_rows(X), k)
+        index = index.numpy()
+        return sims, self.targets_[index], None if self.known_ is None else self.known_[index]
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        sims, index = nearest(self.train_, l2_rows(X), self.k)
-        return vote_probabilities(sims, self.targets_[index.numpy()], [self.k], self.temperature,
-                                  self.weights_)[0].astype(np.float64)
+        sims, targets, known = self._neighbours(X, self.k)
+        return vote_probabilities(sims, targets, [self.k], self.temperature, self.weights_,
+                                  known)[0].astype(np.float64)
 
     def n_parameters(self) -> int:
         return 0  # nothing trains: the train rows are data, read from the cache
@@ -187,30 +224,40 @@ class KnnHead(Head):
         if self.source is None:
             raise ValueError("a knn head is saved with a reference to its cache; fit it through candidates with "
                              "HeadSettings(cache=...)")
-        return {"kind": self.kind, "k": int(self.k), "temperature": float(self.temperature),
-                "class_weight": self.class_weight, "n_classes": int(self.targets_.shape[1]),
-                **{f"train_{key}": value for key, value in asdict(self.source).items()}}
+        state = {"kind": self.kind, "k": int(self.k), "temperature": float(self.temperature),
+                 "class_weight": self.class_weight, "n_classes": int(self.targets_.shape[1]),
+                 **{f"train_{key}": value for key, value in asdict(self.source).items()}}
+        if self.known_ is not None:
+            state.update(task="multilabel", uncertain=self.policy[0], unmentioned=self.policy[1])
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "KnnHead":
         """The saved head, its train rows read back from the cache (a moved or changed one is refused)."""
         source = TrainRows(**{f.name: state[f"train_{f.name}"] for f in fields(TrainRows)})
-        head = cls(int(state["k"]), float(state["temperature"]), state["class_weight"], source)
-        return head.fit(*source.load(), int(state["n_classes"]))
+        policy = (state["uncertain"], state["unmentioned"]) if state.get("task") == "multilabel" else None
+        head = cls(int(state["k"]), float(state["temperature"]), state["class_weight"], source, policy)
+        X, y = source.load()
+        return head.fit(X, y if policy is None else apply_policy(y, *policy), int(state["n_classes"]))
 
     @classmethod
     def candidates(cls, train, val, n_classes, score, settings: HeadSettings):
         X, y = train
         Xv, yv = val
+        multilabel = np.ndim(y) == 2
+        if multilabel and settings.class_weight == "balanced":
+            raise UserError("--class-weight balanced does not apply to knn on a multi-label set: scaling a label's "
+                            "positive votes changes neither its AUROC nor its threshold; leave it out")
         source = None if settings.cache is None else TrainRows.of(settings.cache, *np.shape(X))
         ks = [k for k in K_GRID if k <= len(X)] or [len(X)]
-        class_weights = CLASS_WEIGHTS if settings.class_weight is None else (settings.class_weight,)
-        base = cls(source=source).fit(X, y, n_classes)  # one copy of the unit train rows for every head
-        sims, index = nearest(base.train_, l2_rows(Xv), max(ks))
-        neighbour_targets = base.targets_[index.numpy()]
+        class_weights = ("none",) if multilabel else \
+            CLASS_WEIGHTS if settings.class_weight is None else (settings.class_weight,)
+        # one copy of the unit train rows for every head
+        base = cls(source=source, policy=settings.policy if multilabel else None).fit(X, y, n_classes)
+        sims, targets, known = base._neighbours(Xv, max(ks))
         out = []
         for cw, temperature in itertools.product(class_weights, TEMPERATURES):
-            probs = vote_probabilities(sims, neighbour_targets, ks, temperature, base._class_weights(cw))
+            probs = vote_probabilities(sims, targets, ks, temperature, base._class_weights(cw), known)
             for k, p in zip(ks, probs):
                 out.append({
                     "name": f"knn_k_{k}_T_{temperature:g}_cw_{cw}",
@@ -224,7 +271,7 @@ class KnnHead(Head):
 
     def with_settings(self, k: int, temperature: float, class_weight: str) -> "KnnHead":
         """This fitted head with other settings (the train rows shared, not copied)."""
-        head = KnnHead(k, temperature, class_weight, self.source)
-        head.train_, head.labels_, head.targets_ = self.train_, self.labels_, self.targets_
+        head = KnnHead(k, temperature, class_weight, self.source, self.policy)
+        head.train_, head.labels_, head.targets_, head.known_ = self.train_, self.labels_, self.targets_, self.known_
         head.weights_ = head._class_weights(class_weight)
         return head

@@ -11,6 +11,12 @@ head's weights at its best epoch are kept, and training stops once the best
 score of all heads has not risen for :data:`PATIENCE` epochs (or after
 ``--epochs``). The
 chosen head is exported as an :class:`MlpHead`, what head.pt stores.
+
+Multi-label targets ((N, L), NaN unknown under the fit's policy) train a
+sigmoid per label with binary cross-entropy over the known entries only,
+each label's positives weighted as the linear sweep weighs them
+(:func:`~featcache.heads.base.positive_weight_vector`); heads are scored
+and stopped on the mean validation AUROC over labels.
 """
 
 from __future__ import annotations
@@ -21,7 +27,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.heads.base import FeatureNorm, Head, HeadSettings, class_weight_vector, register
+from featcache.heads.base import (
+    FeatureNorm,
+    Head,
+    HeadSettings,
+    class_weight_vector,
+    positive_weight_vector,
+    register,
+    sigmoid,
+)
 from featcache.options import HEAD
 
 DEFAULT_WIDTHS = (256, 1024)
@@ -45,11 +59,41 @@ def config_name(config: dict) -> str:
     return f"mlp_w_{config['width']}_wd_{config['weight_decay']:g}_lr_{config['lr']:g}"
 
 
-def _loss(logits, target, row_weight):
+def _softmax_loss(logits, target, weight):
     """Per-head weighted softmax cross-entropy, summed over heads (each head's gradient is its own).
-    A multi-label cache would take a sigmoid per class against its (N, K) 0/1 targets here."""
+    ``target`` (B, K) one-hot rows, ``weight`` (B,) each row's class weight."""
     per_row = -(logits.log_softmax(dim=-1) * target).sum(dim=-1)  # (H, B)
-    return ((per_row * row_weight).sum(dim=1) / row_weight.sum()).sum()
+    return ((per_row * weight).sum(dim=1) / weight.sum()).sum()
+
+
+def _masked_bce(logits, target, weight):
+    """Per-head binary cross-entropy of every label, each label's weighted mean over the rows where it is
+    known, averaged over labels and summed over heads. ``weight`` (B, L) is 0 where a label is unknown, else
+    1, or a positive's weight."""
+    import torch.nn.functional as F
+
+    per_entry = F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none")  # (H, B, L)
+    per_label = (per_entry * weight).sum(dim=1) / weight.sum(dim=0).clamp_min(1e-12)  # (H, L)
+    return per_label.mean(dim=1).sum()
+
+
+def training_targets(y, K: int, class_weight: str, device):
+    """(targets, weights, loss) of one fit: one-hot rows and class weights per row for class indices; for
+    (N, L) multi-label targets (NaN unknown), 0/1 targets and per-entry weights (0 unknown, positives by
+    ``class_weight``) for the masked binary cross-entropy."""
+    import torch
+
+    if np.ndim(y) == 1:
+        yt = torch.as_tensor(np.asarray(y, dtype=np.int64), device=device)
+        weight = torch.as_tensor(class_weight_vector(np.asarray(y), K, class_weight), dtype=torch.float32,
+                                 device=device)[yt]
+        return torch.eye(K, device=device)[yt], weight, _softmax_loss
+    y = np.asarray(y, dtype=np.float32)
+    known = ~np.isnan(y)
+    target = np.where(known, y, 0.0)
+    weight = known * (1.0 + target * (positive_weight_vector(y, class_weight) - 1.0))
+    return (torch.as_tensor(target, dtype=torch.float32, device=device),
+            torch.as_tensor(weight, dtype=torch.float32, device=device), _masked_bce)
 
 
 class WidthGroup:
@@ -138,10 +182,8 @@ class MlpSweep:
         dev = torch.device(self.device)
         self.norm_ = FeatureNorm("standard").fit(X)
         Xt = torch.as_tensor(self.norm_.transform(np.asarray(X, dtype=np.float32)), device=dev)
-        yt = torch.as_tensor(np.asarray(y, dtype=np.int64), device=dev)
-        target = torch.eye(K, device=dev)[yt]
-        row_weight = torch.as_tensor(class_weight_vector(np.asarray(y), K, self.class_weight),
-                                     dtype=torch.float32, device=dev)[yt]
+        self.multilabel_ = np.ndim(y) == 2
+        target, weight, loss_of = training_targets(y, K, self.class_weight, dev)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         widths = list(dict.fromkeys(c["width"] for c in self.configs))
         self.groups_ = [WidthGroup([c for c in self.configs if c["width"] == w], Xt.shape[1], K, gen, dev)
@@ -157,7 +199,7 @@ class MlpSweep:
                     H, W = len(group.configs), group.configs[0]["width"]
                     keep = (torch.rand(H, len(idx), W, generator=gen) >= self.dropout).to(dev)
                     mask = keep.float() / (1 - self.dropout)
-                    loss = _loss(group.logits(Xt[idx], dropout_mask=mask), target[idx], row_weight[idx])
+                    loss = loss_of(group.logits(Xt[idx], dropout_mask=mask), target[idx], weight[idx])
                     group.step(torch.autograd.grad(loss, group.params), t)
             self.epochs_run_ = epoch
             if val is None:
@@ -183,7 +225,8 @@ class MlpSweep:
         before = max(float(g.best_score.max()) for g in self.groups_)
         with torch.no_grad():
             for group in self.groups_:
-                probs = group.logits(Xv).softmax(dim=-1).cpu().numpy()
+                logits = group.logits(Xv)
+                probs = (logits.sigmoid() if self.multilabel_ else logits.softmax(dim=-1)).cpu().numpy()
                 scores = np.array([score(val[1], p) for p in probs])
                 group.keep_improved(scores, epoch)
         return max(float(g.best_score.max()) for g in self.groups_) > before
@@ -199,17 +242,19 @@ class MlpSweep:
         head = MlpHead(group.configs[h], epochs=self.epochs, class_weight=self.class_weight, seed=self.seed,
                        device=self.device)
         W1, b1, W2, b2 = (p[h].cpu().numpy().copy() for p in group.best)
-        return head.set_weights(self.norm_, W1, b1[0], W2, b2[0])
+        return head.set_weights(self.norm_, W1, b1[0], W2, b2[0], multilabel=self.multilabel_)
 
 
 @register
 class MlpHead(Head):
-    """Standardize, one hidden ReLU layer, a linear map and a softmax: one head of an :class:`MlpSweep`
-    (dropout acts in training only)."""
+    """Standardize, one hidden ReLU layer, a linear map and a softmax (a sigmoid per label for multi-label
+    targets): one head of an :class:`MlpSweep` (dropout acts in training only)."""
 
     kind = "mlp"
     help = "one-hidden-layer probes with dropout, width x weight decay x lr trained at once, early stop on val"
     uses_device = True
+    takes_multilabel = True
+    multilabel = False
 
     def __init__(self, config: dict | None = None, **training):
         """``config``: width, weight_decay and lr (default: the grid's narrowest, least decayed, slower);
@@ -218,19 +263,21 @@ class MlpHead(Head):
                                  "lr": DEFAULT_LRS[0]}
         self.training = training
 
-    def set_weights(self, norm: FeatureNorm, w1, b1, w2, b2) -> "MlpHead":
-        self.norm, self.w1, self.b1, self.w2, self.b2 = norm, w1, b1, w2, b2
+    def set_weights(self, norm: FeatureNorm, w1, b1, w2, b2, multilabel: bool = False) -> "MlpHead":
+        self.norm, self.w1, self.b1, self.w2, self.b2, self.multilabel = norm, w1, b1, w2, b2, multilabel
         return self
 
     def fit(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> "MlpHead":
         """This one head, trained for all its epochs (no validation: ``candidates`` stops early on it)."""
         sweep = MlpSweep([self.config], **self.training).fit((X, y), None, n_classes)
         fitted = sweep.export(sweep.groups_[0], 0)
-        return self.set_weights(fitted.norm, fitted.w1, fitted.b1, fitted.w2, fitted.b2)
+        return self.set_weights(fitted.norm, fitted.w1, fitted.b1, fitted.w2, fitted.b2, fitted.multilabel)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         x = self.norm.transform(np.asarray(X, dtype=np.float32))
         z = (np.maximum(x @ self.w1 + self.b1, 0) @ self.w2 + self.b2).astype(np.float64)
+        if self.multilabel:
+            return sigmoid(z)
         z -= z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
@@ -244,8 +291,9 @@ class MlpHead(Head):
         def t(a):
             return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
-        return {"kind": self.kind, "norm": self.norm.kind, "mean": t(self.norm.mean_), "scale": t(self.norm.scale_),
-                "w1": t(self.w1), "b1": t(self.b1), "w2": t(self.w2), "b2": t(self.b2)}
+        state = {"kind": self.kind, "norm": self.norm.kind, "mean": t(self.norm.mean_), "scale": t(self.norm.scale_),
+                 "w1": t(self.w1), "b1": t(self.b1), "w2": t(self.w2), "b2": t(self.b2)}
+        return {**state, "task": "multilabel"} if self.multilabel else state
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "MlpHead":
@@ -253,7 +301,8 @@ class MlpHead(Head):
         norm.mean_ = state["mean"].double().numpy()
         norm.scale_ = state["scale"].double().numpy()
         w1, b1, w2, b2 = (state[k].numpy() for k in ("w1", "b1", "w2", "b2"))
-        return cls({"width": w1.shape[1]}).set_weights(norm, w1, b1, w2, b2)
+        return cls({"width": w1.shape[1]}).set_weights(norm, w1, b1, w2, b2,
+                                                       multilabel=state.get("task") == "multilabel")
 
     @classmethod
     def candidates(cls, train, val, n_classes, score, settings: HeadSettings):

@@ -311,15 +311,12 @@ def paired_comparison(a: list[dict], b: list[dict], classes, *, threshold_a: flo
         return None
     positive = positive_class_index(classes, positive_class)
     pos_name = classes[positive]
-    rows_b = {r["path"]: r for r in b if r["split"] == split}
-    pairs = [(r, rows_b[r["path"]]) for r in a if r["split"] == split and r["path"] in rows_b]
+    pairs, patients, unit = _paired_rows(a, b, split)
     if not pairs:
         return None
     y = np.array([r["label"] == pos_name for r, _ in pairs])
     score_a = np.array([float(r[f"p_{pos_name}"]) for r, _ in pairs])
     score_b = np.array([float(r[f"p_{pos_name}"]) for _, r in pairs])
-    patients = [r.get("patient") or r["path"] for r, _ in pairs]
-    unit = "patient" if all(r.get("patient") for r, _ in pairs) else "image (no patient column)"
     diff = auroc(y, score_a) - auroc(y, score_b)
     draws = []
     for rows in patient_resamples(patient_groups(patients), n_resamples=n_resamples, seed=seed):
@@ -335,6 +332,38 @@ def paired_comparison(a: list[dict], b: list[dict], classes, *, threshold_a: flo
             "auroc_difference_ci": ci, "resamples": len(draws), "unit": unit,
             "accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean()),
             "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": float(p_value)}
+
+
+def _paired_rows(a: list[dict], b: list[dict], split: str) -> tuple[list, list, str]:
+    """The (A row, B row) pairs of the images both runs scored in ``split`` (matched by path), each pair's
+    bootstrap unit (its patient, else its path) and the unit's name."""
+    rows_b = {r["path"]: r for r in b if r["split"] == split}
+    pairs = [(r, rows_b[r["path"]]) for r in a if r["split"] == split and r["path"] in rows_b]
+    patients = [r.get("patient") or r["path"] for r, _ in pairs]
+    unit = "patient" if all(r.get("patient") for r, _ in pairs) else "image (no patient column)"
+    return pairs, patients, unit
+
+
+def paired_mean_auroc(a: list[dict], b: list[dict], names, *, split: str = "test", n_resamples: int = 1000,
+                      seed: int = 0) -> dict | None:
+    """Multi-label run A against run B on the same images: the difference of their mean AUROCs over labels
+    (A minus B; each label on the rows where A's target is known) with its paired patient-bootstrap CI.
+    None when the two runs share no image of ``split``."""
+    from featcache.eval.metrics import patient_groups, patient_resamples
+    from featcache.fit import multilabel_score
+
+    pairs, patients, unit = _paired_rows(a, b, split)
+    if not pairs:
+        return None
+    targets = np.array([[float(r[f"y_{n}"]) if r[f"y_{n}"] != "" else np.nan for n in names] for r, _ in pairs])
+    score_a, score_b = (np.array([[float(r[f"p_{n}"]) for n in names] for r in run])
+                        for run in zip(*pairs))
+    draws = [multilabel_score(targets[rows], score_a[rows]) - multilabel_score(targets[rows], score_b[rows])
+             for rows in patient_resamples(patient_groups(patients), n_resamples=n_resamples, seed=seed)]
+    ci = [float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))] if draws else None
+    return {"n": len(pairs), "patients": len(set(patients)),
+            "auroc_difference": float(multilabel_score(targets, score_a) - multilabel_score(targets, score_b)),
+            "auroc_difference_ci": ci, "resamples": len(draws), "unit": unit}
 
 
 LOW_RECALL = 0.7  # a class recalled less often than this on test is worth acting on

@@ -273,8 +273,9 @@ def plot_leaderboard(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curve(summary: list[dict], path: Path, *, mode: str = "fraction") -> None:
-    """Test AUROC (mean over repeats, shaded ± one sd) against training images (log scale), a line per cache."""
+def plot_curve(summary: list[dict], path: Path, *, mode: str = "fraction", multilabel: bool = False) -> None:
+    """Test AUROC (mean over repeats, shaded ± one sd, bars the mean 95 % CI) against training images (log
+    scale), a line per cache; for multi-label caches the mean AUROC over labels (macro)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for name in dict.fromkeys(r["cache"] for r in summary):
@@ -284,12 +285,19 @@ def plot_curve(summary: list[dict], path: Path, *, mode: str = "fraction") -> No
         x = np.array([r["train_images"] for r in rows])
         y = np.array([r["test_auroc"] for r in rows])
         sd = np.array([r["test_auroc_sd"] for r in rows])
-        ax.plot(x, y, "o-", label=name)
+        line = ax.plot(x, y, "o-", label=name)[0]
         ax.fill_between(x, y - sd, y + sd, alpha=0.2)
+        ci = [(i, r["test_auroc_ci"]) for i, r in enumerate(rows) if r.get("test_auroc_ci")]
+        if ci:
+            at = [i for i, _ in ci]
+            ax.errorbar(x[at], y[at], yerr=[[y[i] - c[0] for i, c in ci], [c[1] - y[i] for i, c in ci]], fmt="none",
+                        capsize=3, color=line.get_color(), alpha=0.7)
     ax.set_xscale("log")
     ax.set_xlabel("training images (log scale)")
-    ax.set_ylabel("test AUROC (mean ± sd over repeats)")
-    ax.set_title(f"label efficiency ({'fractions of train' if mode == 'fraction' else 'images per class'}); "
+    what = "test mean AUROC over labels" if multilabel else "test AUROC"
+    ax.set_ylabel(f"{what} (mean ± sd over repeats; bars: 95% CI)", fontsize=8)
+    per = "positives per label" if multilabel else "images per class"
+    ax.set_title(f"label efficiency ({'fractions of train' if mode == 'fraction' else per}); "
                  "heads chosen on validation", fontsize=8)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
