@@ -7,6 +7,11 @@ are nested as the fraction grows. The head sweep is fitted on the subset and
 chosen on the whole validation split; the test split is read only after the
 choice, for the test AUROC and its patient-bootstrap CI. Every point is
 written to ``curve.json`` as it finishes, so a rerun skips the finished ones.
+
+A cache with augmented views (``extract --aug-views K``) draws its subsets from
+the train images as they are and trains each point on every view of the
+images it drew, as fit-head trains on every view of all of them; its
+``train_images`` counts images, ``train_rows`` the rows with their views.
 """
 
 from __future__ import annotations
@@ -84,15 +89,19 @@ def shot_subset(patients: np.ndarray, labels: np.ndarray, shots: int, seed: int)
 
 
 def fit_point(data: dict, keep: np.ndarray, *, kind, classes, positive: int | None, settings: HeadSettings,
-              n_resamples: int, seed: int) -> dict:
-    """Fit ``kind`` on the ``keep`` rows of train, choose on the whole of val, then judge test."""
+              n_resamples: int, seed: int, views: int = 1) -> dict:
+    """Fit ``kind`` on the ``keep`` rows of train, choose on the whole of val, then judge test.
+
+    ``views``: rows per train image in ``keep`` (each image's plain row and its augmented views).
+    """
     X, y, patients = data["train"]
     K = len(classes)
     candidates = kind.candidates((X[keep], y[keep]), data["val"][:2], K,
                                  lambda yv, probs: selection_score(yv, probs, positive), settings)
     best = select(candidates)
-    point = {"train_images": int(keep.sum()), "train_patients": int(len(np.unique(patients[keep]))),
-             "train_per_class": {c: int((y[keep] == k).sum()) for k, c in enumerate(classes)},
+    point = {"train_images": int(keep.sum()) // views, "train_rows": int(keep.sum()),
+             "train_patients": int(len(np.unique(patients[keep]))),
+             "train_per_class": {c: int((y[keep] == k).sum()) // views for k, c in enumerate(classes)},
              "head": best["name"], "val_auroc": best["val_auroc"], "test_auroc": None, "test_auroc_ci": None}
     if "test" in data:  # read only now: nothing from it steers the choice above
         Xt, yt, pt = data["test"]
@@ -183,16 +192,19 @@ def _run(opened: list, names: list[str], out: Path, kind, mode: str, values: lis
     for name, (cache, data, classes) in zip(names, opened):
         positive = positive_class_index(classes, positive_class) if len(classes) == 2 else None
         settings = HeadSettings(epochs=epochs, device=device, seed=seed, cache=str(cache.path))
-        _, y, patients = data["train"]
+        views = cache.n_views
+        images = len(data["train"][1]) // views  # the plain rows come first, then each view of the same images
+        y, patients = data["train"][1][:images], data["train"][2][:images]
         for repeat in range(repeats):
             for value in values:
                 if (name, value, repeat) in done:
                     continue
-                keep = (shot_subset(patients, y, value, seed + repeat) if mode == "shots"
-                        else fraction_subset(patients, y, value, seed + repeat))
+                chosen = (shot_subset(patients, y, value, seed + repeat) if mode == "shots"
+                          else fraction_subset(patients, y, value, seed + repeat))
                 point = {"cache": name, "backbone": cache.attrs.get("backbone"), "mode": mode, "value": value,
-                         "repeat": repeat, **fit_point(data, keep, kind=kind, classes=classes, positive=positive,
-                                                       settings=settings, n_resamples=n_resamples, seed=seed)}
+                         "repeat": repeat,
+                         **fit_point(data, np.tile(chosen, views), kind=kind, classes=classes, positive=positive,
+                                     settings=settings, n_resamples=n_resamples, seed=seed, views=views)}
                 record["points"].append(point)
                 _save(path, record)
                 if progress is not None:
