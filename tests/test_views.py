@@ -123,7 +123,7 @@ def test_a_view_depends_on_its_image_and_view_only():
     assert not torch.equal(augmented_views(images[1:2], keys[1:2], 1, transform, seed=1)[0], alone[0])
 
 
-def test_other_views_settings_are_refused(views_cache, tmp_path, tiny_backbone, capsys):
+def test_other_views_settings_are_refused(views_cache, tmp_path, tiny_backbone, monkeypatch):
     import shutil
 
     views_cache = shutil.copy(views_cache, tmp_path / "views.h5")
@@ -135,17 +135,13 @@ def test_other_views_settings_are_refused(views_cache, tmp_path, tiny_backbone, 
     out = tmp_path / "cut.h5"
     from featcache.cache.parts import PartStore
 
-    real = PartStore.save
-
     def die(self, chunk):
         raise KeyboardInterrupt
 
-    PartStore.save = die
-    try:
+    with monkeypatch.context() as patched:
+        patched.setattr(PartStore, "save", die)
         with pytest.raises(KeyboardInterrupt):
             _demo_views(out, chunk_rows=16)
-    finally:
-        PartStore.save = real
     with pytest.raises(UserError, match=r"interrupted extraction with --aug-views 2 --augment light, this run asks "
                                         r"for --aug-views 3 --augment light; rerun with its flags"):
         _tiny(DEMO_DATA, out, max_images=40, aug_views=3, augment="light", chunk_rows=16)
