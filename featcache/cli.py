@@ -243,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DALI on A100/H100-class GPUs: share of JPEGs for the hardware decoder (default 0.65)")
     p.add_argument("--compression", default=EXTRACT.compression, metavar="none|gzip|lzf",
                    help="HDF5 compression of features")
+    p.add_argument("--aug-views", type=_count, default=EXTRACT.aug_views, metavar="K",
+                   help="also cache K augmented views of each train image (val and test stay plain), seeded per "
+                        "image and view; fit-head and curve train on every view (default 0)")
+    p.add_argument("--augment", default=EXTRACT.augment, metavar="light|strong",
+                   help="the augmentation of the --aug-views, as finetune --augment (default none)")
     p.add_argument("--wait", action="store_true", help="queue behind another extract writing the same cache "
                                                        "instead of exiting")
     _add_run_flags(p, nproc_help="local worker processes, launched with torchrun (one per GPU on a GPU node)",
@@ -557,8 +562,8 @@ def _extract_kwargs(args) -> dict:
                 device=args.device, workers=args.workers, seed=args.seed, overwrite=args.overwrite, dtype=args.dtype,
                 compression=args.compression, chunk_rows=args.chunk_rows, wait=args.wait, max_images=args.max_images,
                 subsample_all=args.subsample_all,
-                hw_decoder_load=args.hw_decoder_load, amp=args.amp,
-                progress=not args.no_progress)
+                hw_decoder_load=args.hw_decoder_load, amp=args.amp, aug_views=args.aug_views,
+                augment=args.augment, progress=not args.no_progress)
 
 
 def _cmd_extract(args) -> int:
@@ -582,7 +587,7 @@ def _cmd_extract(args) -> int:
         return launch(args.out, nproc=args.nproc, argv=args.argv, manifest=manifest,
                       backbone=_backbone(args), weights=args.weights, seed=args.seed, device=args.device,
                       backend=args.backend, dtype=args.dtype, amp=args.amp, wait=args.wait,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, aug_views=args.aug_views, augment=args.augment)
     extract(args.data, args.out, manifest=manifest, **_extract_kwargs(args))
     return 0
 

@@ -16,6 +16,11 @@ labels and report the mean test AUROC (macro) with its CI. A shot there is a
 positive image: ``shots`` N takes at least N positives of every label
 (rarest label first; an image counts for every label it is positive for, so
 common labels may get more) and at least one negative of each.
+
+A cache with augmented views (``extract --aug-views K``) draws its subsets from
+the train images as they are and trains each point on every view of the
+images it drew, as fit-head trains on every view of all of them; its
+``train_images`` counts images, ``train_rows`` the rows with their views.
 """
 
 from __future__ import annotations
@@ -156,18 +161,20 @@ def subsets(mode: str, patients: np.ndarray, y: np.ndarray, values: list, seed: 
 
 
 def fit_point(data: dict, keep: np.ndarray, *, kind, classes, positive: int | None, settings: HeadSettings,
-              n_resamples: int, seed: int) -> dict:
+              n_resamples: int, seed: int, views: int = 1) -> dict:
     """Fit ``kind`` on the ``keep`` rows of train, choose on the whole of val, then judge test.
 
+    ``views``: rows per train image in ``keep`` (each image's plain row and its augmented views).
     Multi-label: chosen by mean validation AUROC; the test AUROC is the mean over labels (macro)."""
     X, y, patients = data["train"]
     multilabel = y.ndim == 2
     score = multilabel_score if multilabel else (lambda yv, probs: selection_score(yv, probs, positive))
     candidates = kind.candidates((X[keep], y[keep]), data["val"][:2], len(classes), score, settings)
     best = select(candidates)
-    per_class = ({c: int((y[keep, j] == 1).sum()) for j, c in enumerate(classes)} if multilabel else
-                 {c: int((y[keep] == k).sum()) for k, c in enumerate(classes)})
-    point = {"train_images": int(keep.sum()), "train_patients": int(len(np.unique(patients[keep]))),
+    per_class = ({c: int((y[keep, j] == 1).sum()) // views for j, c in enumerate(classes)} if multilabel else
+                 {c: int((y[keep] == k).sum()) // views for k, c in enumerate(classes)})
+    point = {"train_images": int(keep.sum()) // views, "train_rows": int(keep.sum()),
+             "train_patients": int(len(np.unique(patients[keep]))),
              "train_per_class": per_class, "head": best["name"], "val_auroc": best["val_auroc"],
              "test_auroc": None, "test_auroc_ci": None}
     if "test" in data:  # read only now: nothing from it steers the choice above
@@ -273,16 +280,19 @@ def _run(opened: list, names: list[str], out: Path, kind, mode: str, values: lis
         positive = positive_class_index(classes, positive_class) if len(classes) == 2 else None
         settings = HeadSettings(epochs=epochs, device=device, seed=seed, cache=str(cache.path),
                                 policy=(policy["uncertain"], policy["unmentioned"]) if policy else None)
-        _, y, patients = data["train"]
+        views = cache.n_views
+        images = len(data["train"][1]) // views  # the plain rows come first, then each view of the same images
+        y, patients = data["train"][1][:images], data["train"][2][:images]
         for repeat in range(repeats):
             keeps = subsets(mode, patients, y, values, seed + repeat)
             for value in values:
                 if (name, value, repeat) in done:
                     continue
-                keep = keeps[value]
+                chosen = keeps[value]
                 point = {"cache": name, "backbone": cache.attrs.get("backbone"), "mode": mode, "value": value,
-                         "repeat": repeat, **fit_point(data, keep, kind=kind, classes=classes, positive=positive,
-                                                       settings=settings, n_resamples=n_resamples, seed=seed)}
+                         "repeat": repeat,
+                         **fit_point(data, np.tile(chosen, views), kind=kind, classes=classes, positive=positive,
+                                     settings=settings, n_resamples=n_resamples, seed=seed, views=views)}
                 record["points"].append(point)
                 _save(path, record)
                 if progress is not None:

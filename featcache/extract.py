@@ -58,12 +58,33 @@ def validate_options(out: Path, backbone: str, dtype: str, compression: str, chu
     get_entry(backbone)
 
 
-def fingerprint_inputs(manifest, backbone, decode_mode: str, dtype: str, precision: str | None = None) -> dict:
+def views_setting(views: int, augment: str, seed: int) -> dict | None:
+    """What ``--aug-views K --augment KIND`` records in the fingerprint (None without views): the count, the
+    augmentation by name and by its parameters, and the seed the views are drawn with."""
+    import dataclasses
+
+    from featcache.decode.augment import augment_params
+
+    if views < 0:
+        raise UserError(f"--aug-views must be 0 or more, got {views}")
+    aug = augment_params(augment)
+    if views and aug is None:
+        raise UserError(f"--aug-views {views} needs --augment light or strong, the augmentation its views are "
+                        "made with")
+    if aug is not None and not views:
+        raise UserError(f"--augment {augment} describes the augmented views of --aug-views K; give --aug-views "
+                        "too")
+    return {"count": views, "augment": augment, "params": dataclasses.asdict(aug), "seed": seed} if views else None
+
+
+def fingerprint_inputs(manifest, backbone, decode_mode: str, dtype: str, precision: str | None = None,
+                       views: dict | None = None) -> dict:
     """Everything that determines the cached features and their rows, JSON-normalized
     (tuples become lists) so it compares equal to the copy stored in the cache.
 
     ``precision`` (the autocast dtype) appears only when the forward ran in
-    reduced precision, so fp32 caches keep their fingerprint.
+    reduced precision, and ``views`` (:func:`views_setting`) only when the
+    cache holds augmented views, so fp32 plain caches keep their fingerprint.
     """
     return json.loads(json.dumps({
         "format_version": FORMAT_VERSION,
@@ -76,6 +97,7 @@ def fingerprint_inputs(manifest, backbone, decode_mode: str, dtype: str, precisi
         "manifest": manifest.digest(),
         **({"precision": precision} if precision else {}),
         **({"task": manifest.task} if manifest.multilabel else {}),
+        **({"views": views} if views else {}),
     }))
 
 
@@ -99,6 +121,8 @@ def extract(
     subsample_all: bool = EXTRACT.subsample_all,
     hw_decoder_load: float | None = EXTRACT.hw_decoder_load,
     amp: str = EXTRACT.amp,
+    aug_views: int = EXTRACT.aug_views,
+    augment: str = EXTRACT.augment,
     manifest=None,
     scan_options: dict | None = None,
     progress: bool = EXTRACT.progress,
@@ -111,11 +135,17 @@ def extract(
     the same fingerprint is left alone (``status`` is ``"up to date"``); a
     different one is refused unless ``overwrite``. Under torchrun each rank
     extracts its share of the chunks and rank 0 assembles the cache.
+
+    ``aug_views`` K > 0 adds K views of each train image, augmented by
+    ``augment`` from its decoded plain crop and seeded per image and view
+    (:func:`featcache.decode.augment.augmented_views`), as extra rows tagged
+    ``views`` 1..K after the plain rows; val and test stay plain.
     """
     from featcache.runtime import distributed
 
     out = Path(out)
     validate_options(out, backbone, dtype, compression, chunk_rows)
+    view_setting = views_setting(aug_views, augment, seed)
     if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
         raise UserError(f"--hw-decoder-load must be between 0 and 1, got {hw_decoder_load}")
     dist = dist or distributed.from_env()
@@ -134,13 +164,15 @@ def extract(
                                dtype=dtype, compression=compression, chunk_rows=chunk_rows, manifest=manifest,
                                max_images=max_images, subsample_all=subsample_all,
                                hw_decoder_load=hw_decoder_load, amp=amp, scan_options=scan_options,
-                               progress=progress, dist=dist, console=console, refusal=refusal)
+                               progress=progress, dist=dist, console=console, refusal=refusal,
+                               views=view_setting)
 
 
 def launch(out: str | os.PathLike, *, nproc: int, argv: list[str], manifest, backbone: str = EXTRACT.backbone,
            weights: str = EXTRACT.weights, seed: int = EXTRACT.seed, device: str = EXTRACT.device,
            backend: str = EXTRACT.backend, dtype: str = EXTRACT.dtype, amp: str = EXTRACT.amp,
-           wait: bool = EXTRACT.wait, overwrite: bool = EXTRACT.overwrite) -> int:
+           wait: bool = EXTRACT.wait, overwrite: bool = EXTRACT.overwrite, aug_views: int = EXTRACT.aug_views,
+           augment: str = EXTRACT.augment) -> int:
     """``extract --nproc N``: check everything a user can get wrong here, hold the lock, then start
     N torchrun workers running ``featcache ARGV`` (each extracts its share of the chunks). Exit status."""
     from featcache.backbones.registry import create_backbone
@@ -152,7 +184,8 @@ def launch(out: str | os.PathLike, *, nproc: int, argv: list[str], manifest, bac
     bb = create_backbone(backbone, weights, seed=seed)
     device = resolve_device(device)
     decode = resolve_backend(backend, device, previous_decode(out))
-    inputs = fingerprint_inputs(manifest, bb, decode.mode, dtype, resolve_inference_amp(amp, device)[1])
+    inputs = fingerprint_inputs(manifest, bb, decode.mode, dtype, resolve_inference_amp(amp, device)[1],
+                                views_setting(aug_views, augment, seed))
     with cache_lock(out, wait, console):
         if _existing_cache_matches(out, fingerprint(inputs), inputs, overwrite, console):
             console.print(f"[green]{out} is complete and up to date[/]; nothing to do")
@@ -167,7 +200,7 @@ def launch(out: str | os.PathLike, *, nproc: int, argv: list[str], manifest, bac
 
 def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, device, workers, seed, overwrite,
                     dtype, compression, chunk_rows, manifest, max_images, subsample_all, hw_decoder_load, amp,
-                    scan_options, progress, dist, console, refusal):
+                    scan_options, progress, dist, console, refusal, views=None):
     from featcache.backbones.registry import create_backbone
     from featcache.decode import resolve_backend
     from featcache.data.sources import read_manifest
@@ -181,12 +214,12 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
     bb = create_backbone(backbone, weights, seed=seed)
     decode = resolve_backend(backend, device, previous=previous_decode(out))
     amp_dtype, precision, amp_words = resolve_inference_amp(amp, device)
-    inputs = fingerprint_inputs(manifest, bb, decode.mode, dtype, precision)
+    inputs = fingerprint_inputs(manifest, bb, decode.mode, dtype, precision, views)
     fp = fingerprint(inputs)
     if len(set(dist.gather(fp))) > 1:
         raise UserError("the ranks of this run see different inputs (data, weights or flags differ between nodes)")
     store = PartStore(out, fingerprint=fp, n_rows=len(manifest), feature_dim=bb.feature_dim, dtype=dtype,
-                      chunk_rows=chunk_rows)
+                      chunk_rows=chunk_rows, views=_parts_views(views))
     summary = {"out": str(out), "backbone": bb.name, "weights": bb.weights, "rows_expected": len(manifest),
                "fingerprint": fp}
 
@@ -198,21 +231,24 @@ def _extract_locked(data, out: Path, *, backbone, weights, batch_size, backend, 
     console.print(f"backbone [bold]{bb.name}[/] ({bb.feature_dim}-d), weights: [{tone}]{bb.weights_note}[/]")
     console.print(f"decode: [bold]{decode.mode}[/] ({decode.reason}); device: [bold]{device}[/]; "
                   f"precision: {amp_words}" + (f"; {dist.world} processes" if dist.active else ""))
+    if views:
+        console.print(f"views: the plain one and [bold]{views['count']}[/] augmented ({views['augment']}) of each "
+                      "train image; val and test plain")
     start = time.perf_counter()
     timing = _extract_chunks(bb, manifest, store, dist, decode=decode, device=device,
                              hw_decoder_load=hw_decoder_load, batch_size=batch_size, workers=workers,
-                             progress=progress, console=console, amp_dtype=amp_dtype)
+                             progress=progress, console=console, amp_dtype=amp_dtype, views=views)
     timings = dist.gather(timing)
     dist.barrier()
     seconds = time.perf_counter() - start
     images = sum(t["images"] for t in timings)
     summary.update(status="written", seconds=seconds, images_per_second=images / seconds if seconds else 0.0,
-                   images=images, resumed_rows=sum(t["resumed_rows"] for t in timings), processes=dist.world,
+                   images=images, view_images=sum(t["view_images"] for t in timings), resumed_rows=sum(t["resumed_rows"] for t in timings), processes=dist.world,
                    forward_seconds=timing["forward_seconds"], stages=timing["stages"])
     if dist.is_main:
         attrs = _cache_attrs(manifest, bb, weights, seed, fp, inputs, decode, device)
-        attrs["extract"] = {k: summary[k] for k in ("seconds", "images", "images_per_second", "processes",
-                                                    "resumed_rows")}
+        attrs["extract"] = {k: summary[k] for k in ("seconds", "images", "view_images", "images_per_second",
+                                                    "processes", "resumed_rows")}
         attrs["extract"]["peak_memory_mb"] = peak_host_mb()
         attrs["extract"]["batch_size"] = batch_size
         if device.startswith("cuda"):  # host RSS above, the GPU's own peak here: never mixed in one figure
@@ -248,6 +284,7 @@ def _decide(out: Path, fp: str, inputs: dict, overwrite: bool, store: PartStore,
             console.print(f"[yellow]removing {store.dir.name}[/], parts of the cache already assembled")
             store.remove()
         return "up to date"
+    _refuse_other_views(store, overwrite)
     note = store.prepare()
     if note:
         console.print(f"[yellow]{note}[/]")
@@ -261,6 +298,25 @@ def _decide(out: Path, fp: str, inputs: dict, overwrite: bool, store: PartStore,
         console.print(f"[bold]resuming[/]: {len(done)} of {store.n_chunks} chunks ({rows:,} of {store.n_rows:,} rows) "
                       "were committed by an interrupted run")
     return "go"
+
+
+def _parts_views(views: dict | None) -> dict | None:
+    """What the part folder records of the views: a resume with other views is refused, not silently redone."""
+    return {"count": views["count"], "augment": views["augment"]} if views else None
+
+
+def _views_words(views: dict | None) -> str:
+    return f"--aug-views {views['count']} --augment {views['augment']}" if views else "no augmented views"
+
+
+def _refuse_other_views(store: PartStore, overwrite: bool) -> None:
+    """An interrupted extraction with other views is not thrown away unasked: K views cost K extractions."""
+    old = store.previous_meta()
+    if overwrite or old is None or old.get("views") == store.meta.get("views"):
+        return
+    raise UserError(f"{store.dir} holds an interrupted extraction with {_views_words(old.get('views'))}, this run "
+                    f"asks for {_views_words(store.meta.get('views'))}; rerun with its flags to resume it, or pass "
+                    "--overwrite to discard it")
 
 
 def _existing_cache_matches(out: Path, fp: str, inputs: dict, overwrite: bool, console) -> bool:
@@ -334,8 +390,12 @@ def _cache_attrs(manifest, bb, weights, seed, fp, inputs, decode, device) -> dic
 
 
 def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, batch_size, workers, progress,
-                    console, hw_decoder_load=None, amp_dtype=None) -> dict:
-    """This rank's missing chunks (every world-th chunk, from its rank on), committed one by one."""
+                    console, hw_decoder_load=None, amp_dtype=None, views=None) -> dict:
+    """This rank's missing chunks (every world-th chunk, from its rank on), committed one by one.
+
+    With ``views``, each train image's augmented views are made from its decoded plain crop (one decode
+    per image) and go through the backbone with the plain crops, ``batch_size`` images at a time.
+    """
     import torch
 
     from featcache.decode import make_loader
@@ -353,7 +413,10 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
     buffers = {c: store.buffer(c) for c in pending}
     # Where the time goes: waiting for decoded batches, host-to-device copy, forward, committing rows.
     stage = {"decode_wait": 0.0, "host_to_device": 0.0, "forward": 0.0, "cache_write": 0.0}
-    images = 0
+    if views:
+        stage["augment"] = 0.0
+    make_views = _view_maker(manifest, views)
+    images = view_images = 0
     sync = synchronizer(device)
     start = time.perf_counter()
     with image_progress(len(rows), "extract", enabled=progress and dist.is_main) as advance, torch.inference_mode():
@@ -368,17 +431,22 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
             for row, reason in batch.failed:
                 buffers[row // store.chunk_rows].fail(row, reason)
             if len(batch.indices):
-                x = batch.images.to(device, non_blocking=True).contiguous(memory_format=layout)
+                x = batch.images.to(device, non_blocking=True)
                 sync()
                 t2 = time.perf_counter()
+                viewed, extra = make_views(batch.indices, x)
+                t_aug = time.perf_counter()
                 with autocast(device, amp_dtype):
-                    feats = model(x).float().cpu().numpy()
+                    feats = torch.cat([model(part.contiguous(memory_format=layout)).float().cpu()
+                                       for part in torch.cat([x, extra]).split(batch_size)]).numpy()
                 t3 = time.perf_counter()
                 stage["host_to_device"] += t2 - t1
-                stage["forward"] += t3 - t2
-                for row, feat in zip(batch.indices.tolist(), feats):
-                    buffers[row // store.chunk_rows].put(row, feat)
+                stage["forward"] += t3 - t_aug
+                if views:
+                    stage["augment"] += t_aug - t2
+                _put_rows(buffers, store.chunk_rows, batch.indices, feats, viewed)
                 images += len(batch.indices)
+                view_images += len(extra)
             t4 = time.perf_counter()
             for c in sorted({int(r) // store.chunk_rows for r in (*batch.indices, *(r for r, _ in batch.failed))}):
                 if buffers[c].complete:
@@ -388,7 +456,35 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
     if buffers:
         raise RuntimeError(f"chunks never completed: {sorted(buffers)[:5]}")
     return {"seconds": time.perf_counter() - start, "forward_seconds": stage["forward"], "images": images,
-            "resumed_rows": resumed, "stages": stage}
+            "view_images": view_images, "resumed_rows": resumed, "stages": stage}
+
+
+def _view_maker(manifest, views: dict | None):
+    """``make(indices, images) -> (positions in the batch that have views, their views view-major)``:
+    the train images of a batch get ``views["count"]`` augmented views, the others none."""
+    from featcache.decode.augment import augment_params, augmented_views, torchvision_transform
+
+    if not views:
+        return lambda indices, images: ([], images[:0])
+    transform = torchvision_transform(augment_params(views["augment"]))
+    train = np.asarray(manifest.splits) == "train"
+
+    def make(indices, images):
+        viewed = [i for i, row in enumerate(indices.tolist()) if train[row]]
+        keys = [manifest.paths[int(indices[i])] for i in viewed]
+        return viewed, augmented_views(images[viewed], keys, views["count"], transform, views["seed"])
+
+    return make
+
+
+def _put_rows(buffers: dict, chunk_rows: int, indices: np.ndarray, feats: np.ndarray, viewed: list[int]) -> None:
+    """The plain features of a batch's rows (the first ``len(indices)`` of ``feats``) and, for the rows at
+    ``viewed``, their views (the rest, view-major) into the rows' chunk buffers."""
+    n = len(indices)
+    extra = feats[n:].reshape(-1, len(viewed), feats.shape[1]) if viewed else None
+    of = {i: j for j, i in enumerate(viewed)}
+    for i, (row, feat) in enumerate(zip(indices.tolist(), feats[:n])):
+        buffers[row // chunk_rows].put(row, feat, None if i not in of else extra[:, of[i]])
 
 
 def _check_space(out: Path, needed: int) -> None:
@@ -413,8 +509,12 @@ def _assemble(out: Path, store: PartStore, manifest, feature_dim: int, attrs: di
     if missing:
         raise RuntimeError(f"cannot assemble {out}: chunks {missing[:5]} were never committed")
     failed = store.failures()
-    keep = [i for i in range(len(manifest)) if i not in failed]
-    _check_space(out, len(keep) * feature_dim * np.dtype(dtype).itemsize + len(manifest) * 400)
+    plain = [i for i in range(len(manifest)) if i not in failed]
+    viewed = store.view_rows()
+    # The plain rows in manifest order, then each augmented view of the rows that have them.
+    keep = np.concatenate([plain, np.tile(viewed, store.views)]).astype(np.int64)
+    tags = np.repeat(np.arange(store.views + 1), [len(plain)] + [len(viewed)] * store.views)
+    _check_space(out, len(keep) * feature_dim * np.dtype(dtype).itemsize + len(keep) * 400)
     skipped = [(manifest.paths[i], reason) for i, reason in sorted(failed.items())]
     # Image files the scan could not take (a name that is not UTF-8, a pipe, an oversized file) are
     # image files not cached too; non-images and junk stay in the manifest's own list.
@@ -434,16 +534,19 @@ def _assemble(out: Path, store: PartStore, manifest, feature_dim: int, attrs: di
         attrs=attrs,
         dtype=dtype,
         compression=compression,
+        views=tags if store.views else None,
     )
     store.remove()
-    return {"rows": len(keep), "skipped": [list(s) for s in skipped]}
+    return {"rows": len(keep), "view_rows": len(viewed) * store.views, "skipped": [list(s) for s in skipped]}
 
 
 def _print_summary(console, summary: dict) -> None:
     skipped = summary["skipped"]
     resumed = f", {summary['resumed_rows']:,} resumed from earlier" if summary.get("resumed_rows") else ""
+    viewed = (f" ({summary['view_rows']:,} of them augmented views of train images)"
+              if summary.get("view_rows") else "")
     console.print(
-        f"wrote [bold]{summary['rows']:,}[/] rows to {summary['out']}: {summary['images']:,} images in "
+        f"wrote [bold]{summary['rows']:,}[/] rows to {summary['out']}{viewed}: {summary['images']:,} images in "
         f"{summary['seconds']:.1f} s ([bold]{summary['images_per_second']:.1f}[/] images/s){resumed}; "
         f"skipped {len(skipped)} image file{'s' if len(skipped) != 1 else ''} (could not be read or decoded)"
     )

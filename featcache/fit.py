@@ -38,7 +38,12 @@ from featcache.eval.metrics import (
 
 def load_splits(cache: FeatureCache, labels: "JoinedLabels | None" = None
                  ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """features, labels and patients per split; with ``labels`` joined, its labels, rows without one dropped."""
+    """features, labels and patients per split; with ``labels`` joined, its labels, rows without one dropped.
+
+    Train holds every view of its images (view-major: the plain rows, then each augmented view of the same
+    images in the same order); val and test their plain rows only, as every choice and test figure is made
+    on the images as they are.
+    """
     present = cache.split_names()
     for needed in ("train", "val"):
         if needed not in present:
@@ -46,10 +51,10 @@ def load_splits(cache: FeatureCache, labels: "JoinedLabels | None" = None
                 f"{cache.path} has no {needed} split (splits: {', '.join(present)}); "
                 "fit-head needs train and val, from DATA/train (val is carved from it) and optionally DATA/test"
             )
-    data = {s: cache.arrays(s) for s in ("train", "val", "test") if s in present}
+    data = {s: cache.arrays(s, views=s == "train") for s in ("train", "val", "test") if s in present}
     if labels is not None:
         for split, (X, _, patients) in data.items():
-            rows = cache.rows(split)
+            rows = cache.rows(split, views=split == "train")
             keep = labels.keep[rows]
             data[split] = X[keep], labels.values[rows][keep], patients[keep]
         if "test" in data and not len(data["test"][1]):  # no test image has a label there
@@ -205,13 +210,16 @@ def fit_head(
         fit_seconds=fit_seconds,
         source={"cache": str(cache.path), "backbone": cache.attrs.get("backbone"),
                 "weights": cache.attrs.get("weights"), "fingerprint": cache.attrs.get("fingerprint")},
-        n_train=len(data["train"][1]),
+        n_train=len(data["train"][1]) // cache.n_views,  # images; their augmented views are in train_views
         splits={split: (data[split][1], p, data[split][2]) for split, p in probs.items()},
         n_resamples=n_resamples, seed=seed, positive_class=positive_class,
         policy={"uncertain": uncertain, "unmentioned": unmentioned} if multilabel else None,
     )
     if joined is not None:
         metrics["labels"] = joined.facts
+    if cache.n_views > 1:
+        metrics["train_views"] = {"views_per_image": cache.n_views, "rows": len(data["train"][1]),
+                                  "augment": cache.fingerprint_inputs["views"]["augment"]}
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +260,9 @@ def fit_head(
                    "fit": device if kind.uses_device else "cpu"},
         "validation": _json_attr(cache.attrs.get("validation")),
         "layout": cache.attrs.get("layout"),
-        "counts": {s: _counts(data[s][1], classes) for s in data},
+        # Images per split and class: train's plain rows come first, its augmented views after them.
+        "counts": {s: _counts(y[: len(y) // (cache.n_views if s == "train" else 1)], classes)
+                   for s, (_, y, _) in data.items()},
     }
     record.write_run(run)
     record.write_plots(metrics, {s: (data[s][1], p) for s, p in probs.items()})

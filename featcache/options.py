@@ -39,6 +39,10 @@ class ExtractOptions:
     subsample_all: bool = False
     hw_decoder_load: float | None = None  # None: DALI's default share for the hardware JPEG decoder
     amp: str = "off"
+    # Augmented views of each train image besides the plain one (--aug-views; --views is the scan's filter of
+    # X-ray projections), and the augmentation they are made with (light or strong).
+    aug_views: int = 0
+    augment: str = "none"
     progress: bool = True
 
 

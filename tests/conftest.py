@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import QUICK_RUNS, SHARED_DATA, kermany_names, make_dataset
+from helpers import QUICK_RUNS, SHARED_DATA, kermany_names, make_dataset, register_tiny
 
 # Every test that needs the shared Kermany set says so with this prefix in its skip reason; the
 # summary at the end counts them and says where the set belongs (see pytest_terminal_summary).
@@ -139,19 +139,6 @@ def quick_finetune(tmp_path_factory):
 
 @pytest.fixture
 def tiny_backbone(monkeypatch) -> str:
-    """Registers "tiny" for this test only: a seeded random 8x8/8 convolution and a 2x2 pool (32-d features),
-    ResNet18's preprocessing. For tests about the cache's plumbing, where resnet18's forward is only cost."""
-    from featcache.backbones import registry
-
-    def load():
-        import torch.nn as nn
-        from torchvision.models import ResNet18_Weights
-
-        def build(weights=None):
-            return nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.AdaptiveAvgPool2d(2), nn.Flatten())
-
-        return build, ResNet18_Weights.IMAGENET1K_V1
-
-    registry.register("tiny", feature_dim=32, strip_head=lambda model: None, head_prefixes=())(load)
-    monkeypatch.setitem(registry.REGISTRY, "tiny", registry.REGISTRY.pop("tiny"))  # removed again after the test
-    return "tiny"
+    """Registers "tiny" for this test only (helpers.register_tiny): for tests about the cache's plumbing,
+    where resnet18's forward is only cost."""
+    return register_tiny(monkeypatch)

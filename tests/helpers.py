@@ -25,6 +25,25 @@ QUICK_RUNS = {
 }
 
 
+def register_tiny(monkeypatch) -> str:
+    """Registers the backbone "tiny" until ``monkeypatch`` is undone: a seeded random 8x8/8 convolution and a
+    2x2 pool (32-d features), ResNet18's preprocessing."""
+    from featcache.backbones import registry
+
+    def load():
+        import torch.nn as nn
+        from torchvision.models import ResNet18_Weights
+
+        def build(weights=None):
+            return nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+        return build, ResNet18_Weights.IMAGENET1K_V1
+
+    registry.register("tiny", feature_dim=32, strip_head=lambda model: None, head_prefixes=())(load)
+    monkeypatch.setitem(registry.REGISTRY, "tiny", registry.REGISTRY.pop("tiny"))  # removed again when undone
+    return "tiny"
+
+
 def flat(text: str) -> str:
     """Console output with every run of whitespace made one space: a phrase matches wherever rich (or a
     narrow terminal, or a longer number earlier in the line) happened to break it."""

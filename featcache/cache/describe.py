@@ -30,7 +30,7 @@ def describe(path: str | os.PathLike) -> dict:
     cache.verify()
     a = cache.attrs
     classes = cache.label_names
-    data = cache.read("labels", "splits", "skipped")
+    data = {**cache.read("labels", "splits", plain=True), **cache.read("skipped")}  # images, not their views
     rows, labelled = {}, {}
     for split in cache.split_names():
         if cache.task == MULTILABEL:
@@ -52,6 +52,7 @@ def describe(path: str | os.PathLike) -> dict:
         "dtype": str(with_h5["features"].dtype),
         "compression": with_h5["features"].compression or "none",
         "rows": cache.n_rows,
+        "views": cache.fingerprint_inputs.get("views"),
         "rows_per_split": rows,
         **(labelled or {"classes": classes}),
         "skipped": data["skipped"].tolist(),
@@ -116,6 +117,8 @@ def render(info: dict) -> list:
         ("preprocess", ", ".join(f"{k} {v}" for k, v in info["preprocess"].items())),
         ("decode", f"{info['decode'].get('backend')} on {info['decode'].get('device')}"),
         ("rows", f"{info['rows']:,}"),
+        ("views", f"the plain one and {info['views']['count']} augmented ({info['views']['augment']}) per train "
+                  "image; val and test plain" if info.get("views") else "plain only"),
         ("skipped", f"{len(info['skipped'])} files"),
         ("extraction", f"{extract.get('seconds', 0):.1f} s, {extract.get('images_per_second', 0):.1f} images/s, "
                        f"{extract.get('processes', 1)} process(es)" if extract else "-"),

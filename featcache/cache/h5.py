@@ -12,6 +12,10 @@ Schema (readable with h5py alone)::
     splits    utf-8   (N,)       train / val / test / all
     patients  utf-8   (N,)       patient id, scoped by split folder
     skipped   utf-8   (K, 2)     path, reason: image files that were not cached
+    views     int16   (N,)       only in caches extracted with --aug-views K: 0 for the plain view of every
+                                 image (the first rows, manifest order), then views 1..K of each train
+                                 image (view 1 of every train image, then view 2, ...); a cache without
+                                 it holds plain rows only
 
     attrs: classes (JSON list), backbone, weights, preprocess (JSON),
     fingerprint, fingerprint_inputs (JSON), complete, rows_written,
@@ -98,11 +102,13 @@ def write_cache(
     attrs: dict,
     dtype: str = "float32",
     compression: str = "none",
+    views=None,
 ) -> Path:
     """Write a complete cache to ``path`` via ``path.partial`` and an atomic rename.
 
     ``blocks`` yields float arrays of consecutive feature rows (any block
-    size), so a cache of any size is written with flat memory.
+    size), so a cache of any size is written with flat memory. ``views``
+    (a view tag per row) is written only when given.
     """
     import h5py
 
@@ -130,6 +136,8 @@ def write_cache(
         f.create_dataset("labels", data=labels.astype(np.int8 if labels.ndim == 2 else np.int64))
         for name, values in (("paths", paths), ("splits", splits), ("patients", patients)):
             f.create_dataset(name, data=np.array(list(values), dtype=object), dtype=strings)
+        if views is not None:
+            f.create_dataset("views", data=np.asarray(views, dtype=np.int16))
         f.create_dataset("skipped", data=np.array([list(s) for s in skipped], dtype=object).reshape(-1, 2),
                          dtype=strings)
         for key, value in attrs.items():
@@ -245,31 +253,61 @@ class FeatureCache:
             self._handle.close()
         self._handle = None
 
-    def read(self, *names: str) -> dict[str, np.ndarray]:
-        """Whole datasets by name; strings come back as Python ``str``."""
+    def read(self, *names: str, plain: bool = False) -> dict[str, np.ndarray]:
+        """Whole datasets by name; strings come back as Python ``str``. ``plain``: the rows of view 0
+        only (one per image), leaving out the augmented views of a cache extracted with --aug-views."""
         import h5py
 
         out = {}
+        keep = self.view_tags() == 0 if plain else slice(None)
         for name in names:
             ds = self.handle[name]
-            out[name] = ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()]
+            out[name] = (ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()])[keep]
         return out
+
+    @property
+    def n_views(self) -> int:
+        """Views per train image: 1 (the plain one) plus the augmented views of --aug-views K."""
+        return 1 + int(self.fingerprint_inputs.get("views", {}).get("count", 0))
+
+    def view_tags(self) -> np.ndarray:
+        """The view of every row (0: plain); all zeros for a cache without augmented views."""
+        if "views" not in self.handle:
+            return np.zeros(self.n_rows, dtype=np.int16)
+        return self.handle["views"][()]
 
     def split_names(self) -> list[str]:
         present = set(self.read("splits")["splits"].tolist())
         return [s for s in ("train", "val", "test", "all") if s in present]
 
-    def rows(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.read("splits")["splits"] == split)
+    def rows(self, split: str, views: bool = False) -> np.ndarray:
+        """The rows of ``split``: its plain rows, or with ``views`` every view of them, view-major (as
+        :meth:`view_rows` flattened)."""
+        if views:
+            return self.view_rows(split).ravel()
+        return np.flatnonzero((self.read("splits")["splits"] == split) & (self.view_tags() == 0))
 
-    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """features (float32), labels and patients of one split, in cache order."""
+    def view_rows(self, split: str) -> np.ndarray:
+        """(views, images) rows of ``split``: row [v, i] holds view v of its i-th image (views 1 for a
+        split without augmented views)."""
+        splits, tags = self.read("splits")["splits"], self.view_tags()
+        blocks = [np.flatnonzero((splits == split) & (tags == v)) for v in range(int(tags.max(initial=0)) + 1)]
+        blocks = [b for b in blocks if len(b)] or blocks[:1]
+        paths = self.read("paths")["paths"]
+        if any(len(b) != len(blocks[0]) or (paths[b] != paths[blocks[0]]).any() for b in blocks[1:]):
+            raise UserError(f"{self.path}: the augmented views of the {split} split do not match its images "
+                            "one for one; rerun featcache extract with --overwrite")
+        return np.stack(blocks)
+
+    def arrays(self, split: str, views: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """features (float32), labels and patients of one split, in cache order (``views``: every view of
+        each image, view-major, as :meth:`rows`)."""
         f = self.handle
-        rows = self.rows(split)
+        rows = self.rows(split, views)
         if len(rows) == 0:
             return np.empty((0, f["features"].shape[1]), np.float32), np.empty(0, np.int64), np.empty(0, object)
-        lo, hi = rows[0], rows[-1] + 1
-        # Splits are contiguous in manifest order; read one slab then select.
+        lo, hi = rows.min(), rows.max() + 1
+        # Splits are contiguous in manifest order (and each view block in it); read one slab then select.
         features = f["features"][lo:hi][rows - lo].astype(np.float32, copy=False)
         labels = f["labels"][lo:hi][rows - lo]
         patients = f["patients"].asstr()[lo:hi][rows - lo]
@@ -301,10 +339,10 @@ def _schema_problem(f, attrs: dict) -> str | None:
     n = features.shape[0]
     labels = f["labels"]
     if task == MULTILABEL:
-        return _multilabel_problem(labels, n, len(classes)) or _row_problem(f, n)
+        return _multilabel_problem(labels, n, len(classes)) or _row_problem(f, n) or _views_problem(f, n)
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         return f"dataset 'labels' must be 1-D integers, found {labels.ndim}-D {labels.dtype}"
-    problem = _row_problem(f, n)
+    problem = _row_problem(f, n) or _views_problem(f, n)
     if problem:
         return problem
     values = labels[()]
@@ -334,6 +372,17 @@ def _row_problem(f, n: int) -> str | None:
             return f"dataset '{name}' has {ds.shape[0]} rows where 'features' has {n}"
         if name in ("paths", "splits", "patients") and not h5py.check_string_dtype(ds.dtype):
             return f"dataset '{name}' must hold strings, found {ds.dtype}"
+    return None
+
+
+def _views_problem(f, n: int) -> str | None:
+    if "views" not in f:
+        return None
+    views = f["views"]
+    if views.ndim != 1 or views.dtype.kind not in "iu" or views.shape[0] != n:
+        return f"dataset 'views' must be {n} integers, one per row, found {views.shape} {views.dtype}"
+    if n and views[()].min() < 0:
+        return "dataset 'views' holds a negative view"
     return None
 
 

@@ -25,7 +25,8 @@ validation.
 The fitted head keeps its train rows **by reference**: head.pt records the
 cache's path, fingerprint and feature checksum (and, for multi-label sets,
 the policy that made the targets), and loading it reads the train rows back
-from that cache, refusing one that moved or changed.
+from that cache (every view of them, for a cache extracted with
+``--aug-views``), refusing one that moved or changed.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class TrainRows:
             what = "fingerprint" if now[0] != self.fingerprint else "feature checksum"
             raise UserError(f"{self.cache} is not the cache the knn head was fitted on (its {what} differs); "
                             "refit the head on it")
-        X, y, _ = cache.arrays(TRAIN_SPLIT)
+        X, y, _ = cache.arrays(TRAIN_SPLIT, views=True)  # as fit-head trains: every view of the train images
         if X.shape != (self.n_rows, self.dim):
             raise UserError(f"{self.cache} holds {X.shape[0]} x {X.shape[1]} train rows, the knn head was fitted "
                             f"on {self.n_rows} x {self.dim}; refit the head")

@@ -25,7 +25,7 @@ LOSS_RATIO_OVERFIT = 10.0
 
 def class_balance(cache: FeatureCache) -> dict:
     """Images per split and class, and each split's share of the positive (or each) class."""
-    data = cache.read("labels", "splits")
+    data = cache.read("labels", "splits", plain=True)
     classes = cache.classes
     out = {}
     for split in cache.split_names():
@@ -105,7 +105,7 @@ def near_duplicates(cache: FeatureCache, *, threshold: float = DUPLICATE_COSINE,
     """
     from featcache.heads.base import FeatureNorm
 
-    data = cache.read("features", "splits", "paths")
+    data = cache.read("features", "splits", "paths", plain=True)
     train = data["splits"] == "train"
     X = FeatureNorm().fit(data["features"][train] if train.any() else data["features"]).transform(data["features"])
     X /= np.linalg.norm(X, axis=1, keepdims=True) + 1e-12
@@ -189,6 +189,31 @@ def worst_errors(predictions: list[dict], classes, *, split: str = "test", k: in
                               "p_true": probs[cls]})
         out[cls] = sorted(wrong, key=lambda r: -r["confidence"])[:k]
     return out
+
+
+def views_ablation(cache: FeatureCache, kind: str, *, positive_class: str | None = None, seed: int = 0,
+                   n_resamples: int = 1000) -> list[dict]:
+    """The same head kind fitted on the plain train rows of a cache with augmented views, then on every
+    view of the same images: each chooses its own head on the plain val rows and is tested on the plain
+    test rows, so the views are the only difference (empty for a cache without views or without test)."""
+    from featcache.curve import fit_point
+    from featcache.fit import load_splits
+    from featcache.heads import HeadSettings, resolve_head_options
+
+    classes = cache.classes
+    if cache.n_views < 2 or "test" not in cache.split_names():
+        return []
+    data = load_splits(cache)
+    positive = positive_class_index(classes, positive_class) if len(classes) == 2 else None
+    rows, images = [], len(data["train"][1]) // cache.n_views
+    for views in (1, cache.n_views):
+        keep = np.arange(len(data["train"][1])) < images * views  # view-major: the first block is view 0
+        point = fit_point(data, keep, kind=resolve_head_options(kind, None, "shuffle"), classes=classes,
+                          positive=positive, settings=HeadSettings(seed=seed, cache=str(cache.path)),
+                          n_resamples=n_resamples, seed=seed, views=views)
+        rows.append({"augmented_views": views - 1, **{k: point[k] for k in (
+            "train_images", "train_rows", "head", "val_auroc", "test_auroc", "test_auroc_ci")}})
+    return rows
 
 
 def augmentation_ablation(runs: list[dict]) -> list[dict]:

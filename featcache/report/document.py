@@ -640,6 +640,7 @@ def _runs_sections(doc: _Doc, runs: list[dict], zoo: dict | None, out: Path, fac
                     "yes" if a["overfitting"] else "no"] for a in ablation])
     cached = [r for r in runs if r["kind"] == "fit-head" and r["cache"]]
     if analyses and cached:
+        _views_ablation(doc, cached, facts)
         _cache_analyses(doc, cached[0], out, facts)
     elif analyses:
         lost = [r["name"] for r in runs if r["kind"] == "fit-head"]
@@ -917,6 +918,39 @@ def weighting_sentence(backbone: str, train_counts: dict, effects: list[dict], c
     return " ".join(parts)
 
 
+def _views_ablation(doc: _Doc, runs: list[dict], facts: dict) -> None:
+    """0 against K augmented views, for each fit-head run on a cache with views (once per cache).
+
+    Fitted from the one views cache (its view 0 is the plain cache, row for row), so no second extraction
+    is needed and nothing but the views differs: same backbone, decode, val and test rows, head kind.
+    """
+    from featcache.cache.h5 import FeatureCache
+    from featcache.report import analysis
+
+    seen, rows = set(), []
+    for run in runs:
+        if run["cache"] in seen or run["metrics"].get("task") == "multilabel":
+            continue
+        seen.add(run["cache"])
+        cache = FeatureCache.open(run["cache"])
+        found = analysis.views_ablation(cache, run["metrics"]["selected"]["head"],
+                                        positive_class=run["metrics"].get("positive_class"),
+                                        seed=run["metrics"].get("seed") or 0)
+        augment = cache.fingerprint_inputs.get("views", {}).get("augment")
+        rows += [{"run": run["name"], "backbone": run["backbone"], "augment": augment, **r} for r in found]
+    if not rows:
+        return
+    facts["augmented_views"] = rows
+    doc.h(3, "Augmented views in the cache")
+    doc.p("The same head kind fitted on the plain train images, then on them and their augmented views "
+          "(extract --aug-views); each chose its head on the plain validation images and was tested once on the "
+          "plain test images. Task E's augmentation question for a fixed feature extractor, at cache speed.")
+    doc.table(["run", "backbone", "augment", "augmented views", "train images", "train rows", "head", "val AUROC",
+               "test AUROC [95% CI]"],
+              [[r["run"], r["backbone"], r["augment"], r["augmented_views"], r["train_images"], r["train_rows"],
+                r["head"], _fmt(r["val_auroc"]), _with_ci(r["test_auroc"], r["test_auroc_ci"])] for r in rows])
+
+
 def _cache_analyses(doc: _Doc, run: dict, out: Path, facts: dict) -> None:
     from featcache.report import analysis
     from featcache.cache.h5 import FeatureCache
@@ -957,8 +991,8 @@ def _cache_analyses(doc: _Doc, run: dict, out: Path, facts: dict) -> None:
               f"tell them apart): {level}. Differences between train and test acquisition are one reason "
               "validation numbers overstate test numbers.")
     dup = analysis.near_duplicates(cache)
-    exact = analysis.exact_duplicates(cache.attrs.get("data_root", ""), cache.read("paths")["paths"],
-                                      cache.read("splits")["splits"])
+    plain = cache.read("paths", "splits", plain=True)
+    exact = analysis.exact_duplicates(cache.attrs.get("data_root", ""), plain["paths"], plain["splits"])
     facts["near_duplicates"] = dup
     facts["exact_duplicates"] = exact
     doc.h(3, "Leakage: duplicates across splits")
