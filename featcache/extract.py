@@ -350,7 +350,8 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
     loader = make_loader(manifest, bb.spec, backend=decode.name, batch_size=batch_size, workers=workers,
                          pin_memory=device.startswith("cuda"), rows=rows, device=device,
                          hw_decoder_load=hw_decoder_load)
-    buffers = {c: store.buffer(c) for c in pending}
+    # A chunk's buffer exists from its first row to its commit: the chunks in flight, never all N rows.
+    buffers = {}
     # Where the time goes: waiting for decoded batches, host-to-device copy, forward, committing rows.
     stage = {"decode_wait": 0.0, "host_to_device": 0.0, "forward": 0.0, "cache_write": 0.0}
     images = 0
@@ -366,7 +367,7 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
             if batch is None:
                 break
             for row, reason in batch.failed:
-                buffers[row // store.chunk_rows].fail(row, reason)
+                _buffer(buffers, store, row).fail(row, reason)
             if len(batch.indices):
                 x = batch.images.to(device, non_blocking=True).contiguous(memory_format=layout)
                 sync()
@@ -377,7 +378,7 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
                 stage["host_to_device"] += t2 - t1
                 stage["forward"] += t3 - t2
                 for row, feat in zip(batch.indices.tolist(), feats):
-                    buffers[row // store.chunk_rows].put(row, feat)
+                    _buffer(buffers, store, row).put(row, feat)
                 images += len(batch.indices)
             t4 = time.perf_counter()
             for c in sorted({int(r) // store.chunk_rows for r in (*batch.indices, *(r for r, _ in batch.failed))}):
@@ -389,6 +390,14 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
         raise RuntimeError(f"chunks never completed: {sorted(buffers)[:5]}")
     return {"seconds": time.perf_counter() - start, "forward_seconds": stage["forward"], "images": images,
             "resumed_rows": resumed, "stages": stage}
+
+
+def _buffer(buffers: dict, store: PartStore, row: int):
+    """The buffer of the chunk holding ``row``, made when its first row arrives."""
+    chunk = row // store.chunk_rows
+    if chunk not in buffers:
+        buffers[chunk] = store.buffer(chunk)
+    return buffers[chunk]
 
 
 def _check_space(out: Path, needed: int) -> None:
@@ -413,7 +422,9 @@ def _assemble(out: Path, store: PartStore, manifest, feature_dim: int, attrs: di
     if missing:
         raise RuntimeError(f"cannot assemble {out}: chunks {missing[:5]} were never committed")
     failed = store.failures()
-    keep = [i for i in range(len(manifest)) if i not in failed]
+    kept = np.ones(len(manifest), dtype=bool)
+    kept[list(failed)] = False
+    keep = np.flatnonzero(kept)
     _check_space(out, len(keep) * feature_dim * np.dtype(dtype).itemsize + len(manifest) * 400)
     skipped = [(manifest.paths[i], reason) for i, reason in sorted(failed.items())]
     # Image files the scan could not take (a name that is not UTF-8, a pipe, an oversized file) are
@@ -426,10 +437,11 @@ def _assemble(out: Path, store: PartStore, manifest, feature_dim: int, attrs: di
         blocks=store.feature_blocks(),
         n_rows=len(keep),
         feature_dim=feature_dim,
-        labels=manifest.labels[keep] if manifest.multilabel else [manifest.labels[i] for i in keep],
-        paths=[manifest.paths[i] for i in keep],
-        splits=[manifest.splits[i] for i in keep],
-        patients=[manifest.patients[i] for i in keep],
+        labels=np.asarray(manifest.labels)[keep],
+        # Generators: the string columns are written a slab at a time, never copied whole.
+        paths=(manifest.paths[i] for i in keep),
+        splits=(manifest.splits[i] for i in keep),
+        patients=(manifest.patients[i] for i in keep),
         skipped=skipped,
         attrs=attrs,
         dtype=dtype,
