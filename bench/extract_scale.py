@@ -133,8 +133,8 @@ def main(argv=None) -> int:
               f"{fact['peak_mb_start']:,.0f} MB, after the scan {fact['peak_mb_scan']:,.0f} MB); scan "
               f"{fact['scan_seconds']:.1f} s, extract {fact['extract_seconds']:.1f} s", flush=True)
     if len(facts) > 1:
-        print(f"growth per 1,000 rows: {growth_per_thousand(facts):.2f} MB peak RSS "
-              f"({growth_per_thousand(facts, 'peak_mb_scan'):.2f} MB of it by the end of the scan)")
+        print(f"growth per 1,000 rows: {growth_per_thousand(facts):.2f} MB of peak RSS (of the peak at the end of "
+              f"the scan: {growth_per_thousand(facts, 'peak_mb_scan'):.2f} MB)")
     if args.json:
         growth = growth_per_thousand(facts) if len(facts) > 1 else None
         args.json.write_text(json.dumps({"sizes": facts, "mb_per_1000_rows": growth}, indent=2) + "\n")
