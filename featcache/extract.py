@@ -410,7 +410,8 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
     loader = make_loader(manifest, bb.spec, backend=decode.name, batch_size=batch_size, workers=workers,
                          pin_memory=device.startswith("cuda"), rows=rows, device=device,
                          hw_decoder_load=hw_decoder_load)
-    buffers = {c: store.buffer(c) for c in pending}
+    # A chunk's buffer exists from its first row to its commit: the chunks in flight, never all N rows.
+    buffers = {}
     # Where the time goes: waiting for decoded batches, host-to-device copy, forward, committing rows.
     stage = {"decode_wait": 0.0, "host_to_device": 0.0, "forward": 0.0, "cache_write": 0.0}
     if views:
@@ -429,7 +430,7 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
             if batch is None:
                 break
             for row, reason in batch.failed:
-                buffers[row // store.chunk_rows].fail(row, reason)
+                _buffer(buffers, store, row).fail(row, reason)
             if len(batch.indices):
                 x = batch.images.to(device, non_blocking=True)
                 sync()
@@ -444,7 +445,7 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
                 stage["forward"] += t3 - t_aug
                 if views:
                     stage["augment"] += t_aug - t2
-                _put_rows(buffers, store.chunk_rows, batch.indices, feats, viewed)
+                _put_rows(buffers, store, batch.indices, feats, viewed)
                 images += len(batch.indices)
                 view_images += len(extra)
             t4 = time.perf_counter()
@@ -477,14 +478,22 @@ def _view_maker(manifest, views: dict | None):
     return make
 
 
-def _put_rows(buffers: dict, chunk_rows: int, indices: np.ndarray, feats: np.ndarray, viewed: list[int]) -> None:
+def _put_rows(buffers: dict, store: PartStore, indices: np.ndarray, feats: np.ndarray, viewed: list[int]) -> None:
     """The plain features of a batch's rows (the first ``len(indices)`` of ``feats``) and, for the rows at
     ``viewed``, their views (the rest, view-major) into the rows' chunk buffers."""
     n = len(indices)
     extra = feats[n:].reshape(-1, len(viewed), feats.shape[1]) if viewed else None
     of = {i: j for j, i in enumerate(viewed)}
     for i, (row, feat) in enumerate(zip(indices.tolist(), feats[:n])):
-        buffers[row // chunk_rows].put(row, feat, None if i not in of else extra[:, of[i]])
+        _buffer(buffers, store, row).put(row, feat, None if i not in of else extra[:, of[i]])
+
+
+def _buffer(buffers: dict, store: PartStore, row: int):
+    """The buffer of the chunk holding ``row``, made when its first row arrives."""
+    chunk = row // store.chunk_rows
+    if chunk not in buffers:
+        buffers[chunk] = store.buffer(chunk)
+    return buffers[chunk]
 
 
 def _check_space(out: Path, needed: int) -> None:
@@ -509,11 +518,13 @@ def _assemble(out: Path, store: PartStore, manifest, feature_dim: int, attrs: di
     if missing:
         raise RuntimeError(f"cannot assemble {out}: chunks {missing[:5]} were never committed")
     failed = store.failures()
-    plain = [i for i in range(len(manifest)) if i not in failed]
+    kept = np.ones(len(manifest), dtype=bool)
+    kept[list(failed)] = False
+    plain = np.flatnonzero(kept)
     viewed = store.view_rows()
     # The plain rows in manifest order, then each augmented view of the rows that have them.
     keep = np.concatenate([plain, np.tile(viewed, store.views)]).astype(np.int64)
-    tags = np.repeat(np.arange(store.views + 1), [len(plain)] + [len(viewed)] * store.views)
+    tags = np.repeat(np.arange(store.views + 1, dtype=np.int16), [len(plain)] + [len(viewed)] * store.views)
     _check_space(out, len(keep) * feature_dim * np.dtype(dtype).itemsize + len(keep) * 400)
     skipped = [(manifest.paths[i], reason) for i, reason in sorted(failed.items())]
     # Image files the scan could not take (a name that is not UTF-8, a pipe, an oversized file) are
@@ -526,10 +537,11 @@ def _assemble(out: Path, store: PartStore, manifest, feature_dim: int, attrs: di
         blocks=store.feature_blocks(),
         n_rows=len(keep),
         feature_dim=feature_dim,
-        labels=manifest.labels[keep] if manifest.multilabel else [manifest.labels[i] for i in keep],
-        paths=[manifest.paths[i] for i in keep],
-        splits=[manifest.splits[i] for i in keep],
-        patients=[manifest.patients[i] for i in keep],
+        labels=np.asarray(manifest.labels)[keep],
+        # Generators: the string columns are written a slab at a time, never copied whole.
+        paths=(manifest.paths[i] for i in keep),
+        splits=(manifest.splits[i] for i in keep),
+        patients=(manifest.patients[i] for i in keep),
         skipped=skipped,
         attrs=attrs,
         dtype=dtype,

@@ -7,14 +7,16 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from featcache.cli import main
 from featcache.data.demo import DEMO_DATA
+from featcache.data.sources import read_manifest
 from featcache.errors import UserError
 from featcache.finetune import finetune
-from helpers import QUICK, QUICK_RUNS, copy_tree, flat
+from helpers import QUICK, QUICK_RUNS, copy_tree, flat, make_chexpert
 
 # The runs of helpers.QUICK_RUNS are made once per session by conftest's quick_finetune.
 
@@ -132,22 +134,52 @@ def test_bf16_autocast_runs_on_cpu_and_the_checkpoint_feeds_extract(tmp_path):
                  "--subsample-all"]) == 0
 
 
-def test_two_process_ddp_on_cpu(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "featcache", "finetune", str(DEMO_DATA), "--out",
-                             str(tmp_path / "ddp"), "--weights", "none", "--epochs", "3", "--early-stop", "1",
-                             "--batch-size", "8", "--max-images", "40", "--subsample-all", "--amp", "off",
-                             "--bootstrap", "20", "--workers", "0", "--no-progress", "--nproc", "2"],
+def _two_process_finetune(data, out, *flags) -> tuple[dict, dict]:
+    """``featcache finetune DATA --nproc 2`` (gloo, CPU, resnet18 random init, batch 8): (run.json, metrics.json),
+    once both ranks are checked to have run the same epochs and to hold identical weights."""
+    result = subprocess.run([sys.executable, "-m", "featcache", "finetune", str(data), "--out", str(out),
+                             "--weights", "none", "--batch-size", "8", "--amp", "off", "--bootstrap", "20",
+                             "--workers", "0", "--no-progress", "--nproc", "2", *flags],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text())
     assert run["complete"] and run["settings"]["world"] == 2
-    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["test"]["n"] > 0
     # Rank 0 decides "improved" and "stop": both ranks ran the same epochs and hold identical weights,
     # BatchNorm running statistics included.
     ranks = run["ranks"]
     assert len(ranks) == 2
     assert ranks[0]["epochs_run"] == ranks[1]["epochs_run"] == run["epochs_run"]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    return run, json.loads((out / "metrics.json").read_text())
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    _, metrics = _two_process_finetune(DEMO_DATA, tmp_path / "ddp", "--epochs", "3", "--early-stop", "1",
+                                       "--max-images", "40", "--subsample-all")
+    assert metrics["test"]["n"] > 0
+
+
+def test_two_process_ddp_on_a_multilabel_set(tmp_path):
+    """CheXpert-format labels under --nproc 2: the masked loss trains every label on both ranks, and the per-label
+    metrics count exactly the labels the policy keeps (uncertain and blank cells left out)."""
+    folder = make_chexpert(tmp_path, n_train_patients=14, n_valid_patients=6)
+    run, metrics = _two_process_finetune(folder, tmp_path / "ddp", "--format", "chexpert", "--epochs", "2",
+                                         "--unmentioned", "ignore")
+    assert run["epochs_run"] == 2 and metrics["task"] == "multilabel"
+    history = json.loads((tmp_path / "ddp" / "history.json").read_text())
+    assert all(np.isfinite([h["train_loss"], h["val_loss"]]).all() for h in history)  # a NaN target would leak
+    m = read_manifest(folder, format="chexpert")
+    labels = np.asarray(m.labels)
+    for split in ("val", "test"):
+        known = np.isin(labels[np.asarray(m.splits) == split], (0, 1))
+        positive = labels[np.asarray(m.splits) == split] == 1
+        per_label = metrics[split]["per_label"]
+        assert list(per_label) == list(m.classes)
+        assert [per_label[n]["n_positive"] + per_label[n]["n_negative"] for n in m.classes] == known.sum(0).tolist()
+        assert [per_label[n]["n_positive"] for n in m.classes] == positive.sum(0).tolist()
+        for j, name in enumerate(m.classes):  # AUROC where a label has both classes, None where it cannot
+            both = 0 < positive[:, j].sum() < known[:, j].sum()
+            assert (0.0 <= per_label[name]["auroc"] <= 1.0) if both else per_label[name]["auroc"] is None
 
 
 def test_launcher_reports_exit_2_only_for_a_user_mistake(monkeypatch):

@@ -50,6 +50,8 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 # Aim for chunks of about 1 MiB: large enough for fast sequential reads,
 # small enough that reading one row costs little.
 CHUNK_BYTES = 1 << 20
+# Rows of a string dataset (paths, splits, patients) made into one array and written at a time.
+STRING_ROWS = 1 << 15
 
 
 def fingerprint(inputs: dict) -> str:
@@ -107,8 +109,10 @@ def write_cache(
     """Write a complete cache to ``path`` via ``path.partial`` and an atomic rename.
 
     ``blocks`` yields float arrays of consecutive feature rows (any block
-    size), so a cache of any size is written with flat memory. ``views``
-    (a view tag per row) is written only when given.
+    size), and ``paths``, ``splits`` and ``patients`` may be any iterables of
+    ``n_rows`` strings (generators too): both are written a slab at a time, so
+    a cache of any size is written with flat memory. ``views`` (a view tag
+    per row) is written only when given.
     """
     import h5py
 
@@ -135,7 +139,7 @@ def write_cache(
         labels = np.asarray(labels)
         f.create_dataset("labels", data=labels.astype(np.int8 if labels.ndim == 2 else np.int64))
         for name, values in (("paths", paths), ("splits", splits), ("patients", patients)):
-            f.create_dataset(name, data=np.array(list(values), dtype=object), dtype=strings)
+            _write_strings(f, name, values, n_rows)
         if views is not None:
             f.create_dataset("views", data=np.asarray(views, dtype=np.int16))
         f.create_dataset("skipped", data=np.array([list(s) for s in skipped], dtype=object).reshape(-1, 2),
@@ -149,6 +153,23 @@ def write_cache(
         f.attrs["complete"] = True
     os.replace(tmp, path)
     return path
+
+
+def _write_strings(f, name: str, values, n_rows: int) -> None:
+    """A 1-D UTF-8 dataset of ``n_rows`` strings from an iterable, converted and written STRING_ROWS at a time."""
+    import itertools
+
+    import h5py
+
+    ds = f.create_dataset(name, shape=(n_rows,), dtype=h5py.string_dtype("utf-8"))
+    values, at = iter(values), 0
+    while slab := list(itertools.islice(values, STRING_ROWS)):
+        if at + len(slab) > n_rows:
+            break
+        ds[at : at + len(slab)] = np.array(slab, dtype=object)
+        at += len(slab)
+    if at != n_rows or next(values, None) is not None:
+        raise RuntimeError(f"cache assembly: dataset '{name}' got a different number of rows than {n_rows}")
 
 
 class FeatureCache:

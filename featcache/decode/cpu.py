@@ -120,8 +120,30 @@ def _to_uint8(im) -> np.ndarray:
 LOADERS = {"torchvision": load_torchvision, "pil": load_pil}
 
 
+class PackedPaths:
+    """File paths as one UTF-8 buffer and an offset array: about the path's length plus 8 bytes a row, and
+    no Python object per row, so a forked DataLoader worker reading paths never touches (and so copies) the
+    pages of a string per row, as it does when reading a tuple of ``str`` bumps their reference counts."""
+
+    def __init__(self, paths):
+        self.offsets = np.zeros(len(paths) + 1, dtype=np.int64)
+        buffer = bytearray()
+        for i, path in enumerate(paths):
+            buffer += path.encode("utf-8", "surrogateescape")
+            self.offsets[i + 1] = len(buffer)
+        self.buffer = bytes(buffer)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.buffer[self.offsets[i] : self.offsets[i + 1]].decode("utf-8", "surrogateescape")
+
+
 class _ManifestImages(Dataset):
-    def __init__(self, root: str, paths, rows: np.ndarray, spec, load, transform=None):
+    """Item ``i``: manifest row ``rows[i]``, whose file is ``paths[i]``."""
+
+    def __init__(self, root: str, paths: PackedPaths, rows: np.ndarray, spec, load, transform=None):
         self.root, self.paths, self.rows, self.spec, self.load = root, paths, rows, spec, load
         self.transform = transform
 
@@ -131,7 +153,7 @@ class _ManifestImages(Dataset):
     def __getitem__(self, i: int):
         row = int(self.rows[i])
         try:
-            image = self.load(os.path.join(self.root, self.paths[row]), self.spec)
+            image = self.load(os.path.join(self.root, self.paths[i]), self.spec)
             return row, image if self.transform is None else self.transform(image), None
         except Exception as exc:  # any bad file becomes a skipped row, never a dead run
             return row, None, decode_failure_reason(exc)
@@ -173,7 +195,8 @@ class CpuLoader:
                  pin_memory: bool, augment=None):
         from featcache.decode.augment import torchvision_transform
 
-        self.dataset = _ManifestImages(manifest.root, list(manifest.paths), rows, spec, LOADERS[backend],
+        paths = PackedPaths([manifest.paths[row] for row in rows.tolist()])
+        self.dataset = _ManifestImages(manifest.root, paths, rows, spec, LOADERS[backend],
                                        torchvision_transform(augment))
         self.batch_size = batch_size
         self.workers = workers
