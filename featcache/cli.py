@@ -617,6 +617,10 @@ def _print_metrics(metrics: dict, out, files: str = "metrics.json, head.pt and p
                   f"{decision}")
     for renderable in metrics_renderables(metrics):
         console.print(renderable)
+    from featcache.fit import grid_edges
+
+    for text in grid_edges(metrics):
+        console.print(f"[yellow]head on the grid's edge:[/] {text}")
     console.print(f"fitted in {metrics['fit_seconds']:.2f} s; {files} in {out}")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from featcache.cache.h5 import FeatureCache
 from featcache.eval.metrics import auroc, binary_metrics, choose_threshold, positive_class_index
+from featcache.fit import grid_edges
 
 DUPLICATE_COSINE = 0.98
 SHIFT_FOLDS = 5
@@ -243,7 +244,7 @@ def run_warnings(runs: list[dict]) -> list[dict]:
         n_val = metrics.get("val", {}).get("n")
         if rule not in (None, "fixed", "argmax") and n_val is not None and n_val < MIN_THRESHOLD_VAL:
             flag("threshold from few images", f"threshold chosen ({rule}) on only {n_val} validation images")
-        out += [{"run": name, "kind": "head on the grid's edge", "text": t} for t in _grid_edges(metrics)]
+        out += [{"run": name, "kind": "head on the grid's edge", "text": t} for t in grid_edges(metrics)]
         history = run.get("history") or []
         accuracies = [h["val_accuracy"] for h in history]
         if len(accuracies) >= 2 and max(accuracies) - min(accuracies) < 1e-9:
@@ -253,19 +254,6 @@ def run_warnings(runs: list[dict]) -> list[dict]:
             flag("smaller test set", f"tested on {n_tests[name]:,} images where another run has {largest:,}: "
                                      "their test figures are not comparable")
     return out
-
-
-def _grid_edges(metrics: dict) -> list[str]:
-    """Sweep hyperparameters of the selected head that sit at the smallest or largest grid value."""
-    selected, heads = metrics.get("selected", {}), metrics.get("heads", [])
-    texts = []
-    for key in ("lr", "weight_decay", "C"):
-        values = sorted({h[key] for h in heads if h.get(key) is not None})
-        if len(values) >= 3 and selected.get(key) in (values[0], values[-1]):
-            side = "smallest" if selected[key] == values[0] else "largest"
-            texts.append(f"selected {key} {selected[key]:g} is the {side} of the grid {values[0]:g}..{values[-1]:g}; "
-                         "the best value may lie beyond it")
-    return texts
 
 
 def classification_report(confusion: list[list[int]], classes) -> dict:
