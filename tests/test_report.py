@@ -79,7 +79,7 @@ def test_report_choices_are_blind_to_the_test_labels(fixture_runs, permuted_runs
     a = build_report([str(fixture_runs / n) for n in names], tmp_path / "a")
     b = build_report([str(permuted_runs / n) for n in names], tmp_path / "b")
     assert set(a["choices"]) >= {"best_run", "best_fixed_feature_run", "best_finetune_run",
-                                 "class_weight_and_threshold", "worst_errors_run"}
+                                 "class_weight_and_threshold", "worst_errors_run", "near_duplicate_threshold"}
     assert a["choices"] == b["choices"]
     assert a["choices"]["best_finetune_run"]["chosen"] == "ft-light"
     assert [r["test_auroc"] for r in a["task_d"]] != [r["test_auroc"] for r in b["task_d"]]  # the test did change
