@@ -63,7 +63,7 @@ def test_planted_copies_across_splits_are_found_and_counted(tmp_path):
     assert dup["images"] == {"train-val": 60, "train-test": 83, "val-test": 83}
 
 
-def test_the_threshold_is_the_low_quantile_of_within_patient_pairs_of_train_and_val(tmp_path):
+def test_the_threshold_is_a_quantile_of_within_patient_pairs_of_train_and_val_only(tmp_path):
     close, _, _ = leaky_cache(tmp_path / "close.h5", train_noise=0.3)
     far, _, _ = leaky_cache(tmp_path / "far.h5", train_noise=0.6)
     test_moved, _, _ = leaky_cache(tmp_path / "test_moved.h5", train_noise=0.3, test_noise=0.05)

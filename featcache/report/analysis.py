@@ -97,9 +97,12 @@ def domain_shift(cache: FeatureCache, a: tuple[str, ...] = ("train", "val"), b: 
 DUPLICATE_COSINE = 0.98  # the threshold when train and val hold too few within-patient pairs to learn one from
 MIN_WITHIN_PATIENT = 20  # images with a sibling of their patient needed to learn the threshold from them
 # The near-duplicate threshold is this quantile of the within-patient nearest cosines: each train or val image
-# and the most alike other image of its patient. A cross-split pair above it is at least as alike as 95 % of
-# the images known to show one patient are to their closest sibling.
-WITHIN_PATIENT_QUANTILE = 0.05
+# and the most alike other image of its patient. A cross-split pair above it is more alike than 95 % of the
+# images known to show one patient are to their closest sibling. A low quantile flags nearly every image: an
+# image's nearest among thousands of another split's is closer than its nearest among the one to few other
+# images of its patient (Kermany, resnet18 random init: the 5 % quantile, cosine -0.50, flags 624 of 624 test
+# images against train; the 95 %, 0.915, flags 132).
+WITHIN_PATIENT_QUANTILE = 0.95
 THRESHOLD_SPLITS = ("train", "val")  # the threshold never reads a test image
 SPLIT_PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
 # Rows per block of the within-patient search, whole patients per block: (rows x rows) float32 cosines.
