@@ -207,19 +207,22 @@ def _run(opened: list, names: list[str], out: Path, kind, mode: str, values: lis
 
 
 def summarize(points: list[dict]) -> list[dict]:
-    """Per cache and value: mean images and patients, val AUROC mean, test AUROC mean and sd over repeats."""
+    """Per cache and value: mean images and patients, val AUROC mean, test AUROC mean and sd over repeats, and
+    the span of the repeats' test CIs (lowest low, highest high: an interval that holds every repeat's)."""
     groups: dict = defaultdict(list)
     for p in points:
         groups[(p["cache"], p["value"])].append(p)
     rows = []
     for (name, value), ps in groups.items():
         test = [p["test_auroc"] for p in ps if p["test_auroc"] is not None]
+        cis = [p["test_auroc_ci"] for p in ps if p.get("test_auroc_ci")]
         rows.append({"cache": name, "mode": ps[0]["mode"], "value": value, "repeats": len(ps),
                      "train_images": float(np.mean([p["train_images"] for p in ps])),
                      "train_patients": float(np.mean([p["train_patients"] for p in ps])),
                      "val_auroc": float(np.mean([p["val_auroc"] for p in ps])),
                      "test_auroc": float(np.mean(test)) if test else None,
-                     "test_auroc_sd": float(np.std(test, ddof=1)) if len(test) > 1 else (0.0 if test else None)})
+                     "test_auroc_sd": float(np.std(test, ddof=1)) if len(test) > 1 else (0.0 if test else None),
+                     "test_auroc_ci_span": [min(c[0] for c in cis), max(c[1] for c in cis)] if cis else None})
     return sorted(rows, key=lambda r: (r["cache"], r["value"]))
 
 
