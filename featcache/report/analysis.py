@@ -125,12 +125,16 @@ def unit_embeddings(features: np.ndarray, splits: np.ndarray):
     """
     import torch
 
-    from featcache.heads.base import FeatureNorm
+    from featcache.heads.base import FIT_BLOCK_ROWS, FeatureNorm
     from featcache.heads.knn import l2_rows
 
     train = np.flatnonzero(splits == "train")
     norm = FeatureNorm().fit(_take(features, train) if len(train) else features)
-    return l2_rows(norm.transform(torch.from_numpy(np.asarray(features, dtype=np.float32))))
+    out = torch.empty(features.shape, dtype=torch.float32)
+    for lo in range(0, len(features), FIT_BLOCK_ROWS):  # one copy of the rows, not one per step
+        block = torch.from_numpy(np.asarray(features[lo : lo + FIT_BLOCK_ROWS], dtype=np.float32))
+        out[lo : lo + len(block)] = l2_rows(norm.transform(block))
+    return out
 
 
 def _patient_blocks(order: np.ndarray, codes: np.ndarray, block_rows: int):
