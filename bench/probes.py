@@ -13,8 +13,16 @@
 2. With ``--cache CACHE.h5``: ``fit-head --heads sweep|knn|mlp`` on that
    cache, each in this process: fit seconds, the head chosen on validation,
    val AUROC and test AUROC with its patient-bootstrap CI.
+3. With ``--neardup-rows N``: the report's near-duplicate check
+   (featcache.report.analysis.near_duplicates, the same exact search) on a
+   generated N x ``--neardup-dim`` cache, 90 % train, 5 % val, 5 % test, two
+   images per patient, ``PLANTED`` train images copied into test under
+   patients of their own. The check runs in a child process under
+   featcache.runtime.peak: its seconds and peak resident memory, beside the
+   N x N float32 matrix it never holds.
 
-    python bench/probes.py [--train 100000] [--queries 20000] [--dim 768] [--cache CACHE.h5] [--json OUT]
+    python bench/probes.py [--train 100000] [--queries 20000] [--dim 768] [--cache CACHE.h5]
+                           [--neardup-rows 200000 [--neardup-dim 512] [--skip-knn]] [--json OUT]
 
 The generated features are two classes of Gaussian clusters (64 cluster
 centres, rows near their centre), so neighbours carry label information and
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -34,6 +43,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CLUSTERS = 64
 SPREAD = 0.6
+SIBLING = 0.3  # a patient's second image: its first plus this much noise per dimension
+PLANTED = 10
+NEARDUP_BLOCK = 10_000
 
 
 def generated(n_train: int, n_queries: int, dim: int, seed: int = 0):
@@ -180,15 +192,91 @@ def probes_on_cache(cache: str) -> list[dict]:
     return rows
 
 
+def neardup_cache(path: Path, n_rows: int, dim: int, seed: int = 0) -> Path:
+    """A cache of ``n_rows`` generated rows (two per patient), written in blocks; test starts with copies of
+    the first ``PLANTED`` train rows."""
+    import numpy as np
+
+    from featcache.cache.h5 import write_cache
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(CLUSTERS, dim)).astype(np.float32)
+    n_rows -= n_rows % 2
+    n_val = n_test = (n_rows // 20) // 2 * 2
+    splits = np.array(["train"] * (n_rows - n_val - n_test) + ["val"] * n_val + ["test"] * n_test)
+    first_test = n_rows - n_test
+    patients = [f"p{i // 2}" for i in range(n_rows)]
+    patients[first_test : first_test + PLANTED] = [f"copy{i}" for i in range(PLANTED)]
+    planted = {}
+
+    def blocks():
+        for lo in range(0, n_rows, NEARDUP_BLOCK):
+            n = min(NEARDUP_BLOCK, n_rows - lo) // 2
+            base = centres[rng.integers(0, CLUSTERS, n)] + SPREAD * rng.standard_normal((n, dim), dtype=np.float32)
+            block = np.stack([base, base + SIBLING * rng.standard_normal((n, dim), dtype=np.float32)], 1)
+            block = block.reshape(-1, dim)
+            if lo == 0:
+                planted["rows"] = block[:PLANTED].copy()
+            if lo <= first_test < lo + len(block):
+                block[first_test - lo : first_test - lo + PLANTED] = planted["rows"]
+            yield block
+
+    return write_cache(path, blocks=blocks(), n_rows=n_rows, feature_dim=dim, labels=np.arange(n_rows) % 2,
+                       paths=[f"{s}/NORMAL/{i}.png" for i, s in enumerate(splits)], splits=splits, patients=patients,
+                       attrs={"classes": ["NORMAL", "PNEUMONIA"], "backbone": "generated", "weights": "none:seed=0",
+                              "fingerprint": "0" * 64, "fingerprint_inputs": {}})
+
+
+NEARDUP_CHECK = """
+import json, sys, time
+from featcache.cache.h5 import FeatureCache
+from featcache.report.analysis import near_duplicates
+start = time.perf_counter()
+dup = near_duplicates(FeatureCache.open(sys.argv[1]))
+print(json.dumps({"seconds": time.perf_counter() - start, **{k: dup[k] for k in ("threshold", "rule", "pairs_above")},
+                  "closest": [p["cosine"] for p in dup["closest"][:3]]}))
+"""
+
+
+def neardup_bench(n_rows: int, dim: int) -> dict:
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        cache = neardup_cache(Path(tmp) / "neardup.h5", n_rows, dim)
+        print(f"near duplicates: {n_rows:,} x {dim} generated rows ({n_rows * dim * 4 / 2**20:,.0f} MiB of float32 "
+              f"features, written in {time.perf_counter() - start:.1f} s), {PLANTED} train images copied into test; "
+              f"an N x N float32 matrix would be {n_rows * n_rows * 4 / 2**30:,.0f} GiB")
+        proc = subprocess.run([sys.executable, "-m", "featcache.runtime.peak", sys.executable, "-c", NEARDUP_CHECK,
+                               str(cache)], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode or len(lines) < 2 or lines[-1].split()[-1] != "0":
+        raise SystemExit(f"the near-duplicate check failed:\n{proc.stdout}\n{proc.stderr}")
+    facts = json.loads(lines[-2])
+    _, wall, peak_mb, _ = lines[-1].split()
+    facts.update(wall_seconds=float(wall), peak_mb=float(peak_mb))
+    print(f"  {facts['seconds']:.1f} s for the check ({facts['wall_seconds']:.1f} s with start-up), peak resident "
+          f"memory {facts['peak_mb']:,.0f} MB; threshold {facts['threshold']:.4f} ({facts['rule']})")
+    print(f"  nearest pairs at or above it: {facts['pairs_above']}; closest cosines {facts['closest']}")
+    return facts
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--cache", help="also fit sweep, knn and mlp heads on this cache")
+    parser.add_argument("--neardup-rows", type=int, help="also time the report's near-duplicate check on this "
+                                                         "many generated rows")
+    parser.add_argument("--neardup-dim", type=int, default=512)
+    parser.add_argument("--skip-knn", action="store_true", help="leave out the kNN grid (part 1)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
-    facts = {"knn": knn_bench(args.train, args.queries, args.dim)}
+    facts = {} if args.skip_knn else {"knn": knn_bench(args.train, args.queries, args.dim)}
+    if args.neardup_rows:
+        facts["near_duplicates"] = neardup_bench(args.neardup_rows, args.neardup_dim)
     if args.cache:
         facts["cache"] = probes_on_cache(args.cache)
     if args.json:

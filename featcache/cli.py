@@ -406,10 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compare fit-head and finetune runs; analyse class balance, thresholds, "
                                    "train/test shift, leakage, overfitting and the worst errors. A featcache zoo "
                                    "folder among them adds Task A: its leaderboard and the backbone ranked first "
-                                   "on validation.")
+                                   "on validation; a featcache curve folder adds label efficiency.")
     p.add_argument("runs", metavar="RUN_DIR", nargs="+",
-                   help="fit-head and finetune run folders, and at most one featcache zoo folder (it holds "
-                        "leaderboard.json)")
+                   help="fit-head and finetune run folders, at most one featcache zoo folder (it holds "
+                        "leaderboard.json) and featcache curve folders (they hold curve.json)")
     p.add_argument("--out", required=True, metavar="REPORT_DIR")
     p.add_argument("--title", default="featcache report")
     p.add_argument("--pdf", action="store_true", help="also write report.pdf (for hand-ins that must be PDF)")
@@ -631,6 +631,10 @@ def _print_metrics(metrics: dict, out, files: str = "metrics.json, head.pt and p
                   f"{decision}")
     for renderable in metrics_renderables(metrics):
         console.print(renderable)
+    from featcache.fit import grid_edges
+
+    for text in grid_edges(metrics):
+        console.print(f"[yellow]head on the grid's edge:[/] {text}")
     console.print(f"fitted in {metrics['fit_seconds']:.2f} s; {files} in {out}")
 
 

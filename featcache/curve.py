@@ -308,7 +308,8 @@ def _run(opened: list, names: list[str], out: Path, kind, mode: str, values: lis
 
 def summarize(points: list[dict]) -> list[dict]:
     """Per cache and value: mean images and patients, val AUROC mean, test AUROC mean and sd over repeats, and
-    the mean of the repeats' test CI bounds."""
+    the mean of the repeats' test CI bounds, and their span (lowest low, highest high: an interval that holds
+    every repeat's)."""
     groups: dict = defaultdict(list)
     for p in points:
         groups[(p["cache"], p["value"])].append(p)
@@ -322,7 +323,8 @@ def summarize(points: list[dict]) -> list[dict]:
                      "val_auroc": float(np.mean([p["val_auroc"] for p in ps])),
                      "test_auroc": float(np.mean(test)) if test else None,
                      "test_auroc_sd": float(np.std(test, ddof=1)) if len(test) > 1 else (0.0 if test else None),
-                     "test_auroc_ci": [float(v) for v in np.mean(cis, axis=0)] if cis else None})
+                     "test_auroc_ci": [float(v) for v in np.mean(cis, axis=0)] if cis else None,
+                     "test_auroc_ci_span": [min(c[0] for c in cis), max(c[1] for c in cis)] if cis else None})
     return sorted(rows, key=lambda r: (r["cache"], r["value"]))
 
 

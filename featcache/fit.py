@@ -130,6 +130,27 @@ def select(candidates: list[dict]) -> dict:
     return max(candidates, key=lambda c: (round(c["val_auroc"], 12), c["rank"]))
 
 
+# The numeric grid axes a chosen head is checked against: the sweep's and logistic's (lr, weight decay, C),
+# knn's (k, temperature) and mlp's (width, weight decay, lr). An axis of fewer than three values has no
+# inside to choose, so it is not checked (mlp's default axes have two each; three --lrs make lr checked).
+GRID_AXES = ("lr", "weight_decay", "C", "k", "temperature", "width")
+MIN_GRID_VALUES = 3
+
+
+def grid_edges(metrics: dict) -> list[str]:
+    """Hyperparameters of the head chosen on validation that sit at the smallest or largest value of their grid
+    (read from metrics.json's ``selected`` and ``heads``): the best value may lie beyond the grid."""
+    selected, heads = metrics.get("selected", {}), metrics.get("heads", [])
+    texts = []
+    for key in GRID_AXES:
+        values = sorted({h[key] for h in heads if h.get(key) is not None})
+        if len(values) >= MIN_GRID_VALUES and selected.get(key) in (values[0], values[-1]):
+            side = "smallest" if selected[key] == values[0] else "largest"
+            texts.append(f"selected {key} {selected[key]:g} is the {side} of the grid {values[0]:g}..{values[-1]:g}; "
+                         "the best value may lie beyond it")
+    return texts
+
+
 def resolve_fit_device(device: str) -> str:
     """``--device`` for a head that trains in torch, torch imported outside the timed fit."""
     from featcache.runtime.device import resolve_device

@@ -29,7 +29,15 @@ A config names the data, lists runs of two kinds, and may add a zoo::
     epochs = 10
     freeze_backbone = false
 
-A config may hold only a ``[zoo]`` table. The zoo runs with the config's
+    [curve]                      # label efficiency (featcache curve) of the [[fixed]] runs' caches, into OUT/curve
+    fractions = [0.01, 0.1, 1.0] # or per_class_shots = [1, 4, 16]
+    repeats = 5
+    heads = "sweep"
+
+A config may hold only a ``[zoo]`` table. The ``[curve]`` runs on the
+caches of the ``[[fixed]]`` runs (of the first seed), with the config's
+seed, device, bootstrap and positive_class, and adds its section to the
+report. The zoo runs with the config's
 top-level settings (data, weights, max_images, subsample_all, split_seed,
 the first of its seeds, backend, device, batch_size, bootstrap,
 label_from_name, positive_class); ``featcache zoo --config`` reads the same
@@ -46,6 +54,7 @@ from pathlib import Path
 from featcache.backbones.registry import file_word, with_pool
 from featcache.backbones.weights import WeightsRef
 from featcache.errors import UserError
+from featcache.curve import DEFAULT_REPEATS, DEFAULT_RESAMPLES
 from featcache.options import EXTRACT, FINETUNE, HEAD
 
 TOP_KEYS = {"title": str, "data": str, "out": str, "weights": str, "max_images": int, "subsample_all": bool,
@@ -61,6 +70,7 @@ FINETUNE_KEYS = {"backbone": str, "pool": str, "epochs": int, "lr": float, "batc
                  "freeze_backbone": bool, "augment": str, "hflip": bool, "class_weight": str, "early_stop": int,
                  "compile": bool, "threshold": str, "recipe": str}
 ZOO_KEYS = {"backbones": list, "heads": str}
+CURVE_KEYS = {"fractions": list, "per_class_shots": list, "repeats": int, "heads": str, "epochs": int}
 
 
 def _check(table: dict, allowed: dict, where: str) -> None:
@@ -80,9 +90,16 @@ def read_config(path: str | os.PathLike) -> dict:
     config = read_toml(file)
     runs = {"fixed": config.pop("fixed", []), "finetune": config.pop("finetune", [])}
     zoo = config.pop("zoo", None)
+    curve = config.pop("curve", None)
     _check(config, {**TOP_KEYS, **SOURCE_KEYS}, str(file))
     if zoo is not None:
         _check_zoo(zoo, file)
+    if curve is not None:
+        if not isinstance(curve, dict):
+            raise UserError(f"{file}: write one [curve] table (fractions = [...]), not [[curve]]")
+        _check(curve, CURVE_KEYS, f"{file} [curve]")
+        if not runs["fixed"]:
+            raise UserError(f"{file} [curve]: the curve is drawn on the caches of the [[fixed]] runs; add one")
     for kind, allowed in (("fixed", FIXED_KEYS), ("finetune", FINETUNE_KEYS)):
         if not isinstance(runs[kind], list):
             raise UserError(f"{file}: write [[{kind}]] tables, one per run")
@@ -95,7 +112,7 @@ def read_config(path: str | os.PathLike) -> dict:
         raise UserError(f"{file} lists no runs: add [[fixed]] or [[finetune]] tables, or a [zoo] table")
     if "data" not in config:
         raise UserError(f"{file}: data (the chest X-ray folder) is required")
-    return {**config, **runs, "zoo": zoo}
+    return {**config, **runs, "zoo": zoo, "curve": curve}
 
 
 def _check_zoo(zoo, file: Path) -> None:
@@ -135,6 +152,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
     """Run every step of the config at ``path``; returns the report's numbers."""
     from featcache.backbones.registry import get_entry
     from featcache.runtime.console import get_console
+    from featcache.curve import curve
     from featcache.extract import extract
     from featcache.finetune import finetune
     from featcache.fit import fit_head
@@ -146,8 +164,9 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
     zoo_table = config["zoo"] or {"backbones": []}
     for name in (*(t["backbone"] for t in (*config["fixed"], *config["finetune"])), *zoo_table["backbones"]):
         get_entry(name)  # every name is checked before the first long step
-    if zoo_table.get("heads", "sweep") not in HEADS:
-        raise UserError(f"{path} [zoo]: heads takes {', '.join(HEADS)}, got {zoo_table['heads']!r}")
+    for name, table in (("zoo", zoo_table), ("curve", config["curve"] or {})):
+        if table.get("heads", "sweep") not in HEADS:
+            raise UserError(f"{path} [{name}]: heads takes {', '.join(HEADS)}, got {table['heads']!r}")
     console = get_console()
     data = data or config["data"]
     weights = weights or config.get("weights", EXTRACT.weights)
@@ -161,7 +180,7 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
     # Multi-label sets: how uncertain and unmentioned labels become targets, for every run of the config.
     policy = {"uncertain": config.get("uncertain", HEAD.uncertain),
               "unmentioned": config.get("unmentioned", HEAD.unmentioned)}
-    run_dirs = []
+    run_dirs, caches = [], []
     if config["zoo"]:
         console.rule(f"[bold]zoo: {len(zoo_table['backbones'])} backbones")
         # One leaderboard, with the first seed: the zoo compares backbones, the seeds repeat the runs below.
@@ -188,6 +207,8 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
                     backend=config.get("backend", EXTRACT.backend), device=config.get("device", EXTRACT.device),
                     scan_options=scan_options, overwrite=overwrite, **common)
             heads = fixed.get("heads", "sweep")
+            if seed == seeds[0] and cache not in caches:
+                caches.append(cache)
             run_dir = out / "runs" / f"{file_word(backbone)}-{heads}{tag}"
             metrics = fit_head(cache, run_dir, heads=heads, C=fixed.get("C"), class_weight=fixed.get("class_weight"),
                                threshold=fixed.get("threshold", HEAD.threshold),
@@ -215,6 +236,15 @@ def run_config(path: str | os.PathLike, *, weights: str | None = None, data: str
                      positive_class=config.get("positive_class"), scan_options=scan_options, overwrite=overwrite,
                      **options, **common, **policy)
             run_dirs.append(run_dir)
+    if config["curve"]:
+        table = config["curve"]
+        console.rule(f"[bold]label efficiency: {len(caches)} cache{'s' if len(caches) > 1 else ''}")
+        curve([str(c) for c in caches], out / "curve", fractions=table.get("fractions"),
+              shots=table.get("per_class_shots"), repeats=table.get("repeats", DEFAULT_REPEATS),
+              heads=table.get("heads", "sweep"), epochs=table.get("epochs", HEAD.epochs),
+              device=config.get("device", HEAD.device), n_resamples=config.get("bootstrap", DEFAULT_RESAMPLES),
+              seed=seeds[0], positive_class=config.get("positive_class"), overwrite=overwrite)
+        run_dirs.append(out / "curve")
     console.rule("[bold]report")
     facts = build_report([str(d) for d in run_dirs], out / "report",
                          title=config.get("title", f"featcache: {Path(path).stem}"))

@@ -143,3 +143,33 @@ def test_mlp_training_stops_when_the_best_head_stops_improving_and_keeps_each_he
     assert sweep.epochs_run_ == 3 + PATIENCE
     assert [(epoch, round(best, 6)) for _, best, epoch, _ in sweep.results()] == [
         (3, 0.8), (3 + PATIENCE, round(0.1 + (3 + PATIENCE) / 1000, 6))]
+
+
+def test_fit_head_prints_the_grid_edges_of_the_chosen_knn_head(tmp_path, capsys):
+    # Classes far apart: every kNN head scores val AUROC 1, and the tie goes to the smoothest, largest k and T.
+    cache = synthetic_cache(tmp_path / "c.h5", sizes={"train": 30, "val": 20, "test": 20}, shift=6.0)
+    assert main(["fit-head", str(cache), "--heads", "knn", "--out", str(tmp_path / "run"), "--bootstrap", "0"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "head on the grid's edge: selected k 20 is the largest of the grid 1..20" in shown
+    assert "head on the grid's edge: selected temperature 0.5 is the largest of the grid 0.01..0.5" in shown
+
+
+def test_grid_edges_of_knn_and_mlp_heads_as_of_the_sweep():
+    from featcache.fit import grid_edges
+
+    knn_grid = [{"k": k, "temperature": t} for k in (1, 5, 20, 200) for t in (0.01, 0.07, 0.5)]
+    assert grid_edges({"selected": {"k": 20, "temperature": 0.07}, "heads": knn_grid}) == []
+    assert grid_edges({"selected": {"k": 200, "temperature": 0.01}, "heads": knn_grid}) == [
+        "selected k 200 is the largest of the grid 1..200; the best value may lie beyond it",
+        "selected temperature 0.01 is the smallest of the grid 0.01..0.5; the best value may lie beyond it"]
+
+    def mlp(lrs):
+        return [{"width": w, "weight_decay": wd, "lr": lr, "epoch": e} for w in (256, 512, 1024) for wd in (1e-4, 1e-2)
+                for lr in lrs for e in (1, 9)]
+
+    chosen = {"width": 1024, "weight_decay": 1e-2, "lr": 3e-3, "epoch": 9}
+    # An axis of two values (the default weight decays, here lr too) has no inside: never flagged.
+    assert grid_edges({"selected": chosen, "heads": mlp((1e-3, 3e-3))}) == [
+        "selected width 1024 is the largest of the grid 256..1024; the best value may lie beyond it"]
+    assert grid_edges({"selected": {**chosen, "width": 512}, "heads": mlp((1e-4, 1e-3, 3e-3))}) == [
+        "selected lr 0.003 is the largest of the grid 0.0001..0.003; the best value may lie beyond it"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def test_report_choices_are_blind_to_the_test_labels(fixture_runs, permuted_runs
     a = build_report([str(fixture_runs / n) for n in names], tmp_path / "a")
     b = build_report([str(permuted_runs / n) for n in names], tmp_path / "b")
     assert set(a["choices"]) >= {"best_run", "best_fixed_feature_run", "best_finetune_run",
-                                 "class_weight_and_threshold", "worst_errors_run"}
+                                 "class_weight_and_threshold", "worst_errors_run", "near_duplicate_threshold"}
     assert a["choices"] == b["choices"]
     assert a["choices"]["best_finetune_run"]["chosen"] == "ft-light"
     assert [r["test_auroc"] for r in a["task_d"]] != [r["test_auroc"] for r in b["task_d"]]  # the test did change
@@ -206,6 +207,37 @@ def test_run_config_mistakes(tmp_path):
     assert main(["run", str(bad)]) == 2
 
 
+def test_a_curve_table_draws_on_the_fixed_runs_caches_and_reaches_the_report(demo_cache, tmp_path, monkeypatch):
+    import featcache.extract
+
+    made = []
+
+    def extract(data, cache, **options):  # the demo cache stands for the extraction (its own tests cover it)
+        made.append(Path(cache).name)
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_cache, cache)
+
+    monkeypatch.setattr(featcache.extract, "extract", extract)
+    config = tmp_path / "c.toml"
+    config.write_text(f'data = {json.dumps(str(DEMO_DATA))}\nbootstrap = 50\n[[fixed]]\nbackbone = "resnet18"\n'
+                      'heads = "logistic"\n[curve]\nfractions = [0.1, 1.0]\nrepeats = 1\nheads = "logistic"\n')
+    assert main(["run", str(config), "--weights", "none", "--out", str(tmp_path / "o")]) == 0
+    record = json.loads((tmp_path / "o" / "curve" / "curve.json").read_text())
+    assert record["settings"]["values"] == [0.1, 1.0] and record["settings"]["heads"] == "logistic"
+    assert [c["name"] for c in record["settings"]["caches"]] == [Path(made[0]).stem]
+    facts = json.loads((tmp_path / "o" / "report" / "report.json").read_text())
+    assert [r["value"] for r in facts["curves"][0]["summary"]] == [0.1, 1.0]
+    assert "## Label efficiency" in (tmp_path / "o" / "report" / "report.md").read_text()
+    for text, words in (('[curve]\nfractions = [0.5]\n[[finetune]]\nbackbone = "resnet18"\n', "add one"),
+                        ('[curve]\nfraction = [0.5]\n[[fixed]]\nbackbone = "resnet18"\n', "unknown setting fraction"),
+                        ('[[curve]]\nrepeats = 1\n[[fixed]]\nbackbone = "resnet18"\n', "not [[curve]]")):
+        config.write_text('data = "x"\n' + text)
+        with pytest.raises(UserError, match=re.escape(words)):
+            from featcache.run import read_config
+
+            read_config(config)
+
+
 def test_shipped_configs_read(tmp_path):
     from featcache.run import read_config
 
@@ -258,6 +290,76 @@ def test_task_d_says_how_each_frozen_run_was_trained():
     assert "BatchNorm fixed" in frozen and "BatchNorm1d" in frozen and "AdamW" in frozen
     assert recipe_words(run(freeze_backbone=False)).startswith("full fine-tuning")
     assert "best of 64" in recipe_words({"kind": "fit-head", "run": {}, "metrics": {"n_heads": 64}})
+    knn = recipe_words({"kind": "fit-head", "run": {}, "metrics": {"n_heads": 112, "selected": {
+        "head": "knn", "name": "knn_k_20_T_0.07_cw_none"}}})
+    assert knn.startswith("cosine kNN votes") and knn.endswith("best of 112 on val: knn_k_20_T_0.07_cw_none")
+
+
+@pytest.fixture(scope="module")
+def probe_runs(fixture_runs, tmp_path_factory):
+    """knn and mlp runs on the fixture's cache, and a two-point, two-repeat curve of it (logistic heads)."""
+    from featcache.curve import curve
+
+    root = tmp_path_factory.mktemp("probes")
+    for heads in ("knn", "mlp"):
+        fit_head(fixture_runs / "r18.h5", root / f"r18-{heads}", heads=heads, epochs=5, n_resamples=100,
+                 device="cpu")
+    curve([str(fixture_runs / "r18.h5")], root / "curve", fractions=[0.05, 1], repeats=2, heads="logistic",
+          n_resamples=100)
+    return root
+
+
+def test_report_puts_knn_and_mlp_beside_the_sweep_and_reads_a_curve_folder(fixture_runs, probe_runs, tmp_path,
+                                                                           capsys):
+    folders = [fixture_runs / "r18-sweep", probe_runs / "r18-knn", probe_runs / "r18-mlp", probe_runs / "curve"]
+    assert main(["report", *map(str, folders), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    facts = json.loads((tmp_path / "r" / "report.json").read_text())
+    task_d = md[md.index("## Task D"):md.index("## Per run")]
+    table = task_d[:task_d.index("\n\n", task_d.index("| run |"))]  # the first table: test figures with CIs
+    for name in ("r18-sweep", "r18-knn", "r18-mlp"):
+        metrics = json.loads(((fixture_runs if name == "r18-sweep" else probe_runs) / name / "metrics.json")
+                             .read_text())["test"]
+        ci = metrics["ci"]["auroc"]
+        [row] = [line for line in table.splitlines() if line.startswith(f"| {name} |")]
+        assert f"{metrics['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" in row, row
+    assert "| r18-knn | cosine kNN votes" in task_d and "| r18-mlp | one-hidden-layer MLP probes" in task_d
+
+    record = json.loads((probe_runs / "curve" / "curve.json").read_text())
+    [curve] = facts["curves"]
+    assert [r["value"] for r in curve["summary"]] == [0.05, 1.0] and "## Label efficiency" in md
+    for row in curve["summary"]:  # each point's interval holds both repeats' CIs, and no more
+        cis = [p["test_auroc_ci"] for p in record["points"] if p["value"] == row["value"]]
+        assert row["test_auroc_ci_span"] == [min(c[0] for c in cis), max(c[1] for c in cis)]
+    [sentence] = curve["sentences"]
+    low, high = (r["test_auroc_ci_span"] for r in curve["summary"])
+    apart = low[1] < high[0] or high[1] < low[0]
+    assert sentence.startswith("r18: with 5% of train (") and "; with 100% of train (" in sentence
+    assert ("beyond noise" in sentence) == apart and ("within noise" in sentence) == (not apart)
+    assert sentence in md and sentence in capsys.readouterr().out
+    assert (tmp_path / "r" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    from featcache.report.document import build_report
+
+    alone = build_report([str(probe_runs / "curve")], tmp_path / "alone")
+    assert alone["curves"][0]["sentences"] == [sentence] and "task_d" not in alone
+
+
+def test_curve_sentence_follows_the_intervals_alone():
+    from featcache.report.document import curve_sentence
+
+    def row(value, images, auroc, span):
+        return {"value": value, "train_images": images, "test_auroc": auroc, "test_auroc_ci_span": span}
+
+    apart = curve_sentence("r", [row(0.01, 40, 0.70, [0.62, 0.78]), row(1.0, 4000, 0.90, [0.86, 0.94])], "fraction")
+    assert apart == ("r: with 1% of train (40 images) test AUROC 0.700 [0.620, 0.780]; with 100% of train (4,000 "
+                     "images) test AUROC 0.900 [0.860, 0.940]. The intervals do not overlap: the largest point's "
+                     "test AUROC is higher beyond noise.")
+    close = curve_sentence("r", [row(2, 4, 0.70, [0.55, 0.87]), row(32, 64, 0.80, [0.72, 0.88])], "shots")
+    assert "2 images per class" in close and "within noise" in close and "beyond" not in close
+    worse = curve_sentence("r", [row(0.01, 40, 0.90, [0.86, 0.94]), row(1.0, 4000, 0.70, [0.62, 0.78])], "fraction")
+    assert "the smallest point's test AUROC is higher beyond noise" in worse
+    bare = curve_sentence("r", [row(0.01, 40, 0.7, None), row(1.0, 4000, 0.9, [0.86, 0.94])], "fraction")
+    assert "cannot say" in bare and "higher beyond noise" not in bare and "within noise" not in bare
 
 
 def _effect(cw, rule, val_ba, test_ba, test_sens=0.9, test_spec=0.5):

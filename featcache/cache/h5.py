@@ -280,10 +280,11 @@ class FeatureCache:
         import h5py
 
         out = {}
-        keep = self.view_tags() == 0 if plain else slice(None)
+        # the plain rows come first (then each view of the train images): one slice, read from disk alone
+        keep = slice(0, int(np.count_nonzero(self.view_tags() == 0))) if plain else slice(None)
         for name in names:
             ds = self.handle[name]
-            out[name] = (ds.asstr()[()] if h5py.check_string_dtype(ds.dtype) else ds[()])[keep]
+            out[name] = ds.asstr()[keep] if h5py.check_string_dtype(ds.dtype) else ds[keep]
         return out
 
     @property

@@ -16,8 +16,8 @@ import numpy as np
 
 from featcache.cache.h5 import FeatureCache
 from featcache.eval.metrics import auroc, binary_metrics, choose_threshold, positive_class_index
+from featcache.fit import grid_edges
 
-DUPLICATE_COSINE = 0.98
 SHIFT_FOLDS = 5
 # A validation loss this many times the training loss is overfitting, whichever epoch was best.
 LOSS_RATIO_OVERFIT = 10.0
@@ -94,40 +94,130 @@ def domain_shift(cache: FeatureCache, a: tuple[str, ...] = ("train", "val"), b: 
             "n_a": int((domain == 0).sum()), "n_b": int(domain.sum())}
 
 
-def near_duplicates(cache: FeatureCache, *, threshold: float = DUPLICATE_COSINE, top: int = 12) -> dict:
+DUPLICATE_COSINE = 0.98  # the threshold when train and val hold too few within-patient pairs to learn one from
+MIN_WITHIN_PATIENT = 20  # images with a sibling of their patient needed to learn the threshold from them
+# The near-duplicate threshold is this quantile of the within-patient nearest cosines: each train or val image
+# and the most alike other image of its patient. A cross-split pair above it is more alike than 95 % of the
+# images known to show one patient are to their closest sibling. A low quantile flags nearly every image: an
+# image's nearest among thousands of another split's is closer than its nearest among the one to few other
+# images of its patient (Kermany, resnet18 random init: the 5 % quantile, cosine -0.50, flags 624 of 624 test
+# images against train; the 95 %, 0.915, flags 132).
+WITHIN_PATIENT_QUANTILE = 0.95
+THRESHOLD_SPLITS = ("train", "val")  # the threshold never reads a test image
+SPLIT_PAIRS = (("train", "val"), ("train", "test"), ("val", "test"))
+# Rows per block of the within-patient search, whole patients per block: (rows x rows) float32 cosines.
+PATIENT_BLOCK_ROWS = 1024
+
+
+def _take(X, rows: np.ndarray):
+    """``X[rows]``, a view when the rows are one contiguous run (a cache's splits usually are)."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        return X[int(rows[0]) : int(rows[-1]) + 1]
+    return X[rows]
+
+
+def unit_embeddings(features: np.ndarray, splits: np.ndarray):
+    """Unit rows (torch, float32) of the features standardized per dimension with train statistics.
+
+    Raw ReLU features share a large positive offset and a few dominant
+    dimensions, which make every pair look alike; standardized, the cosine
+    tells images apart.
+    """
+    import torch
+
+    from featcache.heads.base import FIT_BLOCK_ROWS, FeatureNorm
+    from featcache.heads.knn import l2_rows
+
+    train = np.flatnonzero(splits == "train")
+    norm = FeatureNorm().fit(_take(features, train) if len(train) else features)
+    out = torch.empty(features.shape, dtype=torch.float32)
+    for lo in range(0, len(features), FIT_BLOCK_ROWS):  # one copy of the rows, not one per step
+        block = torch.from_numpy(np.asarray(features[lo : lo + FIT_BLOCK_ROWS], dtype=np.float32))
+        out[lo : lo + len(block)] = l2_rows(norm.transform(block))
+    return out
+
+
+def _patient_blocks(order: np.ndarray, codes: np.ndarray, block_rows: int):
+    """Consecutive slices of ``order`` (rows sorted by patient code), whole patients each, at most
+    ``block_rows`` rows unless one patient alone has more."""
+    sorted_codes = codes[order]
+    bounds = np.r_[np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]), len(order)]
+    lo = 0
+    while lo < len(order):
+        hi = int(bounds[np.searchsorted(bounds, lo + block_rows, side="right") - 1])
+        if hi <= lo:  # one patient with more rows than a block: that patient alone
+            hi = int(bounds[np.searchsorted(bounds, lo, side="right")])
+        yield order[lo:hi]
+        lo = hi
+
+
+def within_patient_nearest(X, codes: np.ndarray, block_rows: int | None = None) -> np.ndarray:
+    """Per row (unit rows ``X``), the cosine to the most alike other row of its patient (``codes``, integers);
+    NaN for a patient's only row. Rows go in blocks of whole patients (at most ``block_rows``, default
+    :data:`PATIENT_BLOCK_ROWS`, unless one patient has more), never an N x N matrix."""
+    order = np.argsort(codes, kind="stable")
+    out = np.full(len(codes), np.nan, dtype=np.float32)
+    for rows in _patient_blocks(order, codes, block_rows or PATIENT_BLOCK_ROWS):
+        sims = (X[rows] @ X[rows].T).numpy()
+        same = codes[rows][:, None] == codes[rows][None, :]
+        np.fill_diagonal(same, False)
+        sims[~same] = -np.inf
+        has = same.any(axis=1)
+        out[rows[has]] = sims.max(axis=1)[has]
+    return out
+
+
+def duplicate_threshold(X, patients: np.ndarray, splits: np.ndarray,
+                        quantile: float = WITHIN_PATIENT_QUANTILE) -> dict:
+    """The near-duplicate cosine, chosen from within-patient pairs of train and val (never test):
+    the ``quantile`` of each image's cosine to its most alike other image of the same patient."""
+    rows = np.flatnonzero(np.isin(splits, THRESHOLD_SPLITS))
+    codes = np.unique(patients[rows], return_inverse=True)[1]
+    sims = within_patient_nearest(_take(X, rows), codes)
+    sims = sims[~np.isnan(sims)].astype(np.float64)
+    if len(sims) < MIN_WITHIN_PATIENT:
+        return {"threshold": DUPLICATE_COSINE, "within_patient_images": len(sims),
+                "rule": f"the fixed cosine {DUPLICATE_COSINE} (only {len(sims)} train and val images have another "
+                        f"image of their patient, {MIN_WITHIN_PATIENT} are needed to learn it)"}
+    return {"threshold": float(np.quantile(sims, quantile)), "quantile": quantile,
+            "rule": f"the {quantile:.0%} quantile of {len(sims):,} within-patient nearest cosines (train and val)",
+            "within_patient_images": len(sims),
+            "within_patient_quantiles": {q: float(np.quantile(sims, q)) for q in (0.05, 0.25, 0.5, 0.75)}}
+
+
+def near_duplicates(cache: FeatureCache, *, top: int = 12) -> dict:
     """Image pairs in different splits whose embeddings nearly coincide (a leakage check).
 
-    Cosine similarity of embeddings standardized per dimension with train
-    statistics (raw ReLU features share a large positive offset and a few
-    dominant dimensions, which make every pair look alike). Reports pairs
-    above ``threshold`` per split pair and the closest ones; a human judges
-    those, byte-identical files are found by :func:`exact_duplicates`.
+    Each image of the later split of a pair (val of train-val, test of
+    train-test and val-test) is searched against the earlier split with the
+    kNN head's exact blocked search (:func:`featcache.heads.knn.nearest`), on
+    :func:`unit_embeddings`. A pair is an image and its nearest image of the
+    other split; pairs at or above :func:`duplicate_threshold` are counted
+    per split pair and the closest are returned for a human to judge
+    (byte-identical files are found by :func:`exact_duplicates`).
     """
-    from featcache.heads.base import FeatureNorm
+    from featcache.heads.knn import nearest
 
-    data = cache.read("features", "splits", "paths", plain=True)
-    train = data["splits"] == "train"
-    X = FeatureNorm().fit(data["features"][train] if train.any() else data["features"]).transform(data["features"])
-    X /= np.linalg.norm(X, axis=1, keepdims=True) + 1e-12
-    present = [s for s in ("train", "val", "test") if s in set(data["splits"].tolist())]
-    counts, pairs, nearest = {}, [], {}
-    for i, s1 in enumerate(present):
-        for s2 in present[i + 1 :]:
-            rows1, rows2 = np.flatnonzero(data["splits"] == s1), np.flatnonzero(data["splits"] == s2)
-            n_above, best_for_2 = 0, np.full(len(rows2), -1.0)
-            for start in range(0, len(rows1), 2048):
-                block = X[rows1[start : start + 2048]] @ X[rows2].T
-                best_for_2 = np.maximum(best_for_2, block.max(axis=0))
-                n_above += int((block >= threshold).sum())
-                flat = block.ravel()
-                for k in np.argpartition(-flat, min(top, flat.size - 1))[:top]:  # the closest, above or not
-                    r, c = divmod(int(k), block.shape[1])
-                    pairs.append({"a": str(data["paths"][rows1[start + r]]), "b": str(data["paths"][rows2[c]]),
-                                  "splits": f"{s1}-{s2}", "cosine": float(block[r, c])})
-            counts[f"{s1}-{s2}"] = n_above
-            nearest[f"{s2} to {s1}"] = {q: float(np.quantile(best_for_2, q)) for q in (0.5, 0.9, 0.99, 1.0)}
-    pairs.sort(key=lambda p: -p["cosine"])
-    return {"threshold": threshold, "pairs_above": counts, "closest": pairs[:top], "nearest_quantiles": nearest}
+    data = cache.read("splits", "paths", "patients", plain=True)  # augmented views are not images
+    splits, paths, patients = data["splits"], data["paths"], data["patients"]
+    X = unit_embeddings(cache.read("features", plain=True)["features"], splits)
+    threshold = duplicate_threshold(X, patients, splits)
+    counts, closest, quantiles = {}, [], {}
+    for s1, s2 in SPLIT_PAIRS:
+        rows1, rows2 = np.flatnonzero(splits == s1), np.flatnonzero(splits == s2)
+        if not len(rows1) or not len(rows2):
+            continue
+        sims, index = nearest(_take(X, rows1), _take(X, rows2), 1)
+        sims, partner = sims[:, 0].numpy(), rows1[index[:, 0].numpy()]
+        counts[f"{s1}-{s2}"] = int((sims >= threshold["threshold"]).sum())
+        quantiles[f"{s1}-{s2}"] = {q: float(np.quantile(sims, q)) for q in (0.5, 0.9, 0.99, 1.0)}
+        for i in np.argsort(-sims, kind="stable")[:top]:
+            a, b = int(partner[i]), int(rows2[i])
+            closest.append({"a": str(paths[a]), "b": str(paths[b]), "splits": f"{s1}-{s2}",
+                            "cosine": float(sims[i]), "same_patient": bool(patients[a] == patients[b])})
+    closest.sort(key=lambda p: -p["cosine"])
+    return {**threshold, "pairs_above": counts, "closest": closest[:top], "nearest_quantiles": quantiles,
+            "images": {f"{s1}-{s2}": int((splits == s2).sum()) for s1, s2 in SPLIT_PAIRS if f"{s1}-{s2}" in counts}}
 
 
 def exact_duplicates(root: str, paths, splits) -> list[list[str]]:
@@ -268,7 +358,7 @@ def run_warnings(runs: list[dict]) -> list[dict]:
         n_val = metrics.get("val", {}).get("n")
         if rule not in (None, "fixed", "argmax") and n_val is not None and n_val < MIN_THRESHOLD_VAL:
             flag("threshold from few images", f"threshold chosen ({rule}) on only {n_val} validation images")
-        out += [{"run": name, "kind": "head on the grid's edge", "text": t} for t in _grid_edges(metrics)]
+        out += [{"run": name, "kind": "head on the grid's edge", "text": t} for t in grid_edges(metrics)]
         history = run.get("history") or []
         accuracies = [h["val_accuracy"] for h in history]
         if len(accuracies) >= 2 and max(accuracies) - min(accuracies) < 1e-9:
@@ -278,19 +368,6 @@ def run_warnings(runs: list[dict]) -> list[dict]:
             flag("smaller test set", f"tested on {n_tests[name]:,} images where another run has {largest:,}: "
                                      "their test figures are not comparable")
     return out
-
-
-def _grid_edges(metrics: dict) -> list[str]:
-    """Sweep hyperparameters of the selected head that sit at the smallest or largest grid value."""
-    selected, heads = metrics.get("selected", {}), metrics.get("heads", [])
-    texts = []
-    for key in ("lr", "weight_decay", "C"):
-        values = sorted({h[key] for h in heads if h.get(key) is not None})
-        if len(values) >= 3 and selected.get(key) in (values[0], values[-1]):
-            side = "smallest" if selected[key] == values[0] else "largest"
-            texts.append(f"selected {key} {selected[key]:g} is the {side} of the grid {values[0]:g}..{values[-1]:g}; "
-                         "the best value may lie beyond it")
-    return texts
 
 
 def classification_report(confusion: list[list[int]], classes) -> dict:

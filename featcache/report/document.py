@@ -81,6 +81,32 @@ def load_zoo(path: str | os.PathLike) -> dict:
             "n_heads": metrics.get("n_heads"), "plot": folder / "leaderboard.png"}
 
 
+CURVE = "curve.json"
+
+
+def is_curve_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ``featcache curve`` output folder (it holds curve.json)."""
+    return (Path(path) / CURVE).is_file()
+
+
+def load_curve(path: str | os.PathLike) -> dict:
+    """A curve folder as the report reads it: its settings, and per cache and point the summary over repeats,
+    made again from the points (so a curve stopped part-way is read as far as it went)."""
+    from featcache.curve import summarize
+
+    folder = Path(path)
+    try:
+        record = json.loads((folder / CURVE).read_text())
+        settings, summary = record["settings"], summarize(record["points"])
+        usable = settings["mode"] in ("fraction", "shots") and bool(summary)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        usable = False
+    if not usable:
+        raise UserError(f"{folder / CURVE} is not a featcache curve output with points; rerun featcache curve into "
+                        f"{folder}")
+    return {"folder": folder, "settings": settings, "summary": summary}
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -173,10 +199,19 @@ def _counts_words(counts: dict, n_train) -> str:
     return "; ".join(parts) or "-"
 
 
+# What each --heads kind fits, in the words of the "how it was trained" table.
+HEAD_WORDS = {"logistic": "logistic regression (scikit-learn, C from a grid)",
+              "sweep": "linear heads (lr x weight decay x class weight x normalization)",
+              "knn": "cosine kNN votes (k x temperature x class weight)",
+              "mlp": "one-hidden-layer MLP probes (width x weight decay x lr, early stop)"}
+
+
 def recipe_words(run: dict) -> str:
     """What trains and how, in a few words: featcache's frozen mode and the tutorial's recipe differ."""
     if run["kind"] != "finetune":
-        return f"linear head on cached features, best of {run['metrics'].get('n_heads', 1)} on val"
+        metrics = run["metrics"]
+        return (f"{HEAD_WORDS.get((metrics.get('selected') or {}).get('head'), 'linear head')} on cached features, "
+                f"best of {metrics.get('n_heads', 1)} on val: {(metrics.get('selected') or {}).get('name', '-')}")
     settings = run["run"].get("settings") or {}
     if settings.get("recipe") == "tutorial":
         return ("tutorial recipe: head only, backbone BatchNorm in train mode, SGD lr 0.001 momentum 0.9, "
@@ -395,8 +430,10 @@ def zoo_sentence(rows: list[dict]) -> str:
 
 
 def summary(facts: dict) -> list[str]:
-    """What a command prints after writing a report: the zoo's sentence and the verdict on the runs."""
-    return [text for text in ((facts.get("zoo") or {}).get("sentence"), facts.get("verdict")) if text]
+    """What a command prints after writing a report: the zoo's sentence, the verdict on the runs and the curves'
+    sentences."""
+    curves = [text for c in facts.get("curves", []) for text in c["sentences"]]
+    return [text for text in ((facts.get("zoo") or {}).get("sentence"), facts.get("verdict"), *curves) if text]
 
 
 def _cached_vs_tuned(c: dict, t: dict) -> str:
@@ -494,19 +531,21 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
     import tempfile
 
     if not run_dirs:
-        raise UserError("give at least one run folder (or a featcache zoo folder)")
+        raise UserError("give at least one run folder (or a featcache zoo or curve folder)")
     zoo_dirs = [d for d in run_dirs if is_zoo_folder(d)]
     if len(zoo_dirs) > 1:
         raise UserError(f"give one featcache zoo folder per report, got {len(zoo_dirs)}: "
                         + ", ".join(map(str, zoo_dirs)))
     zoo = load_zoo(zoo_dirs[0]) if zoo_dirs else None
+    curve_dirs = [d for d in run_dirs if d not in zoo_dirs and is_curve_folder(d)]
+    curves = [load_curve(d) for d in curve_dirs]
     out = Path(out)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "report.json").is_file())):
         raise UserError(f"--out {out} exists and is not a featcache report folder; give a new or empty folder")
     from featcache.runtime.outputs import output_folder
 
     output_folder(out)
-    runs = sorted((load_run(d) for d in run_dirs if d not in zoo_dirs),
+    runs = sorted((load_run(d) for d in run_dirs if d not in zoo_dirs and d not in curve_dirs),
                   key=lambda r: (STRATEGY_ORDER.get(r["kind"], 9), r["name"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -514,7 +553,7 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
     os.umask(mask)
     os.chmod(scratch, 0o777 & ~mask)  # a folder like any other, not mkdtemp's private one
     try:
-        facts = _write_report(runs, zoo, scratch, title, analyses, pdf)
+        facts = _write_report(runs, zoo, curves, scratch, title, analyses, pdf)
         if out.exists():
             old = scratch.with_name(scratch.name.replace(".partial-", ".old-"))
             out.rename(old)
@@ -528,13 +567,16 @@ def build_report(run_dirs: list[str], out: str | os.PathLike, *, title: str = "f
     return facts
 
 
-def _write_report(runs: list[dict], zoo: dict | None, out: Path, title: str, analyses: bool, pdf: bool) -> dict:
+def _write_report(runs: list[dict], zoo: dict | None, curves: list[dict], out: Path, title: str, analyses: bool,
+                  pdf: bool) -> dict:
     doc, facts = _Doc(), {"runs": [r["name"] for r in runs], "choices": {}}
     doc.h(1, title)
     roots = sorted({r["run"].get("data_root") for r in runs if r["run"].get("data_root")}
                    | ({zoo["data_root"]} if zoo and zoo["data_root"] else set()))
     source = " and ".join(([f"{len(runs)} runs"] if runs else [])
-                          + ([f"a zoo of {len(zoo['rows'])} backbones"] if zoo else []))
+                          + ([f"a zoo of {len(zoo['rows'])} backbones"] if zoo else [])
+                          + ([f"{len(curves)} label-efficiency curve{'s' if len(curves) > 1 else ''}"]
+                             if curves else []))
     doc.p(f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by featcache {__version__} from "
           f"{source}; data: {', '.join(roots) or 'not recorded'}. Every number below is measured; "
           "choices were made on the validation split and the test split was touched once per run.")
@@ -545,9 +587,11 @@ def _write_report(runs: list[dict], zoo: dict | None, out: Path, title: str, ana
     if multilabel:
         _multilabel_sections(doc, runs, out, facts)
     elif runs:
-        _runs_sections(doc, runs, zoo, out, facts, analyses)
+        _runs_sections(doc, runs, zoo, out, facts, analyses, curves)
     elif zoo:
         _zoo_section(doc, zoo, out, facts)
+    if curves and not (runs and not multilabel):  # the runs' sections place the curves before Task E
+        _curve_sections(doc, curves, out, facts)
 
     (out / "report.md").write_text(doc.markdown(out))
     (out / "report.html").write_text(doc.html(title))
@@ -559,8 +603,9 @@ def _write_report(runs: list[dict], zoo: dict | None, out: Path, title: str, ana
     return facts
 
 
-def _runs_sections(doc: _Doc, runs: list[dict], zoo: dict | None, out: Path, facts: dict, analyses: bool) -> None:
-    """Provenance, the zoo's Task A when there is one, Task D, per run, and Task E."""
+def _runs_sections(doc: _Doc, runs: list[dict], zoo: dict | None, out: Path, facts: dict, analyses: bool,
+                   curves: list[dict]) -> None:
+    """Provenance, the zoo's Task A when there is one, Task D, per run, label efficiency, and Task E."""
     from featcache.report import analysis
     from featcache.report.plots import plot_auroc_vs_time
 
@@ -628,6 +673,7 @@ def _runs_sections(doc: _Doc, runs: list[dict], zoo: dict | None, out: Path, fac
         doc.img(out / "auroc_vs_time.png", "test AUROC against wall time, one point per run")
     _backbone_costs(doc, runs)
     _per_run(doc, runs, out, facts)
+    _curve_sections(doc, curves, out, facts)
 
     doc.h(2, "Task E: why test performance disappoints")
     _learning_curves(doc, runs, out, facts)
@@ -954,7 +1000,6 @@ def _views_ablation(doc: _Doc, runs: list[dict], facts: dict) -> None:
 def _cache_analyses(doc: _Doc, run: dict, out: Path, facts: dict) -> None:
     from featcache.report import analysis
     from featcache.cache.h5 import FeatureCache
-    from featcache.report.plots import plot_pair_thumbnails
 
     cache = FeatureCache.open(run["cache"])
     classes = cache.classes
@@ -990,21 +1035,111 @@ def _cache_analyses(doc: _Doc, run: dict, out: Path, facts: dict) -> None:
               f"embeddings reaches AUROC {shift['auroc']:.3f} (5-fold, grouped by patient; 0.5 means it cannot "
               f"tell them apart): {level}. Differences between train and test acquisition are one reason "
               "validation numbers overstate test numbers.")
+    _leakage(doc, cache, out, facts)
+
+
+def _leakage(doc: _Doc, cache, out: Path, facts: dict) -> None:
+    """Byte-identical files across splits, and near duplicates: every val and test image's nearest image of
+    the earlier splits, counted above a threshold learnt from within-patient pairs of train and val."""
+    from featcache.report import analysis
+    from featcache.report.plots import plot_pair_thumbnails
+
     dup = analysis.near_duplicates(cache)
     plain = cache.read("paths", "splits", plain=True)
     exact = analysis.exact_duplicates(cache.attrs.get("data_root", ""), plain["paths"], plain["splits"])
     facts["near_duplicates"] = dup
     facts["exact_duplicates"] = exact
+    facts["choices"]["near_duplicate_threshold"] = {"chosen": f"cosine {dup['threshold']:.4f}", "by": dup["rule"],
+                                                    "value": dup["threshold"]}
     doc.h(3, "Leakage: duplicates across splits")
-    doc.p(f"Byte-identical files in different splits: {len(exact)}. Image pairs across splits whose standardized "
-          f"embeddings have cosine similarity of at least {dup['threshold']}: "
-          + ", ".join(f"{k} {v:,}" for k, v in dup["pairs_above"].items())
-          + ". Patients never straddle train and validation (the split is grouped by patient). The closest "
-            "cross-split pairs are shown for a human to judge.")
+    doc.p(f"Byte-identical files in different splits: {len(exact)}. Near duplicates: each validation image is "
+          "searched against train, each test image against train and against validation (the exact nearest "
+          "neighbour by cosine of the embeddings standardized with train statistics, the kNN head's search). "
+          f"The threshold is {dup['rule']}: {dup['threshold']:.4f}; a pair above it is more alike than most "
+          "images of one patient are to each other. Patients never straddle train and validation (the split is "
+          "grouped by patient). The closest cross-split pairs are shown for a human to judge.")
+    doc.table(["split pair", "images searched", "nearest at or above the threshold", "median nearest cosine",
+               "largest"],
+              [[pair, dup["images"][pair], f"{n:,} ({100 * n / max(dup['images'][pair], 1):.1f}%)",
+                dup["nearest_quantiles"][pair][0.5], dup["nearest_quantiles"][pair][1.0]]
+               for pair, n in dup["pairs_above"].items()])
     if dup["closest"]:
-        root = cache.attrs.get("data_root", "")
-        plot_pair_thumbnails(root, dup["closest"][:6], out / "closest_pairs.png")
+        doc.table(["split pair", "image", "its nearest in the other split", "cosine", "same patient id"],
+                  [[p["splits"], p["b"], p["a"], p["cosine"], "yes" if p["same_patient"] else "no"]
+                   for p in dup["closest"]])
+        plot_pair_thumbnails(cache.attrs.get("data_root", ""), dup["closest"][:6], out / "closest_pairs.png")
         doc.img(out / "closest_pairs.png", "closest cross-split pairs by embedding (cosine above each pair)")
+
+
+def _interval(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:g}%"
+
+
+def curve_sentence(name: str, rows: list[dict], mode: str) -> str:
+    """One cache's smallest point against its largest, in words: whether their test AUROCs differ beyond noise.
+
+    Each point's interval spans its repeats' patient-bootstrap 95% CIs;
+    intervals apart say beyond noise, overlapping ones say this test set
+    cannot tell the points apart. The intervals decide, nothing else.
+    """
+    scored = [r for r in rows if r["test_auroc"] is not None]
+    if len(scored) < 2:
+        return f"{name}: fewer than two points have a test AUROC, so there is nothing to compare."
+    low, high = scored[0], scored[-1]
+
+    def words(r):
+        amount = f"{_percent(r['value'])} of train" if mode == "fraction" else f"{r['value']:g} images per class"
+        ci = r.get("test_auroc_ci_span")
+        return (f"{amount} ({r['train_images']:,.0f} images) test AUROC {r['test_auroc']:.3f}"
+                + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+
+    text = f"{name}: with {words(low)}; with {words(high)}."
+    a, b = low.get("test_auroc_ci_span"), high.get("test_auroc_ci_span")
+    if not (a and b):
+        return text + (" Without intervals (the curve ran with --bootstrap 0) the report cannot say whether the "
+                       "two differ beyond noise.")
+    if a[1] < b[0] or b[1] < a[0]:
+        better = "largest" if a[1] < b[0] else "smallest"
+        return text + f" The intervals do not overlap: the {better} point's test AUROC is higher beyond noise."
+    return text + (" The intervals overlap: on this test set the difference between the two is within noise "
+                   "(more labels may still help; this test cannot show it).")
+
+
+def _curve_sections(doc: _Doc, curves: list[dict], out: Path, facts: dict) -> None:
+    """Each ``featcache curve`` folder: its points as a table and a plot, and a sentence per cache on whether its
+    smallest and largest points differ beyond noise."""
+    from featcache.report.plots import plot_curve
+
+    facts["curves"] = []
+    for i, curve in enumerate(curves, 1):
+        settings, summary = curve["settings"], curve["summary"]
+        mode = settings["mode"]
+        doc.h(2, "Label efficiency" + (f" ({i} of {len(curves)})" if len(curves) > 1 else ""))
+        drawn = ("whole patients, that fraction of each class's images" if mode == "fraction"
+                 else "that many images per class, from distinct patients first")
+        doc.p(f"featcache curve ({curve['folder']}): {settings['heads']} heads fitted on subsets of train ({drawn}), "
+              f"{settings['repeats']} repeat{'s' if settings['repeats'] > 1 else ''} per point; each head was chosen "
+              "on the whole validation split and test never chose anything. Test AUROC is the mean ± sd over "
+              "repeats; its interval spans the repeats' patient-bootstrap 95% CIs (lowest low to highest high).")
+        doc.table(["cache", "fraction of train" if mode == "fraction" else "images per class", "train images",
+                   "patients", "val AUROC", "test AUROC ± sd", "test AUROC 95% CI"],
+                  [[r["cache"], _percent(r["value"]) if mode == "fraction" else f"{r['value']:g}",
+                    _num(r["train_images"], 0), _num(r["train_patients"], 0), r["val_auroc"],
+                    "-" if r["test_auroc"] is None else f"{r['test_auroc']:.3f} ± {r['test_auroc_sd']:.3f}",
+                    _interval(r["test_auroc_ci_span"])] for r in summary])
+        picture = out / ("curve.png" if len(curves) == 1 else f"curve_{i}.png")
+        plot_curve(summary, picture, mode=mode)
+        doc.img(picture, "test AUROC (mean ± sd over repeats) against training images; heads chosen on validation")
+        sentences = [curve_sentence(name, [r for r in summary if r["cache"] == name], mode)
+                     for name in dict.fromkeys(r["cache"] for r in summary)]
+        for sentence in sentences:
+            doc.p(sentence)
+        facts["curves"].append({"folder": str(curve["folder"]), "settings": settings, "summary": summary,
+                                "sentences": sentences})
 
 
 def _worst_errors(doc: _Doc, runs: list[dict], out: Path, facts: dict) -> None:
