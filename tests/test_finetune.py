@@ -248,13 +248,13 @@ def test_tutorial_recipe_in_featcaches_loop(tmp_path):
 
 
 def test_quick_real_finetune_reaches_val_auroc_080(shared_data, tmp_path):
-    """resnet18 --weights none, 2 epochs on a 1,200-image stratified subset of train."""
+    """resnet18 --weights none, 2 epochs on a 600-image stratified subset of train (val AUROC 0.93 here)."""
     assert main(["finetune", str(shared_data), "--out", str(tmp_path / "run"), "--weights", "none",
-                 "--epochs", "2", "--max-images", "1200", "--no-progress"]) == 0
+                 "--epochs", "2", "--max-images", "600", "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["val"]["auroc"] >= 0.80
     history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert len(history) == 2 and metrics["n_train"] >= 1100
+    assert len(history) == 2 and metrics["n_train"] >= 590
     assert metrics["val"]["n"] == 784 and metrics["test"]["n"] == 624  # --max-images leaves val and test whole
 
 
