@@ -265,7 +265,7 @@ def _compare(data, work: Path, *, backbone, max_images, subsample_all, epochs, b
             "naive": {k: naive[k] for k in ("device", "workers", "batch_size", "grad", "seconds")},
             "featcache_extract_images_per_second": featcache_row["images_per_second"],
             "tutorial_vs_cache_time": t_tut / base, "finetune_vs_cache_time": t_ft / base,
-            "amp": words, **({"tutorial_vs_cache_time_amp": t_tut / rows[FEATCACHE_AMP_ROW]["seconds"],
+            "amp": ft_words, **({"tutorial_vs_cache_time_amp": t_tut / rows[FEATCACHE_AMP_ROW]["seconds"],
                               "auroc_featcache_amp_minus_tutorial": _gap(rows[FEATCACHE_AMP_ROW], tut)}
                              if FEATCACHE_AMP_ROW in rows else {}),
             "auroc_featcache_minus_tutorial": _gap(featcache_row, tut)}

@@ -185,10 +185,10 @@ def test_bench_prints_the_fraction_and_the_ratios(tmp_path, capsys):
     assert len(rows) == 4 and all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 for r in rows.values())
     # featcache's path in fp32 always, and again under --amp with its own ratio; the tutorial stays fp32
     fp32, amp = rows["featcache extract + head sweep"], rows["featcache extract + head sweep, --amp"]
-    assert (fp32["precision"], amp["precision"]) == ("fp32", "bf16 autocast")
+    assert fp32["precision"] == "fp32" and amp["precision"].startswith("bf16 autocast")  # "(emulated ...)" on old CPUs
     tutorial = next(r for name, r in rows.items() if name.startswith("PyTorch tutorial"))
     assert facts["compare"]["tutorial_vs_cache_time_amp"] == pytest.approx(tutorial["seconds"] / amp["seconds"])
-    assert "under bf16 autocast: tutorial time / featcache time" in shown
+    assert f"under {amp['precision']}: tutorial time / featcache time" in shown
     assert all(len(r["test_auroc_ci"]) == 2 and r["n"]["test"] == facts["n"]["test"] for r in rows.values())
     assert set(facts["extract"]["stages"]) == {"decode_wait", "host_to_device", "forward", "cache_write", "assemble"}
 
