@@ -379,6 +379,11 @@ def test_multilabel_flag_mistakes_are_one_line(tmp_path, capsys):
     err = _one_line_error(["fit-head", cache, "--out", out, "--labels", elsewhere, "--format", "csv", "--label-cols",
                            "A", "--root", tmp_path / "CheXpert-v1.0-small"], capsys)
     assert "has a label in" in err and "paths are matched as the cache stores them" in err
+    # knn rereads its train labels from the cache when applied: fitted on other labels, predict would vote wrongly
+    relabelled = write_csv(tmp_path / "relabelled.csv", ["path", "A"], [[p, "1"] for p in m.paths])
+    err = _one_line_error(["fit-head", cache, "--out", out, "--heads", "knn", "--labels", relabelled, "--format",
+                           "csv", "--label-cols", "A", "--root", tmp_path], capsys)
+    assert "--heads knn reads its train labels back from the cache" in err
 
 
 def test_single_label_caches_refuse_the_multilabel_policies(tmp_path, capsys):
