@@ -142,3 +142,15 @@ def tiny_backbone(monkeypatch) -> str:
     """Registers "tiny" for this test only (helpers.register_tiny): for tests about the cache's plumbing,
     where resnet18's forward is only cost."""
     return register_tiny(monkeypatch)
+
+
+# The files that take longest, longest first. `make test` hands whole files to its pytest processes in
+# collection order, so these start first and the short files fill in behind them (longest-processing-time-
+# first scheduling); in the default order the longest file could start last and run on alone.
+LONGEST_FILES = ("test_finetune.py", "test_end_to_end.py", "test_report.py", "test_resume_lock.py", "test_zoo.py",
+                 "test_backbones.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
