@@ -199,6 +199,11 @@ def test_the_zoo_sentence_says_beyond_noise_only_when_the_paired_interval_does()
     assert "b scores higher on test beyond noise (b +0.050 [+0.010, +0.090])" in text and "lead" not in text
     assert "For c there is no paired interval" in text
     assert zoo_sentence([first]).endswith("It is the only backbone, so there is nothing to compare it with.")
+    # a multi-label leaderboard ranks by the mean AUROC over labels, and says so
+    labels = [{**r, "task": "multilabel"} for r in (first, _row("b", 0.90, 0.80, -0.10, [-0.15, -0.04]))]
+    text = zoo_sentence(labels)
+    assert text.startswith("Ranked first on validation: a (val mean AUROC 0.950; test mean AUROC 0.900 [0.850, 0.950]).")
+    assert "CI of the test mean AUROC difference" in text
 
 
 def test_the_report_refuses_a_leaderboard_it_cannot_trust(tmp_path):

@@ -392,6 +392,11 @@ def _names(rows: list[dict]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def _zoo_auroc(rows: list[dict]) -> str:
+    """What a leaderboard ranks by, in words: a multi-label zoo's AUROCs are means over its labels."""
+    return "mean AUROC" if rows and rows[0].get("task") == "multilabel" else "AUROC"
+
+
 def zoo_sentence(rows: list[dict]) -> str:
     """The backbone ranked first on validation, in words, and whether its test lead over each other backbone
     is beyond noise: the paired 95% CI of the test AUROC difference (other minus first) decides, nothing else.
@@ -399,10 +404,11 @@ def zoo_sentence(rows: list[dict]) -> str:
     ``rows`` are the leaderboard's, in rank order.
     """
     first = rows[0]
+    auroc = _zoo_auroc(rows)
     ci = first.get("test_auroc_ci")
     test = ("it has no test split" if first.get("test_auroc") is None else
-            f"test AUROC {first['test_auroc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
-    parts = [f"Ranked first on validation: {first['backbone']} (val AUROC {first['val_auroc']:.3f}; {test})."]
+            f"test {auroc} {first['test_auroc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+    parts = [f"Ranked first on validation: {first['backbone']} (val {auroc} {first['val_auroc']:.3f}; {test})."]
     others = rows[1:]
     if not others:
         return parts[0] + " It is the only backbone, so there is nothing to compare it with."
@@ -413,7 +419,7 @@ def zoo_sentence(rows: list[dict]) -> str:
     unpaired = [r for r in others if r not in paired]
     if behind:
         parts.append(f"Its test lead over {'every other backbone' if len(behind) == len(others) else _names(behind)} "
-                     "is beyond noise: the paired patient-bootstrap 95% CI of the test AUROC difference to it lies "
+                     f"is beyond noise: the paired patient-bootstrap 95% CI of the test {auroc} difference to it lies "
                      f"below 0 ({'; '.join(map(_difference, behind))}).")
     if level:
         parts.append(f"Against {_names(level)} the interval includes 0 ({'; '.join(map(_difference, level))}): "
@@ -769,6 +775,7 @@ def _zoo_section(doc: _Doc, zoo: dict, out: Path, facts: dict) -> None:
     rows = zoo["rows"]
     facts["choices"]["zoo"] = choose_backbone(rows)
     sentence = zoo_sentence(rows)
+    auroc = _zoo_auroc(rows)
     facts["zoo"] = {"folder": str(zoo["folder"]), "weights": zoo["weights"], "data_root": zoo["data_root"],
                     "rows": rows, "sentence": sentence}
     doc.h(2, "Task A: which backbone for this data")
@@ -778,13 +785,13 @@ def _zoo_section(doc: _Doc, zoo: dict, out: Path, facts: dict) -> None:
                                    else "") + ")") if zoo["head"] else ""
     doc.p(f"featcache zoo ({zoo['folder']}): {len(rows)} backbones, each extracted once and fitted with the same "
           f"head{head}, on {zoo['data_root'] or 'data not recorded'} ({sizes or 'split sizes not recorded'}), weights: "
-          f"{weights_words(zoo['weights'])}. Ranked by validation AUROC; test AUROC is reported with its "
-          "patient-bootstrap 95% CI and never used to rank. The difference to #1 is this backbone's test AUROC "
+          f"{weights_words(zoo['weights'])}. Ranked by validation {auroc}; test {auroc} is reported with its "
+          f"patient-bootstrap 95% CI and never used to rank. The difference to #1 is this backbone's test {auroc} "
           "minus #1's on the same test images, with a paired patient-bootstrap 95% CI.")
     if is_random_init(zoo["weights"]):
         doc.p("RANDOM INIT: every backbone in the zoo starts from randomly initialised weights, not pretrained "
               "ones. The ranking shows what the pipeline does, not which pretrained encoder suits this data.")
-    doc.table(["#", "backbone", "val AUROC", "test AUROC [95% CI]", "test diff. to #1 [95% CI]", "sensitivity",
+    doc.table(["#", "backbone", f"val {auroc}", f"test {auroc} [95% CI]", "test diff. to #1 [95% CI]", "sensitivity",
                "specificity", "feature dim", "params (M)", "GMACs", "extract images/s", "cache MB"],
               [[r["rank"], r["backbone"], r["val_auroc"], _with_ci(r.get("test_auroc"), r.get("test_auroc_ci")),
                 _with_ci(r.get("difference_to_first"), r.get("difference_to_first_ci"), signed=True),
