@@ -198,12 +198,7 @@ class LinearHead:
         return self.norm.transform(np.asarray(X, dtype=np.float32)) @ self.weight + self.bias
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        z = self.logits(X).astype(np.float64)
-        if self.multilabel:
-            return sigmoid(z)
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return probabilities(self.logits(X).astype(np.float64), self.multilabel)
 
     def n_parameters(self) -> int:
         return int(self.weight.size + self.bias.size)
@@ -235,6 +230,15 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     """1 / (1 + exp(-z)) without overflow warnings for large |z|."""
     e = np.exp(-np.abs(z))
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def probabilities(z: np.ndarray, multilabel: bool) -> np.ndarray:
+    """Logits (..., K) to probabilities: a sigmoid per column for multi-label heads, else a softmax over the
+    last axis (shifted by its maximum, so no exp overflows)."""
+    if multilabel:
+        return sigmoid(z)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 HEADS: dict[str, type[Head]] = {}

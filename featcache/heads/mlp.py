@@ -33,8 +33,8 @@ from featcache.heads.base import (
     HeadSettings,
     class_weight_vector,
     positive_weight_vector,
+    probabilities,
     register,
-    sigmoid,
 )
 from featcache.options import HEAD
 
@@ -275,12 +275,8 @@ class MlpHead(Head):
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         x = self.norm.transform(np.asarray(X, dtype=np.float32))
-        z = (np.maximum(x @ self.w1 + self.b1, 0) @ self.w2 + self.b2).astype(np.float64)
-        if self.multilabel:
-            return sigmoid(z)
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return probabilities((np.maximum(x @ self.w1 + self.b1, 0) @ self.w2 + self.b2).astype(np.float64),
+                             self.multilabel)
 
     def n_parameters(self) -> int:
         return int(sum(a.size for a in (self.w1, self.b1, self.w2, self.b2)))

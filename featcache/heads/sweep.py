@@ -30,8 +30,8 @@ from featcache.heads.base import (
     LinearHead,
     class_weight_vector,
     positive_weight_vector,
+    probabilities,
     register,
-    sigmoid,
 )
 from featcache.options import HEAD
 from featcache.runtime.device import cpu_cores
@@ -303,13 +303,7 @@ class LinearHeadSweep:
         out = []
         for g, norm in enumerate(self.norms_):
             z = np.einsum("nd,dhk->hnk", norm.transform(np.asarray(X, dtype=np.float32)), self.W_[g])
-            z = z + self.b_[g][0][:, None, :]
-            if self.multilabel_:
-                out.append(sigmoid(z))
-                continue
-            z = z - z.max(axis=-1, keepdims=True)
-            e = np.exp(z)
-            out.append(e / e.sum(axis=-1, keepdims=True))
+            out.append(probabilities(z + self.b_[g][0][:, None, :], self.multilabel_))
         return np.concatenate(out)
 
     def export(self, config: HeadConfig) -> "SweepHead":
