@@ -437,9 +437,10 @@ def _extract_chunks(bb, manifest, store: PartStore, dist, *, decode, device, bat
                 t2 = time.perf_counter()
                 viewed, extra = make_views(batch.indices, x)
                 t_aug = time.perf_counter()
-                with autocast(device, amp_dtype):
-                    feats = torch.cat([model(part.contiguous(memory_format=layout)).float().cpu()
-                                       for part in torch.cat([x, extra]).split(batch_size)]).numpy()
+                with autocast(device, amp_dtype):  # a plain batch goes through as it is, with no copy
+                    parts = [model(part.contiguous(memory_format=layout)).float().cpu()
+                             for part in (torch.cat([x, extra]).split(batch_size) if len(extra) else [x])]
+                    feats = (torch.cat(parts) if len(parts) > 1 else parts[0]).numpy()
                 t3 = time.perf_counter()
                 stage["host_to_device"] += t2 - t1
                 stage["forward"] += t3 - t_aug
