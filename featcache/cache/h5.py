@@ -315,8 +315,7 @@ class FeatureCache:
         splits, tags = self.read("splits")["splits"], self.view_tags()
         blocks = [np.flatnonzero((splits == split) & (tags == v)) for v in range(int(tags.max(initial=0)) + 1)]
         blocks = [b for b in blocks if len(b)] or blocks[:1]
-        paths = self.read("paths")["paths"]
-        if any(len(b) != len(blocks[0]) or (paths[b] != paths[blocks[0]]).any() for b in blocks[1:]):
+        if len(blocks) > 1 and _views_mismatch(blocks, self.read("paths")["paths"]):  # a plain split reads no paths
             raise UserError(f"{self.path}: the augmented views of the {split} split do not match its images "
                             "one for one; rerun featcache extract with --overwrite")
         return np.stack(blocks)
@@ -395,6 +394,11 @@ def _row_problem(f, n: int) -> str | None:
         if name in ("paths", "splits", "patients") and not h5py.check_string_dtype(ds.dtype):
             return f"dataset '{name}' must hold strings, found {ds.dtype}"
     return None
+
+
+def _views_mismatch(blocks: list[np.ndarray], paths: np.ndarray) -> bool:
+    """Whether some view block of a split is not its plain block's images, one for one and in order."""
+    return any(len(b) != len(blocks[0]) or (paths[b] != paths[blocks[0]]).any() for b in blocks[1:])
 
 
 def _views_problem(f, n: int) -> str | None:
