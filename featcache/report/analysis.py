@@ -198,9 +198,9 @@ def near_duplicates(cache: FeatureCache, *, top: int = 12) -> dict:
     """
     from featcache.heads.knn import nearest
 
-    data = cache.read("splits", "paths", "patients", plain=True)  # augmented views are not images
+    data = cache.read("features", "splits", "paths", "patients", plain=True)  # augmented views are not images
     splits, paths, patients = data["splits"], data["paths"], data["patients"]
-    X = unit_embeddings(cache.read("features", plain=True)["features"], splits)
+    X = unit_embeddings(data.pop("features"), splits)
     threshold = duplicate_threshold(X, patients, splits)
     counts, closest, quantiles = {}, [], {}
     for s1, s2 in SPLIT_PAIRS:
