@@ -152,7 +152,7 @@ def write(rows: list[dict], out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     board = {"ranked_by": "val_auroc", "rows": rows}
-    if rows and rows[0].get("task") == MULTILABEL:  # val and test AUROCs are means over labels
+    if multilabel_board(rows):
         board.update(task=MULTILABEL, policy=rows[0]["policy"])
     (out / "leaderboard.json").write_text(json.dumps(board, indent=2) + "\n")
     with open(out / "leaderboard.csv", "w", newline="") as f:
@@ -164,12 +164,17 @@ def write(rows: list[dict], out: Path) -> None:
     plot_leaderboard(rows, out / "leaderboard.png")
 
 
+def multilabel_board(rows: list[dict]) -> bool:
+    """Whether leaderboard ``rows`` rank a multi-label set: their val and test AUROCs are means over labels."""
+    return bool(rows) and rows[0].get("task") == MULTILABEL
+
+
 def table(rows: list[dict]):
     """The leaderboard as a rich table."""
     from rich import box
     from rich.table import Table
 
-    mean = "mean " if rows and rows[0].get("task") == MULTILABEL else ""  # over labels
+    mean = "mean " if multilabel_board(rows) else ""  # over labels
     t = Table(title=f"backbones ranked by {mean}validation AUROC (test reported, never used to rank)",
               box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("#", "backbone", "dim", "params M", "GMACs", "extract img/s", "cache MB", f"val {mean}AUROC",

@@ -394,7 +394,9 @@ def _names(rows: list[dict]) -> str:
 
 def _zoo_auroc(rows: list[dict]) -> str:
     """What a leaderboard ranks by, in words: a multi-label zoo's AUROCs are means over its labels."""
-    return "mean AUROC" if rows and rows[0].get("task") == "multilabel" else "AUROC"
+    from featcache.zoo import multilabel_board
+
+    return "mean AUROC" if multilabel_board(rows) else "AUROC"
 
 
 def zoo_sentence(rows: list[dict]) -> str:
