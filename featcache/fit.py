@@ -197,11 +197,10 @@ def fit_head(
     if epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {epochs}")
     check_policy(uncertain, unmentioned)
-    if labels is not None and kind.kind == "knn":
-        # A knn head keeps its train rows by reference and rereads their labels from the cache when loaded:
-        # with another label source, predict would vote with the cache's labels, not the fitted ones.
-        raise UserError("--heads knn reads its train labels back from the cache when applied, so it cannot be "
-                        "fitted on --labels; use --heads sweep, logistic or mlp with --labels")
+    if labels is not None and kind.rereads_cache_labels:  # predict would apply it with the cache's labels
+        raise UserError(f"--heads {kind.kind} reads its train labels back from the cache when applied, so it "
+                        "cannot be fitted on --labels; use --heads "
+                        f"{', '.join(k for k, c in HEADS.items() if not c.rereads_cache_labels)} with --labels")
     rule = parse_threshold(threshold, target_sensitivity)
     from featcache.runtime.outputs import output_folder
 

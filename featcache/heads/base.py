@@ -144,6 +144,9 @@ class Head(ABC):
     help: ClassVar[str] = ""  # its words in --heads help
     uses_device: ClassVar[bool] = False  # trains on --device (else on the CPU)
     takes_multilabel: ClassVar[bool] = False  # also trains on (N, L) multi-label targets
+    # reads its train labels back from the cache when loaded, so it cannot be fitted on labels joined from
+    # another source (fit-head --labels)
+    rereads_cache_labels: ClassVar[bool] = False
 
     @abstractmethod
     def fit(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> "Head":

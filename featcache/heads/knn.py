@@ -183,6 +183,7 @@ class KnnHead(Head):
     kind = "knn"
     help = "cosine k-nearest-neighbour votes (k x temperature x class weight, exact search)"
     takes_multilabel = True
+    rereads_cache_labels = True  # its train rows and their labels are a reference to the cache
 
     def __init__(self, k: int = 20, temperature: float = 0.07, class_weight: str = "none",
                  source: TrainRows | None = None, policy: tuple[str, str] | None = None):
