@@ -104,12 +104,14 @@ def run_bench(data: str, *, backbone: str = "resnet18", max_images: int | None =
     from featcache.backbones.registry import create_backbone, file_word
     from featcache.decode import resolve_backend
     from featcache.extract import extract
+    from featcache.runtime.amp import resolve_amp
     from featcache.runtime.device import resolve_device
     from featcache.data.manifest import scan
 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise UserError(f"unknown bench stage {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    resolve_amp(amp, resolve_device("auto"))  # a wrong --amp stops here, not after minutes of earlier stages
     manifest = scan(data, split_seed=0).limit(max_images, seed, subsample_all=subsample_all)
     device = resolve_device("auto")
     decode = resolve_backend("auto", device)

@@ -99,6 +99,16 @@ def test_bench_compare_defaults_to_the_tutorial_epochs_and_one_set_of_weights(mo
     assert weights == "none" and "unavailable" in why
 
 
+def test_a_wrong_bench_amp_stops_before_any_stage_runs(capsys, monkeypatch):
+    import featcache.bench as bench
+    from featcache.cli import main
+
+    monkeypatch.setattr(bench, "decode_only", lambda *a, **k: pytest.fail("a stage ran before --amp was checked"))
+    assert main(["bench", str(DEMO_DATA), "--amp", "fp8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--amp takes auto, bf16, fp16, off, got 'fp8'" in err
+
+
 def test_bench_compare_states_the_work_each_side_does():
     from featcache.bench import forward_work
 
